@@ -1,0 +1,1 @@
+//! Fixed pool of KV blocks: allocation, owners, reference counts, content hashes, LRU (pure domain).

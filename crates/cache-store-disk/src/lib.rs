@@ -1,0 +1,1 @@
+//! Cache store adapter: KV blocks and agent manifests on disk, verified on read.

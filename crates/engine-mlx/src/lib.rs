@@ -1,0 +1,1 @@
+//! Inference engine adapter on MLX through mlx-rs.

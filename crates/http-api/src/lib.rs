@@ -1,0 +1,1 @@
+//! HTTP adapter: OpenAI and Anthropic APIs, agents admin, health and metrics (axum).

@@ -1,0 +1,1 @@
+//! The semantic server binary: CLI, configuration, wiring and lifecycle.

@@ -1,0 +1,2 @@
+//! `semantic` binary entrypoint.
+fn main() {}

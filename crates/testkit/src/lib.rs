@@ -1,0 +1,1 @@
+//! In-memory fakes of every port of agent-session, for tests and embedding.
