@@ -1,1 +1,33 @@
-//! Application core: agents, sessions, prefix matching, the cache coordinator and the ports (pure domain).
+//! Application core of `semantic`: agent identity, sessions, token-level prefix matching,
+//! the cache coordinator that decides what is reused and what is prefilled, and the
+//! **ports** (small traits) that adapters implement: inference engine, cache store,
+//! chat formatter (tokenizer + template) and clock.
+//!
+//! This crate never depends on MLX, tokio's runtime, files, sockets or HTTP.
+
+pub mod agent;
+pub mod conversation;
+pub mod error;
+pub mod kv;
+pub mod ports;
+pub mod prefix;
+pub mod sampling;
+pub mod service;
+pub mod text;
+
+pub use agent::{AgentId, AgentIdError, AgentKey, Namespace};
+pub use conversation::{Conversation, Message, Role, ToolCall, ToolDefinition};
+pub use error::ServiceError;
+pub use kv::{AgentManifest, BlockMeta, KvBlock, KvEncoding, KvPayload, KvTensor, TensorDtype};
+pub use ports::{
+    CacheStore, ChatFormatter, Clock, EngineError, FormatError, InferenceEngine, ModelDescriptor,
+    SequenceId, StepRequest, StoreError, StoreStats, SystemClock,
+};
+pub use sampling::SamplingParams;
+pub use service::{
+    AgentService, CacheReport, CacheTier, Completion, FinishReason, GenerateRequest,
+    GenerationEvent, ServiceConfig,
+};
+
+/// A token id of the model's vocabulary.
+pub type TokenId = u32;

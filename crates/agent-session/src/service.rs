@@ -1,0 +1,834 @@
+//! The application service: one turn of one agent, from conversation to streamed tokens, with
+//! the cache coordinator deciding what is reused (hot from RAM, warm from the store) and what
+//! is prefilled, and committing the turn's new blocks afterwards.
+
+mod admission;
+mod hot;
+
+use crate::agent::{AgentId, AgentKey, Namespace};
+use crate::conversation::Conversation;
+use crate::error::ServiceError;
+use crate::kv::{AgentManifest, BlockMeta, KvBlock};
+use crate::ports::{
+    CacheStore, ChatFormatter, Clock, InferenceEngine, ModelDescriptor, SequenceId, StepRequest,
+    StoreStats,
+};
+use crate::prefix::{common_prefix_len, persistable_len, prefill_chunks, reusable_len};
+use crate::sampling::SamplingParams;
+use crate::text::{IncrementalDecoder, StopMatcher, StopScan};
+use crate::TokenId;
+use admission::Admission;
+use block_pool::BlockHash;
+use futures::lock::Mutex as AsyncMutex;
+use hot::{HotSession, HotTier};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Settings of the service (validated by [`AgentService::new`]).
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Prefill chunk size in tokens; a positive multiple of the block size. Reuse and
+    /// persistence happen in whole chunks (see [`crate::prefix`]).
+    pub prefill_step: usize,
+    /// Generations that run at once; more wait in the queue.
+    pub max_batch_size: usize,
+    /// Requests that may wait for a slot; more are refused with `Overloaded`.
+    pub max_queue: usize,
+    /// Answer length when a request names none.
+    pub default_max_tokens: u32,
+    /// Blocks of KV the hot tier (RAM) may hold, active generations included.
+    pub hot_capacity_blocks: usize,
+    /// Persist new blocks to the store after each turn.
+    pub persist: bool,
+}
+
+impl ServiceConfig {
+    /// Defaults for a model with this block size.
+    pub fn for_block_tokens(block_tokens: usize) -> Self {
+        Self {
+            prefill_step: block_tokens,
+            max_batch_size: 4,
+            max_queue: 64,
+            default_max_tokens: 256,
+            hot_capacity_blocks: 256,
+            persist: true,
+        }
+    }
+}
+
+/// One generation request, API-neutral.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The agent, if the client identified one (otherwise anonymous: shared blocks only).
+    pub agent: Option<AgentId>,
+    /// The tenant (one per API key).
+    pub namespace: Namespace,
+    /// What to render.
+    pub conversation: Conversation,
+    /// How to sample.
+    pub params: SamplingParams,
+    /// Answer length limit (`None`: the configured default).
+    pub max_tokens: Option<u32>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// Where the reused part of a prompt came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheTier {
+    /// The agent's KV was still in RAM.
+    Hot,
+    /// Blocks were restored from the store (disk).
+    Warm,
+    /// Nothing was reused.
+    Miss,
+}
+
+impl CacheTier {
+    /// Lower-case name (`hot`, `warm`, `miss`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheTier::Hot => "hot",
+            CacheTier::Warm => "warm",
+            CacheTier::Miss => "miss",
+        }
+    }
+}
+
+/// What the cache did for a prompt. `reused + created + uncached == prompt_tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CacheReport {
+    /// Where reused tokens came from.
+    pub tier: CacheTier,
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV was reused (not computed).
+    pub reused_tokens: usize,
+    /// Prompt tokens computed by this request.
+    pub prefilled_tokens: usize,
+    /// Prefilled tokens that become cached blocks (whole chunks) for later turns.
+    pub created_tokens: usize,
+    /// Of those reused, tokens restored from the store.
+    pub restored_tokens: usize,
+    /// Bytes restored from the store.
+    pub restored_bytes: usize,
+}
+
+impl CacheReport {
+    /// Prompt tokens neither read from nor written to the cache.
+    pub fn uncached_tokens(&self) -> usize {
+        self.prompt_tokens - self.reused_tokens - self.created_tokens
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum FinishReason {
+    /// The model ended its turn (a stop token).
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// A stop string matched (it is not part of the text).
+    StopSequence(String),
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// The answer text (stop string excluded).
+    pub text: String,
+    /// The generated token ids (stop token excluded).
+    pub token_ids: Vec<TokenId>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// What the cache did.
+    pub cache: CacheReport,
+}
+
+/// Events of one generation, in order: `Started`, any number of `Delta`, then `Finished`.
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    /// The prompt is processed; the first token follows.
+    Started(CacheReport),
+    /// New answer text (whole characters).
+    Delta(String),
+    /// The end.
+    Finished(Completion),
+}
+
+/// What the service knows about one agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    /// The agent.
+    pub agent: AgentId,
+    /// Its tenant.
+    pub namespace: String,
+    /// Hot (KV in RAM) or warm (KV on disk only).
+    pub tier: CacheTier,
+    /// Tokens of its last prompt.
+    pub tokens: usize,
+    /// Whole blocks cached for it.
+    pub blocks: usize,
+    /// Pinned agents are evicted last.
+    pub pinned: bool,
+    /// Last use, unix milliseconds.
+    pub last_used_at_ms: u64,
+}
+
+/// Counters of the service, for `/metrics` and the stats route.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServiceStats {
+    /// Generations finished (or cancelled).
+    pub requests: u64,
+    /// Turns by tier.
+    pub hits_hot: u64,
+    /// Turns by tier.
+    pub hits_warm: u64,
+    /// Turns by tier.
+    pub misses: u64,
+    /// Prompt tokens reused from cache.
+    pub reused_tokens: u64,
+    /// Prompt tokens prefilled.
+    pub prefilled_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Bytes restored from the store.
+    pub restored_bytes: u64,
+    /// Hot sessions evicted from RAM.
+    pub evictions: u64,
+    /// Generations running now.
+    pub active: u64,
+    /// Requests waiting for a slot.
+    pub queued: u64,
+    /// Hot-tier blocks in use.
+    pub hot_blocks_used: u64,
+    /// Hot-tier capacity in blocks.
+    pub hot_blocks_total: u64,
+    /// Agents with KV in RAM.
+    pub hot_agents: u64,
+    /// The store's own counters.
+    pub store: StoreStats,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    hits_hot: AtomicU64,
+    hits_warm: AtomicU64,
+    misses: AtomicU64,
+    reused_tokens: AtomicU64,
+    prefilled_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    restored_bytes: AtomicU64,
+}
+
+/// The application core: serves generations for agents over the four ports.
+pub struct AgentService {
+    engine: Arc<dyn InferenceEngine>,
+    store: Arc<dyn CacheStore>,
+    formatter: Arc<dyn ChatFormatter>,
+    clock: Arc<dyn Clock>,
+    config: ServiceConfig,
+    hot: Arc<Mutex<HotTier>>,
+    agent_locks: Mutex<HashMap<AgentKey, Arc<AsyncMutex<()>>>>,
+    admission: Admission,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService")
+            .field("model", &self.engine.model().id)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain bookkeeping;
+    // the data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AgentService {
+    /// Wires the service to its ports. Fails when the configuration does not fit the model.
+    pub fn new(
+        engine: Arc<dyn InferenceEngine>,
+        store: Arc<dyn CacheStore>,
+        formatter: Arc<dyn ChatFormatter>,
+        clock: Arc<dyn Clock>,
+        config: ServiceConfig,
+    ) -> Result<Self, ServiceError> {
+        let block = engine.model().spec.block_tokens() as usize;
+        if config.prefill_step == 0 || block == 0 || config.prefill_step % block != 0 {
+            return Err(ServiceError::InvalidRequest(format!(
+                "prefill step {} must be a positive multiple of the block size {block}",
+                config.prefill_step
+            )));
+        }
+        if config.max_batch_size == 0 {
+            return Err(ServiceError::InvalidRequest(
+                "max batch size must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            hot: Arc::new(Mutex::new(HotTier::new(config.hot_capacity_blocks))),
+            admission: Admission::new(config.max_batch_size, config.max_queue),
+            engine,
+            store,
+            formatter,
+            clock,
+            config,
+            agent_locks: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &ModelDescriptor {
+        self.engine.model()
+    }
+
+    /// The service's configuration.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    fn block_tokens(&self) -> usize {
+        self.engine.model().spec.block_tokens() as usize
+    }
+
+    /// The prompt tokens a conversation renders to (what generation would see).
+    pub fn tokenize(&self, conversation: &Conversation) -> Result<Vec<TokenId>, ServiceError> {
+        let text = self.formatter.render(conversation, true)?;
+        Ok(self.formatter.encode(&text)?)
+    }
+
+    /// Chained hashes of the whole blocks of `tokens[..len]`.
+    fn block_hashes(&self, ns: &Namespace, tokens: &[TokenId], len: usize) -> Vec<BlockHash> {
+        let b = self.block_tokens();
+        let fp = &self.engine.model().fingerprint;
+        let mut out: Vec<BlockHash> = Vec::with_capacity(len / b);
+        for chunk in tokens[..len].chunks_exact(b) {
+            let h = BlockHash::chain(out.last(), chunk, fp, ns.as_str());
+            out.push(h);
+        }
+        out
+    }
+
+    fn agent_lock(&self, key: &AgentKey) -> Arc<AsyncMutex<()>> {
+        lock(&self.agent_locks)
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(AsyncMutex::new(())))
+            .clone()
+    }
+
+    /// Runs one generation. `on_event` receives the events in order; when it returns `false`
+    /// (the client went away) generation stops, the prompt's KV is still committed, and the
+    /// result is [`ServiceError::Cancelled`].
+    pub async fn generate<F>(
+        &self,
+        req: GenerateRequest,
+        mut on_event: F,
+    ) -> Result<Completion, ServiceError>
+    where
+        F: FnMut(GenerationEvent) -> bool + Send,
+    {
+        let model = self.engine.model();
+        let tokens = self.tokenize(&req.conversation)?;
+        let len = tokens.len();
+        if len == 0 {
+            return Err(ServiceError::InvalidRequest(
+                "the prompt renders to no tokens".into(),
+            ));
+        }
+        if len >= model.context_length {
+            return Err(ServiceError::ContextTooLong {
+                prompt_tokens: len,
+                context_length: model.context_length,
+            });
+        }
+        let room = (model.context_length - len) as u64;
+        let max_tokens = u64::from(req.max_tokens.unwrap_or(self.config.default_max_tokens))
+            .min(room) as usize;
+
+        let _permit = self.admission.acquire().await?;
+        let key = req.agent.clone().map(|agent| AgentKey {
+            namespace: req.namespace.clone(),
+            agent,
+        });
+        let agent_lock = key.as_ref().map(|k| self.agent_lock(k));
+        let _agent_guard = match &agent_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+
+        let b = self.block_tokens();
+        let step = self.config.prefill_step;
+        let needed_blocks = (len + max_tokens).div_ceil(b);
+        let owner = hot::Owner::new(key.clone());
+        let evicted = lock(&self.hot).reserve(&owner, needed_blocks);
+        let evicted = match evicted {
+            Ok(e) => e,
+            Err(reason) => {
+                return Err(ServiceError::Overloaded {
+                    reason,
+                    retry_after_secs: 2,
+                })
+            }
+        };
+        for seq in evicted {
+            let _ = self.engine.release(seq).await;
+        }
+
+        let result = self
+            .run_turn(&req, key.as_ref(), &owner, &tokens, max_tokens, b, step, &mut on_event)
+            .await;
+        if result.is_err() {
+            lock(&self.hot).release_owner(&owner);
+        }
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_turn<F>(
+        &self,
+        req: &GenerateRequest,
+        key: Option<&AgentKey>,
+        owner: &hot::Owner,
+        tokens: &[TokenId],
+        max_tokens: usize,
+        b: usize,
+        step: usize,
+        on_event: &mut F,
+    ) -> Result<Completion, ServiceError>
+    where
+        F: FnMut(GenerationEvent) -> bool + Send,
+    {
+        let len = tokens.len();
+        let persist_len = persistable_len(len, step);
+        let hashes = self.block_hashes(&req.namespace, tokens, persist_len);
+        let max_reuse = reusable_len(len, len, step);
+
+        // 1. Hot: the agent's own KV still in RAM.
+        let mut tier = CacheTier::Miss;
+        let mut reused = 0usize;
+        let mut seq: Option<SequenceId> = None;
+        if let Some(key) = key {
+            let taken = lock(&self.hot).take_session(key);
+            if let Some(hot) = taken {
+                let r = reusable_len(common_prefix_len(&hot.tokens, tokens), len, step);
+                if r > 0 {
+                    self.engine.truncate(hot.seq, r).await?;
+                    seq = Some(hot.seq);
+                    reused = r;
+                    tier = CacheTier::Hot;
+                } else {
+                    let _ = self.engine.release(hot.seq).await;
+                }
+            }
+        }
+
+        // 2. Warm: content-addressed blocks in the store (this agent's, or shared prefixes).
+        let mut restored_tokens = 0usize;
+        let mut restored_bytes = 0usize;
+        if reused < max_reuse {
+            let want = &hashes[reused / b..max_reuse / b];
+            let fp = &self.engine.model().fingerprint;
+            // A store failure is a miss, never an error of the request.
+            let blocks = self.store.load_blocks(fp, want).await.unwrap_or_default();
+            let usable = (blocks.len() * b / step) * step / b;
+            if usable > 0 {
+                let s = match seq {
+                    Some(s) => s,
+                    None => self.engine.open_sequence().await?,
+                };
+                seq = Some(s);
+                let blocks: Vec<Arc<KvBlock>> = blocks.into_iter().take(usable).collect();
+                restored_bytes = blocks.iter().map(|x| x.payload.byte_len()).sum();
+                match self.engine.import_blocks(s, blocks).await {
+                    Ok(()) => {
+                        restored_tokens = usable * b;
+                        reused += restored_tokens;
+                        if tier == CacheTier::Miss {
+                            tier = CacheTier::Warm;
+                        }
+                    }
+                    Err(_) => {
+                        // A payload that does not fit is a miss from here on.
+                        self.engine.truncate(s, reused).await?;
+                        restored_bytes = 0;
+                    }
+                }
+            }
+        }
+        let seq = match seq {
+            Some(s) => s,
+            None => self.engine.open_sequence().await?,
+        };
+        lock(&self.hot).set_active_sequence(owner, seq);
+
+        // 3. Prefill the rest in aligned chunks.
+        for chunk in prefill_chunks(reused, len, step) {
+            if let Err(e) = self.engine.prefill(seq, tokens[chunk].to_vec()).await {
+                let _ = self.engine.release(seq).await;
+                return Err(e.into());
+            }
+        }
+        let report = CacheReport {
+            tier,
+            prompt_tokens: len,
+            reused_tokens: reused,
+            prefilled_tokens: len - reused,
+            created_tokens: persist_len.saturating_sub(reused),
+            restored_tokens,
+            restored_bytes,
+        };
+        match tier {
+            CacheTier::Hot => &self.counters.hits_hot,
+            CacheTier::Warm => &self.counters.hits_warm,
+            CacheTier::Miss => &self.counters.misses,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .reused_tokens
+            .fetch_add(reused as u64, Ordering::Relaxed);
+        self.counters
+            .prefilled_tokens
+            .fetch_add((len - reused) as u64, Ordering::Relaxed);
+        self.counters
+            .restored_bytes
+            .fetch_add(restored_bytes as u64, Ordering::Relaxed);
+        let mut cancelled = !on_event(GenerationEvent::Started(report.clone()));
+
+        // 4. Decode.
+        let decoded = if cancelled {
+            Ok((String::new(), Vec::new(), FinishReason::Stop))
+        } else {
+            self.decode_loop(req, seq, max_tokens, on_event, &mut cancelled)
+                .await
+        };
+        let (text, generated, finish_reason) = match decoded {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.engine.release(seq).await;
+                return Err(e);
+            }
+        };
+        self.counters
+            .generated_tokens
+            .fetch_add(generated.len() as u64, Ordering::Relaxed);
+
+        // 5. Commit: drop decode-made KV, persist new whole chunks, keep the session hot.
+        self.commit(req, key, owner, seq, tokens, &hashes, reused, persist_len)
+            .await?;
+
+        if cancelled {
+            return Err(ServiceError::Cancelled);
+        }
+        let completion = Completion {
+            text,
+            token_ids: generated,
+            finish_reason,
+            cache: report,
+        };
+        on_event(GenerationEvent::Finished(completion.clone()));
+        Ok(completion)
+    }
+
+    async fn decode_loop<F>(
+        &self,
+        req: &GenerateRequest,
+        seq: SequenceId,
+        max_tokens: usize,
+        on_event: &mut F,
+        cancelled: &mut bool,
+    ) -> Result<(String, Vec<TokenId>, FinishReason), ServiceError>
+    where
+        F: FnMut(GenerationEvent) -> bool + Send,
+    {
+        let stop_ids = self.formatter.stop_token_ids();
+        let params = Arc::new(req.params.clone());
+        let mut generated: Vec<TokenId> = Vec::new();
+        let mut decoder = IncrementalDecoder::new();
+        let mut stopper = StopMatcher::new(&req.stop);
+        let mut text = String::new();
+        let mut feed = None;
+        let mut finish = FinishReason::Length;
+        for i in 0..max_tokens {
+            let out = self
+                .engine
+                .step(vec![StepRequest {
+                    seq,
+                    feed,
+                    params: params.clone(),
+                    step: i as u32,
+                    generated: generated.clone().into(),
+                }])
+                .await?;
+            let tok = out
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    ServiceError::Engine(crate::EngineError::Backend(
+                        "decode step returned no token".into(),
+                    ))
+                })??;
+            if stop_ids.contains(&tok) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated.push(tok);
+            feed = Some(tok);
+            if let Some(piece) = decoder.push(self.formatter.as_ref(), tok)? {
+                match stopper.push(&piece) {
+                    StopScan::Continue(t) => {
+                        if !t.is_empty() {
+                            text.push_str(&t);
+                            if !on_event(GenerationEvent::Delta(t)) {
+                                *cancelled = true;
+                                return Ok((text, generated, finish));
+                            }
+                        }
+                    }
+                    StopScan::Stopped { text: t, stop } => {
+                        if !t.is_empty() {
+                            text.push_str(&t);
+                            *cancelled = !on_event(GenerationEvent::Delta(t));
+                        }
+                        return Ok((text, generated, FinishReason::StopSequence(stop)));
+                    }
+                }
+            }
+        }
+        let mut tail = decoder
+            .finish(self.formatter.as_ref())?
+            .unwrap_or_default();
+        let stopped = match stopper.push(&tail) {
+            StopScan::Continue(t) => {
+                tail = t;
+                None
+            }
+            StopScan::Stopped { text: t, stop } => {
+                tail = t;
+                Some(stop)
+            }
+        };
+        if stopped.is_none() {
+            tail.push_str(&stopper.finish());
+        }
+        if !tail.is_empty() {
+            text.push_str(&tail);
+            *cancelled = !on_event(GenerationEvent::Delta(tail));
+        }
+        if let Some(stop) = stopped {
+            finish = FinishReason::StopSequence(stop);
+        }
+        Ok((text, generated, finish))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        req: &GenerateRequest,
+        key: Option<&AgentKey>,
+        owner: &hot::Owner,
+        seq: SequenceId,
+        tokens: &[TokenId],
+        hashes: &[BlockHash],
+        reused: usize,
+        persist_len: usize,
+    ) -> Result<(), ServiceError> {
+        let b = self.block_tokens();
+        self.engine.truncate(seq, persist_len).await?;
+        let first = reused / b;
+        let count = (persist_len / b).saturating_sub(first);
+        if self.config.persist && count > 0 {
+            let fp = self.engine.model().fingerprint.clone();
+            if let Ok(payloads) = self.engine.export_blocks(seq, first, count).await {
+                let blocks: Vec<Arc<KvBlock>> = payloads
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, payload)| {
+                        let idx = first + i;
+                        Arc::new(KvBlock {
+                            meta: BlockMeta {
+                                hash: hashes[idx],
+                                parent: idx.checked_sub(1).map(|p| hashes[p]),
+                                token_ids: tokens[idx * b..(idx + 1) * b].to_vec(),
+                                model_fingerprint: fp.clone(),
+                            },
+                            payload,
+                        })
+                    })
+                    .collect();
+                // Persistence failures degrade to RAM-only; the turn itself succeeded.
+                let _ = self.store.save_blocks(blocks).await;
+            }
+        }
+        let now = self.clock.now_ms();
+        match key {
+            Some(key) => {
+                let previous = self.store.load_manifest(key).await.ok().flatten();
+                let manifest = AgentManifest {
+                    version: AgentManifest::VERSION,
+                    agent: key.agent.clone(),
+                    namespace: key.namespace.clone(),
+                    model_fingerprint: self.engine.model().fingerprint.clone(),
+                    block_tokens: b as u32,
+                    token_ids: tokens.to_vec(),
+                    block_hashes: hashes.iter().map(|h| h.to_string()).collect(),
+                    created_at_ms: previous.as_ref().map_or(now, |m| m.created_at_ms),
+                    last_used_at_ms: now,
+                    pinned: previous.as_ref().is_some_and(|m| m.pinned),
+                    ttl_secs: previous.as_ref().and_then(|m| m.ttl_secs),
+                };
+                if self.config.persist {
+                    let _ = self.store.save_manifest(&manifest).await;
+                }
+                let evicted = lock(&self.hot).commit(
+                    owner,
+                    HotSession {
+                        seq,
+                        tokens: tokens[..persist_len].to_vec(),
+                        pinned: manifest.pinned,
+                    },
+                    persist_len / b,
+                );
+                for s in evicted {
+                    let _ = self.engine.release(s).await;
+                }
+            }
+            None => {
+                lock(&self.hot).release_owner(owner);
+                self.engine.release(seq).await?;
+                let _ = req;
+            }
+        }
+        Ok(())
+    }
+
+    /// Agents of a namespace (or all), hot and warm.
+    pub async fn list_agents(
+        &self,
+        namespace: Option<&Namespace>,
+    ) -> Result<Vec<AgentInfo>, ServiceError> {
+        let manifests = self.store.list_manifests(namespace).await?;
+        let hot = lock(&self.hot).hot_keys();
+        let b = self.block_tokens();
+        let mut out: Vec<AgentInfo> = manifests
+            .into_iter()
+            .map(|m| {
+                let key = AgentKey {
+                    namespace: m.namespace.clone(),
+                    agent: m.agent.clone(),
+                };
+                AgentInfo {
+                    tier: if hot.contains(&key) {
+                        CacheTier::Hot
+                    } else {
+                        CacheTier::Warm
+                    },
+                    agent: m.agent,
+                    namespace: m.namespace.0,
+                    tokens: m.token_ids.len(),
+                    blocks: m.block_hashes.len().min(m.token_ids.len() / b.max(1)),
+                    pinned: m.pinned,
+                    last_used_at_ms: m.last_used_at_ms,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.last_used_at_ms.cmp(&a.last_used_at_ms));
+        Ok(out)
+    }
+
+    /// One agent.
+    pub async fn agent(&self, key: &AgentKey) -> Result<AgentInfo, ServiceError> {
+        let m = self
+            .store
+            .load_manifest(key)
+            .await?
+            .ok_or_else(|| ServiceError::AgentNotFound(key.to_string()))?;
+        let hot = lock(&self.hot).hot_keys().contains(key);
+        Ok(AgentInfo {
+            agent: m.agent.clone(),
+            namespace: m.namespace.0.clone(),
+            tier: if hot { CacheTier::Hot } else { CacheTier::Warm },
+            tokens: m.token_ids.len(),
+            blocks: m.block_hashes.len(),
+            pinned: m.pinned,
+            last_used_at_ms: m.last_used_at_ms,
+        })
+    }
+
+    /// Drops an agent's KV from RAM; with `keep_on_disk == false` also deletes its manifest
+    /// (blocks shared with other agents stay). Errors with `AgentNotFound` if it is unknown.
+    pub async fn delete_agent(
+        &self,
+        key: &AgentKey,
+        keep_on_disk: bool,
+    ) -> Result<(), ServiceError> {
+        let l = self.agent_lock(key);
+        let _g = l.lock().await;
+        let hot = lock(&self.hot).take_session(key);
+        let was_hot = hot.is_some();
+        if let Some(h) = hot {
+            let _ = self.engine.release(h.seq).await;
+        }
+        let existed = if keep_on_disk {
+            self.store.load_manifest(key).await?.is_some()
+        } else {
+            self.store.delete_manifest(key).await?
+        };
+        if !existed && !was_hot {
+            return Err(ServiceError::AgentNotFound(key.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Pins or unpins an agent (pinned agents' blocks are evicted last).
+    pub async fn set_pinned(&self, key: &AgentKey, pinned: bool) -> Result<(), ServiceError> {
+        let mut m = self
+            .store
+            .load_manifest(key)
+            .await?
+            .ok_or_else(|| ServiceError::AgentNotFound(key.to_string()))?;
+        m.pinned = pinned;
+        self.store.save_manifest(&m).await?;
+        lock(&self.hot).set_pinned(key, pinned);
+        Ok(())
+    }
+
+    /// Counters of the service and its store.
+    pub async fn stats(&self) -> ServiceStats {
+        let c = &self.counters;
+        let (used, total, agents, evictions) = lock(&self.hot).usage();
+        let (active, queued) = self.admission.usage();
+        ServiceStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            hits_hot: c.hits_hot.load(Ordering::Relaxed),
+            hits_warm: c.hits_warm.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            reused_tokens: c.reused_tokens.load(Ordering::Relaxed),
+            prefilled_tokens: c.prefilled_tokens.load(Ordering::Relaxed),
+            generated_tokens: c.generated_tokens.load(Ordering::Relaxed),
+            restored_bytes: c.restored_bytes.load(Ordering::Relaxed),
+            evictions,
+            active: active as u64,
+            queued: queued as u64,
+            hot_blocks_used: used as u64,
+            hot_blocks_total: total as u64,
+            hot_agents: agents as u64,
+            store: self.store.stats().await.unwrap_or_default(),
+        }
+    }
+
+    /// Waits until every accepted cache write is durable (call at shutdown).
+    pub async fn flush(&self) -> Result<(), ServiceError> {
+        Ok(self.store.flush().await?)
+    }
+}

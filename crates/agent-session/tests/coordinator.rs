@@ -1,0 +1,303 @@
+//! The whole idea with fakes only: cold turn, warm turn (hot), restart (warm from store),
+//! shared system prompts, corruption, overload, cancellation, and warm == cold always.
+
+use agent_session::{
+    AgentId, CacheTier, Completion, Conversation, FinishReason, GenerateRequest, GenerationEvent,
+    Message, Namespace, Role, SamplingParams, ServiceConfig, ServiceError,
+};
+use futures::executor::block_on;
+use futures::FutureExt;
+use proptest::prelude::*;
+use std::sync::Arc;
+use testkit::{FakeEngine, FakeStack, MemoryStore};
+
+const SYSTEM: &str = "You are a careful coding agent. Follow the style guide, write tests, \
+explain each change briefly, and never invent APIs that do not exist in the repository.";
+
+fn convo(turns: &[(&str, &str)], question: &str) -> Conversation {
+    let mut messages = vec![Message::text(Role::System, SYSTEM)];
+    for (q, a) in turns {
+        messages.push(Message::text(Role::User, *q));
+        messages.push(Message::text(Role::Assistant, *a));
+    }
+    messages.push(Message::text(Role::User, question));
+    Conversation {
+        messages,
+        tools: vec![],
+    }
+}
+
+fn request(agent: Option<&str>, conversation: Conversation) -> GenerateRequest {
+    GenerateRequest {
+        agent: agent.map(|a| AgentId::new(a).expect("valid id")),
+        namespace: Namespace::default(),
+        conversation,
+        params: SamplingParams::greedy(),
+        max_tokens: Some(24),
+        stop: vec![],
+    }
+}
+
+fn run(stack: &FakeStack, req: GenerateRequest) -> Completion {
+    block_on(stack.service.generate(req, |_| true)).expect("generation succeeds")
+}
+
+fn cold(req: &GenerateRequest) -> Completion {
+    let fresh = FakeStack::new();
+    run(&fresh, req.clone())
+}
+
+#[test]
+fn the_whole_idea() {
+    let store = Arc::new(MemoryStore::new());
+    let stack = FakeStack::with_store(store.clone());
+
+    // Turn 1: cold.
+    let r1 = request(Some("coder"), convo(&[], "Please add a function that parses dates."));
+    let c1 = run(&stack, r1.clone());
+    assert_eq!(c1.cache.tier, CacheTier::Miss);
+    assert_eq!(c1.cache.reused_tokens, 0);
+    assert_eq!(c1.cache.prefilled_tokens, c1.cache.prompt_tokens);
+    assert!(c1.cache.created_tokens > 0);
+    let len1 = c1.cache.prompt_tokens;
+
+    // Turn 2: history + new message prefills only the new part.
+    stack.engine.reset_stats();
+    let r2 = request(
+        Some("coder"),
+        convo(
+            &[("Please add a function that parses dates.", &c1.text)],
+            "Now add tests for leap years.",
+        ),
+    );
+    let c2 = run(&stack, r2.clone());
+    assert_eq!(c2.cache.tier, CacheTier::Hot);
+    assert_eq!(c2.cache.reused_tokens, len1 / 64 * 64);
+    assert_eq!(
+        stack.engine.stats().prefilled_tokens as usize,
+        c2.cache.prompt_tokens - c2.cache.reused_tokens
+    );
+    assert_eq!(c2.token_ids, cold(&r2).token_ids, "warm turn equals cold turn");
+
+    // "Restart": a new service over the same store restores from it.
+    let restarted = FakeStack::with_store(store.clone());
+    let r3 = request(
+        Some("coder"),
+        convo(
+            &[
+                ("Please add a function that parses dates.", &c1.text),
+                ("Now add tests for leap years.", &c2.text),
+            ],
+            "Finally, document it.",
+        ),
+    );
+    let c3 = run(&restarted, r3.clone());
+    assert_eq!(c3.cache.tier, CacheTier::Warm);
+    assert!(c3.cache.reused_tokens >= c2.cache.prompt_tokens / 64 * 64 - 64);
+    assert_eq!(
+        restarted.engine.stats().prefilled_tokens as usize,
+        c3.cache.prompt_tokens - c3.cache.reused_tokens
+    );
+    assert_eq!(c3.token_ids, cold(&r3).token_ids);
+
+    // Another agent with the same system prompt shares its blocks.
+    let blocks_before = store.block_count();
+    let rb = request(Some("reviewer"), convo(&[], "Review the date parser."));
+    let cb = run(&restarted, rb.clone());
+    assert!(cb.cache.reused_tokens > 0, "shared system prompt is reused");
+    assert_eq!(cb.cache.tier, CacheTier::Warm);
+    assert_eq!(cb.token_ids, cold(&rb).token_ids);
+    let shared_blocks = cb.cache.reused_tokens / 64;
+    assert_eq!(
+        store.block_count(),
+        blocks_before + cb.cache.created_tokens / 64,
+        "shared blocks ({shared_blocks}) are stored once"
+    );
+}
+
+#[test]
+fn usage_adds_up_and_repeat_reads_the_prompt() {
+    let stack = FakeStack::new();
+    let r = request(Some("a"), convo(&[], "Hello there, how are you doing today?"));
+    let c1 = run(&stack, r.clone());
+    let c2 = run(&stack, r.clone());
+    for c in [&c1, &c2] {
+        let u = &c.cache;
+        assert_eq!(u.reused_tokens + u.created_tokens + u.uncached_tokens(), u.prompt_tokens);
+    }
+    // The second identical request reads the first one's prompt minus at most one chunk.
+    assert!(c2.cache.reused_tokens + 64 > c1.cache.prompt_tokens);
+    assert_eq!(c1.token_ids, c2.token_ids);
+}
+
+#[test]
+fn corrupt_block_is_a_miss_from_there_and_output_stays_right() {
+    let store = Arc::new(MemoryStore::new());
+    let stack = FakeStack::with_store(store.clone());
+    let r = request(Some("a"), convo(&[], &"long question ".repeat(30)));
+    let c1 = run(&stack, r.clone());
+    assert!(store.block_count() >= 3);
+    for h in store.block_hashes() {
+        store.corrupt_block(&h);
+    }
+    let restarted = FakeStack::with_store(store.clone());
+    let c2 = run(&restarted, r.clone());
+    assert_eq!(c2.cache.tier, CacheTier::Miss);
+    assert_eq!(c2.token_ids, c1.token_ids);
+}
+
+#[test]
+fn foreign_fingerprint_is_never_used() {
+    let store = Arc::new(MemoryStore::new());
+    let stack = FakeStack::with_store(store.clone());
+    let r = request(Some("a"), convo(&[], &"question ".repeat(30)));
+    run(&stack, r.clone());
+    let other = FakeStack::build(
+        Arc::new(FakeEngine::new(64).with_fingerprint("another-model")),
+        store,
+        ServiceConfig::for_block_tokens(64),
+    );
+    let c = run(&other, r);
+    assert_eq!(c.cache.tier, CacheTier::Miss);
+    assert_eq!(c.cache.reused_tokens, 0);
+}
+
+#[test]
+fn context_too_long_names_both_numbers() {
+    let stack = FakeStack::build(
+        Arc::new(FakeEngine::new(64).with_context_length(100)),
+        Arc::new(MemoryStore::new()),
+        ServiceConfig::for_block_tokens(64),
+    );
+    let err = block_on(
+        stack
+            .service
+            .generate(request(None, convo(&[], &"x".repeat(200))), |_| true),
+    )
+    .expect_err("too long");
+    match err {
+        ServiceError::ContextTooLong {
+            prompt_tokens,
+            context_length,
+        } => {
+            assert!(prompt_tokens > 200);
+            assert_eq!(context_length, 100);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn cancellation_frees_the_sequence_and_keeps_the_prompt() {
+    let stack = FakeStack::new();
+    let r = request(None, convo(&[], &"tell me a story ".repeat(10)));
+    let mut deltas = 0;
+    let err = block_on(stack.service.generate(r.clone(), |ev| {
+        if let GenerationEvent::Delta(_) = ev {
+            deltas += 1;
+            return false;
+        }
+        true
+    }))
+    .expect_err("cancelled");
+    assert!(matches!(err, ServiceError::Cancelled));
+    assert_eq!(deltas, 1);
+    assert_eq!(stack.engine.stats().open_sequences, 0);
+    // The prompt's blocks were still committed: the retry reuses them.
+    let c = run(&stack, r);
+    assert!(c.cache.reused_tokens > 0);
+}
+
+#[test]
+fn stop_strings_end_generation() {
+    let stack = FakeStack::new();
+    let mut r = request(None, convo(&[], "go"));
+    r.max_tokens = Some(200);
+    let full = run(&stack, r.clone());
+    let Some(word) = full.text.split_whitespace().nth(1) else {
+        return; // the fake said too little to test with
+    };
+    let cut = full.text.find(word).unwrap_or(0);
+    r.stop = vec![word.to_string()];
+    let c = run(&FakeStack::new(), r);
+    assert_eq!(c.finish_reason, FinishReason::StopSequence(word.to_string()));
+    assert_eq!(c.text, full.text[..cut]);
+}
+
+#[test]
+fn overload_is_refused_not_queued_forever() {
+    let mut config = ServiceConfig::for_block_tokens(64);
+    config.max_batch_size = 1;
+    config.max_queue = 0;
+    let stack = FakeStack::build(
+        Arc::new(FakeEngine::new(64)),
+        Arc::new(MemoryStore::new()),
+        config,
+    );
+    let service = stack.service.clone();
+    let r = request(None, convo(&[], "first"));
+    // While the first generation is inside its event callback, a second one is refused.
+    let mut inner_result = None;
+    block_on(stack.service.generate(r.clone(), |ev| {
+        if let GenerationEvent::Started(_) = ev {
+            if inner_result.is_none() {
+                inner_result = service.generate(r.clone(), |_| true).now_or_never();
+            }
+        }
+        true
+    }))
+    .expect("first succeeds");
+    assert!(matches!(
+        inner_result,
+        Some(Err(ServiceError::Overloaded { .. }))
+    ));
+    // Afterwards the server is healthy again.
+    run(&stack, r);
+}
+
+#[test]
+fn hot_tier_evicts_lru_and_the_evicted_agent_comes_back_warm() {
+    let mut config = ServiceConfig::for_block_tokens(64);
+    config.hot_capacity_blocks = 8;
+    let stack = FakeStack::build(
+        Arc::new(FakeEngine::new(64)),
+        Arc::new(MemoryStore::new()),
+        config,
+    );
+    let ra = request(Some("a"), convo(&[], &"alpha ".repeat(40)));
+    let rb = request(Some("b"), convo(&[], &"beta ".repeat(40)));
+    run(&stack, ra.clone());
+    run(&stack, rb.clone());
+    let ca = run(&stack, ra.clone());
+    assert_eq!(ca.cache.tier, CacheTier::Warm, "a was evicted for b");
+    assert!(ca.cache.reused_tokens > 0);
+    assert_eq!(ca.token_ids, cold(&ra).token_ids);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Whatever the history, an agent's warm turn (hot or after a restart) produces exactly
+    /// the cold turn's tokens, and prefills exactly what it did not reuse.
+    #[test]
+    fn warm_always_equals_cold(
+        questions in proptest::collection::vec("[a-z ]{1,120}", 1..5),
+        restart_at in 0usize..5,
+    ) {
+        let store = Arc::new(MemoryStore::new());
+        let mut stack = FakeStack::with_store(store.clone());
+        let mut history: Vec<(String, String)> = Vec::new();
+        for (i, q) in questions.iter().enumerate() {
+            if i == restart_at {
+                stack = FakeStack::with_store(store.clone());
+            }
+            let turns: Vec<(&str, &str)> = history.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let r = request(Some("agent"), convo(&turns, q));
+            stack.engine.reset_stats();
+            let warm = run(&stack, r.clone());
+            prop_assert_eq!(&warm.token_ids, &cold(&r).token_ids);
+            prop_assert_eq!(stack.engine.stats().prefilled_tokens as usize, warm.cache.prefilled_tokens);
+            prop_assert_eq!(warm.cache.reused_tokens % 64, 0);
+            history.push((q.clone(), warm.text.clone()));
+        }
+    }
+}

@@ -1,0 +1,1037 @@
+//! The disk cache store: block files, manifests, the background writer, the disk budget.
+
+use crate::error::DiskStoreError;
+use crate::format::{self, BLOCK_EXTENSION};
+use crate::fsutil;
+use agent_session::{AgentId, AgentKey, AgentManifest, KvBlock, Namespace, StoreStats};
+use block_pool::BlockHash;
+use futures::channel::oneshot;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{debug, warn};
+
+/// Environment variable naming the cache directory.
+pub const ENV_CACHE_DIR: &str = "SEMANTIC_AGENT_CACHE_DIR";
+/// Environment variable naming semantic's home (the cache is `$SEMANTIC_HOME/caches`).
+pub const ENV_SEMANTIC_HOME: &str = "SEMANTIC_HOME";
+
+/// Name of the block directory under the cache directory.
+pub const BLOCKS_DIR: &str = "blocks";
+/// Name of the manifest directory under the cache directory.
+pub const AGENTS_DIR: &str = "agents";
+/// Name of the quarantine directory under the cache directory.
+pub const QUARANTINE_DIR: &str = "quarantine";
+/// Prefix of per-namespace manifest directories (`agents/ns-<hash>/`).
+pub const NAMESPACE_DIR_PREFIX: &str = "ns-";
+
+/// Temporary files younger than this are left alone at open (another process sharing the
+/// directory, such as the CLI next to a running server, may be writing them).
+const TEMP_FILE_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// The default cache directory: `$SEMANTIC_AGENT_CACHE_DIR`, else `$SEMANTIC_HOME/caches`,
+/// else `~/.semantic/caches` (`$HOME`), else `.semantic/caches` relative to the working
+/// directory when no home is known. Empty variables count as unset.
+pub fn default_cache_dir() -> PathBuf {
+    cache_dir_from(
+        std::env::var_os(ENV_CACHE_DIR),
+        std::env::var_os(ENV_SEMANTIC_HOME),
+        std::env::var_os("HOME"),
+    )
+}
+
+/// [`default_cache_dir`] from explicit values of `SEMANTIC_AGENT_CACHE_DIR`,
+/// `SEMANTIC_HOME` and `HOME` (testable without touching the environment).
+pub fn cache_dir_from(
+    agent_cache_dir: Option<OsString>,
+    semantic_home: Option<OsString>,
+    home: Option<OsString>,
+) -> PathBuf {
+    let set = |v: Option<OsString>| v.filter(|s| !s.is_empty());
+    if let Some(dir) = set(agent_cache_dir) {
+        PathBuf::from(dir)
+    } else if let Some(home) = set(semantic_home) {
+        PathBuf::from(home).join("caches")
+    } else if let Some(home) = set(home) {
+        PathBuf::from(home).join(".semantic").join("caches")
+    } else {
+        PathBuf::from(".semantic").join("caches")
+    }
+}
+
+/// Settings of a [`DiskCacheStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStoreConfig {
+    /// Root of the store (holds `blocks/`, `agents/`, `quarantine/`).
+    pub cache_dir: PathBuf,
+    /// Most bytes of block files to keep; least-recently-used blocks no pinned manifest
+    /// references are deleted beyond it. `None`: unlimited.
+    pub disk_budget_bytes: Option<u64>,
+    /// Blocks that may wait for the background writer; `save_blocks` blocks when it is full
+    /// (back-pressure). At least 1.
+    pub write_queue_capacity: usize,
+    /// Most blocks the writer commits together (one directory fsync per group). At least 1.
+    pub write_batch_max: usize,
+}
+
+impl DiskStoreConfig {
+    /// Defaults with the given cache directory: no budget, a queue of 64 blocks, groups of 16.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            disk_budget_bytes: None,
+            write_queue_capacity: 64,
+            write_batch_max: 16,
+        }
+    }
+}
+
+impl Default for DiskStoreConfig {
+    /// Defaults in [`default_cache_dir`].
+    fn default() -> Self {
+        Self::new(default_cache_dir())
+    }
+}
+
+/// The name of a namespace's manifest directory: `ns-` + 32 hex digits of a keyed BLAKE3
+/// hash of the namespace (so a raw API key never appears on disk). `None` for the default
+/// (empty) namespace, whose manifests live directly in `agents/`.
+pub fn namespace_dir_name(namespace: &Namespace) -> Option<String> {
+    if namespace.as_str().is_empty() {
+        return None;
+    }
+    let mut h = blake3::Hasher::new_derive_key("semantic cache-store-disk namespace dir v1");
+    h.update(namespace.as_str().as_bytes());
+    let hex = h.finalize().to_hex();
+    Some(format!(
+        "{NAMESPACE_DIR_PREFIX}{}",
+        hex.as_str().get(..32).unwrap_or(hex.as_str())
+    ))
+}
+
+/// File name of a block: `<hash>.safetensors`.
+pub fn block_file_name(hash: &BlockHash) -> String {
+    format!("{hash}.{BLOCK_EXTENSION}")
+}
+
+/// Where things live under the cache directory.
+#[derive(Debug, Clone)]
+struct Layout {
+    root: PathBuf,
+    blocks: PathBuf,
+    agents: PathBuf,
+    quarantine: PathBuf,
+}
+
+impl Layout {
+    fn new(root: PathBuf) -> Self {
+        Self {
+            blocks: root.join(BLOCKS_DIR),
+            agents: root.join(AGENTS_DIR),
+            quarantine: root.join(QUARANTINE_DIR),
+            root,
+        }
+    }
+
+    fn block_path(&self, hash: &BlockHash) -> PathBuf {
+        self.blocks.join(block_file_name(hash))
+    }
+
+    fn namespace_dir(&self, namespace: &Namespace) -> PathBuf {
+        match namespace_dir_name(namespace) {
+            Some(name) => self.agents.join(name),
+            None => self.agents.clone(),
+        }
+    }
+
+    /// The manifest's directory and file name, checked to stay inside that directory.
+    fn manifest_location(&self, key: &AgentKey) -> Result<(PathBuf, String), DiskStoreError> {
+        let id = key.agent.as_str();
+        let escape = || DiskStoreError::PathEscape(id.to_owned());
+        // AgentId already guarantees this; check again at the edge that touches the disk.
+        let mut components = Path::new(id).components();
+        if !matches!(
+            (components.next(), components.next()),
+            (Some(Component::Normal(_)), None)
+        ) || id.contains(['/', '\\', '\0'])
+        {
+            return Err(escape());
+        }
+        let dir = self.namespace_dir(&key.namespace);
+        let name = format!("{id}.json");
+        let path = dir.join(&name);
+        if path.parent() != Some(dir.as_path())
+            || path.file_name().and_then(|n| n.to_str()) != Some(name.as_str())
+        {
+            return Err(escape());
+        }
+        Ok((dir, name))
+    }
+}
+
+/// One block file on disk.
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    bytes: u64,
+    last_use: u64,
+}
+
+/// What the store remembers of a manifest (for pinning and shared-block deletion).
+#[derive(Debug, Clone)]
+struct ManifestRefs {
+    pinned: bool,
+    blocks: Vec<BlockHash>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Block files on disk (as far as this process knows).
+    index: HashMap<BlockHash, IndexEntry>,
+    /// Sum of `index` bytes.
+    disk_bytes: u64,
+    /// Blocks accepted but not yet written (served to readers from memory).
+    pending: HashMap<BlockHash, Arc<KvBlock>>,
+    /// Valid manifests on disk.
+    manifests: HashMap<AgentKey, ManifestRefs>,
+    /// Recency clock (nanoseconds since the epoch, strictly increasing).
+    clock: u64,
+}
+
+impl State {
+    fn tick(&mut self) -> u64 {
+        self.clock = now_nanos().max(self.clock.saturating_add(1));
+        self.clock
+    }
+
+    fn insert_block(&mut self, hash: BlockHash, bytes: u64, last_use: u64) {
+        if let Some(old) = self.index.insert(hash, IndexEntry { bytes, last_use }) {
+            self.disk_bytes = self.disk_bytes.saturating_sub(old.bytes);
+        }
+        self.disk_bytes = self.disk_bytes.saturating_add(bytes);
+    }
+
+    fn remove_block(&mut self, hash: &BlockHash) -> bool {
+        match self.index.remove(hash) {
+            Some(old) => {
+                self.disk_bytes = self.disk_bytes.saturating_sub(old.bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes (from the index) least-recently-used unpinned blocks until the budget holds.
+    fn pick_victims(&mut self, budget: Option<u64>) -> Vec<BlockHash> {
+        let Some(budget) = budget else {
+            return Vec::new();
+        };
+        if self.disk_bytes <= budget {
+            return Vec::new();
+        }
+        let pinned: HashSet<BlockHash> = self
+            .manifests
+            .values()
+            .filter(|m| m.pinned)
+            .flat_map(|m| m.blocks.iter().copied())
+            .collect();
+        let mut candidates: Vec<(u64, BlockHash)> = self
+            .index
+            .iter()
+            .filter(|(h, _)| !pinned.contains(h))
+            .map(|(h, e)| (e.last_use, *h))
+            .collect();
+        candidates.sort_unstable();
+        let mut victims = Vec::new();
+        for (_, hash) in candidates {
+            if self.disk_bytes <= budget {
+                break;
+            }
+            self.remove_block(&hash);
+            victims.push(hash);
+        }
+        if self.disk_bytes > budget {
+            warn!(
+                disk_bytes = self.disk_bytes,
+                budget, "pinned agents' blocks alone exceed the disk budget"
+            );
+        }
+        victims
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    blocks_written: AtomicU64,
+    blocks_read: AtomicU64,
+    bytes_read: AtomicU64,
+    quarantined: AtomicU64,
+    evicted: AtomicU64,
+    write_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Shared between the store handle and its writer thread.
+#[derive(Debug)]
+struct Inner {
+    layout: Layout,
+    budget: Option<u64>,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+/// Work for the background writer, processed in order.
+enum Job {
+    /// Write one block file.
+    Write(Arc<KvBlock>),
+    /// Delete block files no manifest needs any more (unless re-added since).
+    Delete(Vec<BlockHash>),
+    /// Acknowledge once everything before is durable.
+    Flush(oneshot::Sender<()>),
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn mtime_nanos(meta: &fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Outcome of reading one block file.
+enum ReadMiss {
+    /// No such file: a plain miss.
+    Missing,
+    /// Unreadable, corrupt, foreign or inconsistent: a miss, already logged (and quarantined
+    /// when the file itself is bad).
+    Rejected,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // breaks correctness (every update is a single insert/remove), so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writer thread: takes jobs until every sender is gone and the queue is drained.
+    fn run_writer(&self, rx: Receiver<Job>, batch_max: usize) {
+        while let Ok(first) = rx.recv() {
+            let mut group: Vec<Arc<KvBlock>> = Vec::new();
+            let mut next = Some(first);
+            let mut taken = 1usize;
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Write(block) => group.push(block),
+                    Job::Delete(hashes) => {
+                        self.commit_writes(std::mem::take(&mut group));
+                        self.delete_unneeded(hashes);
+                    }
+                    Job::Flush(ack) => {
+                        self.commit_writes(std::mem::take(&mut group));
+                        let _ = ack.send(());
+                    }
+                }
+                if taken < batch_max {
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            next = Some(job);
+                            taken += 1;
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+                    }
+                }
+            }
+            self.commit_writes(group);
+        }
+    }
+
+    /// Writes a group of blocks: each to a temp file (fsynced), then renames them all into
+    /// place in order and fsyncs the directory once. Failures are logged and the block is
+    /// dropped (the server goes on without persisting it).
+    fn commit_writes(&self, group: Vec<Arc<KvBlock>>) {
+        if group.is_empty() {
+            return;
+        }
+        let dir = &self.layout.blocks;
+        let mut failed = Vec::new();
+        let mut staged = Vec::with_capacity(group.len());
+        for block in &group {
+            let hash = block.meta.hash;
+            let name = block_file_name(&hash);
+            let tmp = fsutil::temp_path(dir, &name);
+            let written = format::encode_block(block).and_then(|bytes| {
+                fsutil::write_temp(&tmp, &bytes)?;
+                Ok(bytes.len() as u64)
+            });
+            match written {
+                Ok(len) => staged.push((hash, tmp, dir.join(name), len)),
+                Err(e) => {
+                    warn!(block = %hash, error = %e, "block not persisted; continuing without it");
+                    failed.push(hash);
+                }
+            }
+        }
+        let mut done = Vec::with_capacity(staged.len());
+        for (hash, tmp, dest, len) in staged {
+            match fsutil::rename_into_place(&tmp, &dest) {
+                Ok(()) => done.push((hash, len)),
+                Err(e) => {
+                    warn!(block = %hash, error = %e, "block not persisted; continuing without it");
+                    failed.push(hash);
+                }
+            }
+        }
+        if !done.is_empty() {
+            if let Err(e) = fsutil::sync_dir(dir) {
+                warn!(error = %e, "fsync of the block directory failed");
+            }
+        }
+        bump(&self.counters.blocks_written, done.len() as u64);
+        bump(&self.counters.write_errors, failed.len() as u64);
+        let victims = {
+            let mut st = self.lock();
+            for (hash, len) in done {
+                let now = st.tick();
+                st.pending.remove(&hash);
+                st.insert_block(hash, len, now);
+            }
+            for hash in &failed {
+                st.pending.remove(hash);
+            }
+            st.pick_victims(self.budget)
+        };
+        self.remove_files(&victims, "evicted by the disk budget");
+        bump(&self.counters.evicted, victims.len() as u64);
+    }
+
+    /// Deletes block files, skipping those that were saved again since they were dropped
+    /// from the index (this runs on the writer thread, the only one that creates block files).
+    fn delete_unneeded(&self, hashes: Vec<BlockHash>) {
+        let hashes: Vec<BlockHash> = {
+            let st = self.lock();
+            hashes
+                .into_iter()
+                .filter(|h| !st.index.contains_key(h) && !st.pending.contains_key(h))
+                .collect()
+        };
+        self.remove_files(&hashes, "no manifest needs it");
+    }
+
+    fn remove_files(&self, hashes: &[BlockHash], why: &str) {
+        if hashes.is_empty() {
+            return;
+        }
+        for hash in hashes {
+            let path = self.layout.block_path(hash);
+            match fs::remove_file(&path) {
+                Ok(()) => debug!(block = %hash, why, "block file deleted"),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => warn!(path = %path.display(), error = %e, "could not delete block file"),
+            }
+        }
+        if let Err(e) = fsutil::sync_dir(&self.layout.blocks) {
+            warn!(error = %e, "fsync of the block directory failed");
+        }
+    }
+
+    /// Moves a bad block file aside to `quarantine/` (or deletes it if that fails).
+    fn quarantine(&self, hash: &BlockHash, path: &Path) {
+        self.lock().remove_block(hash);
+        let dest = self.layout.quarantine.join(format!(
+            "{}-{}.{BLOCK_EXTENSION}",
+            hash,
+            now_nanos()
+        ));
+        let moved = fsutil::ensure_private_dir(&self.layout.quarantine, true)
+            .and_then(|()| fsutil::rename_into_place_keep(path, &dest));
+        match moved {
+            Ok(()) => warn!(path = %path.display(), to = %dest.display(), "block file quarantined"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "could not quarantine; deleting the file");
+                let _ = fs::remove_file(path);
+            }
+        }
+        bump(&self.counters.quarantined, 1);
+    }
+
+    /// Reads and verifies one block file.
+    fn read_block(&self, hash: &BlockHash, fingerprint: &str) -> Result<KvBlock, ReadMiss> {
+        let path = self.layout.block_path(hash);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.lock().remove_block(hash);
+                return Err(ReadMiss::Missing);
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "block file unreadable: cache miss");
+                return Err(ReadMiss::Rejected);
+            }
+        };
+        match format::decode_block(&bytes, hash, fingerprint) {
+            Ok(block) => {
+                bump(&self.counters.blocks_read, 1);
+                bump(&self.counters.bytes_read, bytes.len() as u64);
+                let mut st = self.lock();
+                if !st.index.contains_key(hash) {
+                    // Written by another process sharing the directory.
+                    let now = st.tick();
+                    st.insert_block(*hash, bytes.len() as u64, now);
+                }
+                Ok(block)
+            }
+            Err(e @ DiskStoreError::ForeignModel { .. }) => {
+                // Intact, but for another model: not ours to destroy.
+                warn!(block = %hash, error = %e, "block of another model: cache miss");
+                Err(ReadMiss::Rejected)
+            }
+            Err(e) => {
+                warn!(block = %hash, error = %e, "bad block file: cache miss");
+                self.quarantine(hash, &path);
+                Err(ReadMiss::Rejected)
+            }
+        }
+    }
+
+    /// Reads and validates one manifest file. `expected` is the key its location implies
+    /// (when known); otherwise `dir_name` is the namespace directory it was found in.
+    fn read_manifest(
+        &self,
+        path: &Path,
+        expected: Option<&AgentKey>,
+        dir_name: Option<&str>,
+    ) -> Result<Option<(AgentManifest, Vec<BlockHash>)>, String> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("unreadable: {e}")),
+        };
+        let m: AgentManifest = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        if m.version != AgentManifest::VERSION {
+            return Err(format!("manifest version {}", m.version));
+        }
+        let stem = path.file_stem().and_then(|s| s.to_str());
+        if stem != Some(m.agent.as_str()) {
+            return Err(format!("names agent {:?}", m.agent.as_str()));
+        }
+        match expected {
+            Some(key) if key.namespace != m.namespace => {
+                return Err("belongs to another namespace".into());
+            }
+            Some(_) => {}
+            None => {
+                if namespace_dir_name(&m.namespace).as_deref() != dir_name {
+                    return Err("namespace does not match its directory".into());
+                }
+            }
+        }
+        let hashes = parse_hashes(&m)?;
+        Ok(Some((m, hashes)))
+    }
+
+    /// Every valid manifest in one directory (invalid ones are logged and skipped).
+    fn scan_manifest_dir(
+        &self,
+        dir: &Path,
+        dir_name: Option<&str>,
+        out: &mut Vec<(AgentManifest, Vec<BlockHash>)>,
+    ) -> Result<(), DiskStoreError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(DiskStoreError::io(dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| DiskStoreError::io(dir, e))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                warn!(path = %path.display(), "skipping a manifest file with a non-UTF-8 name");
+                continue;
+            };
+            if fsutil::is_temp_name(name) || entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Some(stem) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if AgentId::new(stem).is_err() {
+                warn!(path = %path.display(), "skipping a manifest file with an invalid agent id");
+                continue;
+            }
+            match self.read_manifest(&path, None, dir_name) {
+                Ok(Some(found)) => out.push(found),
+                Ok(None) => {}
+                Err(reason) => {
+                    warn!(path = %path.display(), reason, "skipping an invalid manifest");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every valid manifest of a namespace, or of all namespaces.
+    fn scan_manifests(
+        &self,
+        namespace: Option<&Namespace>,
+    ) -> Result<Vec<(AgentManifest, Vec<BlockHash>)>, DiskStoreError> {
+        let mut out = Vec::new();
+        match namespace {
+            Some(ns) => {
+                let name = namespace_dir_name(ns);
+                self.scan_manifest_dir(&self.layout.namespace_dir(ns), name.as_deref(), &mut out)?;
+            }
+            None => {
+                let agents = &self.layout.agents;
+                self.scan_manifest_dir(agents, None, &mut out)?;
+                let entries = match fs::read_dir(agents) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(DiskStoreError::io(agents, e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(|e| DiskStoreError::io(agents, e))?;
+                    let name = entry.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    if name.starts_with(NAMESPACE_DIR_PREFIX)
+                        && entry.file_type().is_ok_and(|t| t.is_dir())
+                    {
+                        self.scan_manifest_dir(&entry.path(), Some(name), &mut out)?;
+                    }
+                }
+            }
+        }
+        out.sort_by(|(a, _), (b, _)| (&a.namespace, &a.agent).cmp(&(&b.namespace, &b.agent)));
+        Ok(out)
+    }
+}
+
+fn parse_hashes(m: &AgentManifest) -> Result<Vec<BlockHash>, String> {
+    m.block_hashes
+        .iter()
+        .map(|h| {
+            BlockHash::from_str(h)
+                .ok()
+                .filter(|p| p.to_string() == *h)
+                .ok_or_else(|| format!("bad block hash {h:?}"))
+        })
+        .collect()
+}
+
+fn key_of(m: &AgentManifest) -> AgentKey {
+    AgentKey {
+        namespace: m.namespace.clone(),
+        agent: m.agent.clone(),
+    }
+}
+
+/// KV blocks and agent manifests on the local disk: the disk adapter of
+/// [`agent_session::CacheStore`].
+///
+/// Layout under the cache directory (directories 0700, files 0600):
+/// - `blocks/<hash>.safetensors`: one block each (format: [`crate::format`]); agents that
+///   share a prefix share its block files;
+/// - `agents/<agent_id>.json`: manifests of the default namespace;
+///   `agents/ns-<hash>/<agent_id>.json`: manifests of other namespaces
+///   ([`namespace_dir_name`]);
+/// - `quarantine/`: block files that failed verification, kept for inspection.
+///
+/// Block writes go through a bounded queue to one background thread; blocks waiting there
+/// are served to readers from memory. Manifest writes are synchronous. Every write is
+/// atomic and durable (temp file, fsync, rename, directory fsync). Reads verify everything
+/// and end the loaded prefix at the first bad block.
+///
+/// Threading: all methods do blocking file I/O on the calling thread (the async port
+/// methods too: call them from a blocking-friendly thread, e.g. `spawn_blocking`, when that
+/// matters); `save_blocks` blocks while the write queue is full. One server process should
+/// own a cache directory; other processes (the CLI) may list, show and delete manifests.
+///
+/// Dropping the store flushes every queued write.
+#[derive(Debug)]
+pub struct DiskCacheStore {
+    inner: Arc<Inner>,
+    sender: Option<SyncSender<Job>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl DiskCacheStore {
+    /// Opens (creating if needed) a store: creates the directories, indexes existing block
+    /// files (recency = file mtime), removes stale temporary files, loads the manifests'
+    /// block references, applies the disk budget and starts the writer thread.
+    pub fn open(config: DiskStoreConfig) -> Result<Self, DiskStoreError> {
+        let layout = Layout::new(config.cache_dir.clone());
+        fsutil::ensure_private_dir(&layout.root, false)?;
+        for dir in [&layout.blocks, &layout.agents, &layout.quarantine] {
+            fsutil::ensure_private_dir(dir, true)?;
+        }
+        let inner = Arc::new(Inner {
+            layout,
+            budget: config.disk_budget_bytes,
+            state: Mutex::new(State::default()),
+            counters: Counters::default(),
+        });
+        let mut state = State::default();
+        scan_blocks(&inner.layout.blocks, &mut state)?;
+        for (m, blocks) in inner.scan_manifests(None)? {
+            state.manifests.insert(
+                key_of(&m),
+                ManifestRefs {
+                    pinned: m.pinned,
+                    blocks,
+                },
+            );
+        }
+        let victims = state.pick_victims(inner.budget);
+        *inner.lock() = state;
+        inner.remove_files(&victims, "evicted by the disk budget");
+        bump(&inner.counters.evicted, victims.len() as u64);
+
+        let (sender, rx) = std::sync::mpsc::sync_channel(config.write_queue_capacity.max(1));
+        let worker = Arc::clone(&inner);
+        let batch_max = config.write_batch_max.max(1);
+        let writer = std::thread::Builder::new()
+            .name("cache-store-disk-writer".into())
+            .spawn(move || worker.run_writer(rx, batch_max))
+            .map_err(|e| DiskStoreError::io(&inner.layout.blocks, e))?;
+        Ok(Self {
+            inner,
+            sender: Some(sender),
+            writer: Some(writer),
+        })
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.inner.layout.root
+    }
+
+    /// The path a block's file has (whether or not it exists).
+    pub fn block_path(&self, hash: &BlockHash) -> PathBuf {
+        self.inner.layout.block_path(hash)
+    }
+
+    /// Validates an agent id for this store (a typed error for the CLI and HTTP edges).
+    pub fn agent_key(namespace: Namespace, agent: &str) -> Result<AgentKey, DiskStoreError> {
+        Ok(AgentKey {
+            namespace,
+            agent: AgentId::new(agent)?,
+        })
+    }
+
+    /// The path of an agent's manifest (whether or not it exists), checked to stay inside
+    /// the agents directory.
+    pub fn manifest_path(&self, key: &AgentKey) -> Result<PathBuf, DiskStoreError> {
+        let (dir, name) = self.inner.layout.manifest_location(key)?;
+        Ok(dir.join(name))
+    }
+
+    /// Number of block writes that failed since open (the blocks stayed RAM-only).
+    pub fn write_errors(&self) -> u64 {
+        self.inner.counters.write_errors.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, job: Job) -> Result<(), DiskStoreError> {
+        self.sender
+            .as_ref()
+            .ok_or(DiskStoreError::WriterStopped)?
+            .send(job)
+            .map_err(|_| DiskStoreError::WriterStopped)
+    }
+
+    /// Accepts blocks for writing; returns how many were new (not on disk nor queued).
+    /// Blocks already stored count as used now (recency). Validates every block first and
+    /// accepts none if one is malformed. Blocks while the write queue is full.
+    pub fn save_blocks_blocking(&self, blocks: Vec<Arc<KvBlock>>) -> Result<usize, DiskStoreError> {
+        for block in &blocks {
+            format::validate_block(block)?;
+        }
+        let mut new = Vec::new();
+        {
+            let mut st = self.inner.lock();
+            for block in blocks {
+                let hash = block.meta.hash;
+                if st.pending.contains_key(&hash) {
+                    continue;
+                }
+                let now = st.tick();
+                if let Some(entry) = st.index.get_mut(&hash) {
+                    entry.last_use = now;
+                    continue;
+                }
+                st.pending.insert(hash, Arc::clone(&block));
+                new.push(block);
+            }
+        }
+        let count = new.len();
+        let mut jobs = new.into_iter();
+        while let Some(block) = jobs.next() {
+            let hash = block.meta.hash;
+            if let Err(e) = self.send(Job::Write(block)) {
+                let mut st = self.inner.lock();
+                st.pending.remove(&hash);
+                for rest in jobs {
+                    st.pending.remove(&rest.meta.hash);
+                }
+                return Err(e);
+            }
+        }
+        Ok(count)
+    }
+
+    /// How many of `hashes`, from the first, are stored or queued (not verified: a later
+    /// `load_blocks` may still find a bad file).
+    pub fn stored_prefix_blocking(&self, hashes: &[BlockHash]) -> usize {
+        let st = self.inner.lock();
+        hashes
+            .iter()
+            .take_while(|h| st.pending.contains_key(h) || st.index.contains_key(h))
+            .count()
+    }
+
+    /// Loads blocks in order, stopping at the first one that is missing, corrupt, of another
+    /// model fingerprint or not the child of the previous one: the longest verified prefix.
+    /// One `std::fs::read` per block file. Bad files are moved to `quarantine/`.
+    pub fn load_blocks_blocking(
+        &self,
+        model_fingerprint: &str,
+        hashes: &[BlockHash],
+    ) -> Vec<Arc<KvBlock>> {
+        let mut out: Vec<Arc<KvBlock>> = Vec::with_capacity(hashes.len());
+        for (i, hash) in hashes.iter().enumerate() {
+            let queued = self.inner.lock().pending.get(hash).cloned();
+            let block = match queued {
+                Some(block) => block,
+                None => match self.inner.read_block(hash, model_fingerprint) {
+                    Ok(block) => Arc::new(block),
+                    Err(ReadMiss::Missing) => {
+                        debug!(block = %hash, "block not stored: cache miss");
+                        break;
+                    }
+                    Err(ReadMiss::Rejected) => break,
+                },
+            };
+            if block.meta.hash != *hash || block.meta.model_fingerprint != model_fingerprint {
+                warn!(block = %hash, "queued block of another model: cache miss");
+                break;
+            }
+            if let Some(prev) = i.checked_sub(1).and_then(|p| hashes.get(p)) {
+                if block.meta.parent.as_ref() != Some(prev) {
+                    warn!(block = %hash, "block does not follow the previous one: cache miss");
+                    break;
+                }
+            }
+            out.push(block);
+        }
+        if !out.is_empty() {
+            let mut st = self.inner.lock();
+            for block in &out {
+                let now = st.tick();
+                if let Some(entry) = st.index.get_mut(&block.meta.hash) {
+                    entry.last_use = now;
+                }
+            }
+        }
+        out
+    }
+
+    /// Creates or replaces an agent's manifest (atomic, durable, synchronous).
+    pub fn save_manifest_blocking(&self, manifest: &AgentManifest) -> Result<(), DiskStoreError> {
+        let key = key_of(manifest);
+        let invalid = |reason: String| DiskStoreError::InvalidManifest {
+            name: key.to_string(),
+            reason,
+        };
+        if manifest.version != AgentManifest::VERSION {
+            return Err(invalid(format!("version {}", manifest.version)));
+        }
+        let blocks = parse_hashes(manifest).map_err(invalid)?;
+        let (dir, name) = self.inner.layout.manifest_location(&key)?;
+        fsutil::ensure_private_dir(&dir, true)?;
+        let bytes = serde_json::to_vec_pretty(manifest)?;
+        fsutil::write_atomic(&dir, &name, &bytes)?;
+        self.inner.lock().manifests.insert(
+            key,
+            ManifestRefs {
+                pinned: manifest.pinned,
+                blocks,
+            },
+        );
+        Ok(())
+    }
+
+    /// An agent's manifest, if there is a valid one (an invalid file is logged and reads as
+    /// none).
+    pub fn load_manifest_blocking(
+        &self,
+        key: &AgentKey,
+    ) -> Result<Option<AgentManifest>, DiskStoreError> {
+        let (dir, name) = self.inner.layout.manifest_location(key)?;
+        let path = dir.join(name);
+        match self.inner.read_manifest(&path, Some(key), None) {
+            Ok(found) => Ok(found.map(|(m, _)| m)),
+            Err(reason) => {
+                warn!(path = %path.display(), reason, "invalid manifest: treated as absent");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Deletes an agent's manifest (valid or not) and the block files that no other
+    /// manifest references. True if a manifest file existed.
+    pub fn delete_manifest_blocking(&self, key: &AgentKey) -> Result<bool, DiskStoreError> {
+        let (dir, name) = self.inner.layout.manifest_location(key)?;
+        let path = dir.join(name);
+        let existed = match fs::remove_file(&path) {
+            Ok(()) => {
+                fsutil::sync_dir(&dir)?;
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => return Err(DiskStoreError::io(path, e)),
+        };
+        let orphans: Vec<BlockHash> = {
+            let mut st = self.inner.lock();
+            let Some(refs) = st.manifests.remove(key) else {
+                return Ok(existed);
+            };
+            let still_used: HashSet<BlockHash> = st
+                .manifests
+                .values()
+                .flat_map(|m| m.blocks.iter().copied())
+                .collect();
+            let orphans: Vec<BlockHash> = refs
+                .blocks
+                .into_iter()
+                .filter(|h| !still_used.contains(h) && !st.pending.contains_key(h))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .filter(|h| st.remove_block(h))
+                .collect();
+            orphans
+        };
+        if !orphans.is_empty() {
+            self.send(Job::Delete(orphans))?;
+        }
+        Ok(existed)
+    }
+
+    /// Every valid manifest of a namespace (`None`: all namespaces), sorted by namespace and
+    /// agent. Invalid manifest files are logged and skipped.
+    pub fn list_manifests_blocking(
+        &self,
+        namespace: Option<&Namespace>,
+    ) -> Result<Vec<AgentManifest>, DiskStoreError> {
+        Ok(self
+            .inner
+            .scan_manifests(namespace)?
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect())
+    }
+
+    /// Counters and sizes. `blocks` and `bytes` count block files on disk plus blocks still
+    /// queued for writing (their payload bytes).
+    pub fn stats_blocking(&self) -> StoreStats {
+        let st = self.inner.lock();
+        let c = &self.inner.counters;
+        let pending_bytes: u64 = st
+            .pending
+            .values()
+            .map(|b| b.payload.byte_len() as u64)
+            .sum();
+        StoreStats {
+            blocks: (st.index.len() + st.pending.len()) as u64,
+            bytes: st.disk_bytes.saturating_add(pending_bytes),
+            agents: st.manifests.len() as u64,
+            blocks_written: c.blocks_written.load(Ordering::Relaxed),
+            blocks_read: c.blocks_read.load(Ordering::Relaxed),
+            bytes_read: c.bytes_read.load(Ordering::Relaxed),
+            quarantined: c.quarantined.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues a flush marker; the receiver completes once everything queued before is
+    /// durable (written, fsynced, renamed, directory fsynced) or has failed and been logged.
+    pub(crate) fn flush_request(&self) -> Result<oneshot::Receiver<()>, DiskStoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Flush(tx))?;
+        Ok(rx)
+    }
+
+    /// Waits until every accepted block write is durable.
+    pub fn flush_blocking(&self) -> Result<(), DiskStoreError> {
+        let rx = self.flush_request()?;
+        futures::executor::block_on(rx).map_err(|_| DiskStoreError::WriterStopped)
+    }
+}
+
+impl Drop for DiskCacheStore {
+    /// Closes the queue and waits for the writer to drain it (every queued block is written).
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                warn!("the block writer thread panicked; queued blocks may be lost");
+            }
+        }
+    }
+}
+
+/// Indexes `blocks/`: canonical `<hash>.safetensors` files (recency = mtime); stale
+/// temporary files are removed; anything else is ignored.
+fn scan_blocks(dir: &Path, state: &mut State) -> Result<(), DiskStoreError> {
+    let entries = fs::read_dir(dir).map_err(|e| DiskStoreError::io(dir, e))?;
+    let suffix = format!(".{BLOCK_EXTENSION}");
+    for entry in entries {
+        let entry = entry.map_err(|e| DiskStoreError::io(dir, e))?;
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if fsutil::is_temp_name(name) {
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or(Duration::MAX);
+            if age > TEMP_FILE_MAX_AGE {
+                debug!(path = %path.display(), "removing a stale temporary file");
+                let _ = fs::remove_file(&path);
+            }
+            continue;
+        }
+        let Some(hash) = name
+            .strip_suffix(&suffix)
+            .and_then(|stem| BlockHash::from_str(stem).ok().filter(|h| h.to_string() == stem))
+        else {
+            debug!(path = %path.display(), "ignoring a file that is not a block");
+            continue;
+        };
+        let last_use = mtime_nanos(&meta);
+        state.clock = state.clock.max(last_use);
+        state.insert_block(hash, meta.len(), last_use);
+    }
+    Ok(())
+}
