@@ -1,1 +1,263 @@
-//! Shared helpers of the end-to-end tests.
+//! Shared helpers of the end-to-end tests: start the real `semantic` binary on a free port of
+//! 127.0.0.1, wait for readiness, talk HTTP, parse SSE, stop it with SIGTERM.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the default model, as `cargo xtask setup` installs it (or `$SEMANTIC_TEST_MODEL`).
+pub fn default_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("SEMANTIC_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("SEMANTIC_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".semantic")
+        });
+    home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The model for real-model tests; panics with the command to run when it is missing.
+pub fn require_model() -> PathBuf {
+    let p = default_model();
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run `cargo xtask setup` (or `cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+/// The `semantic` binary built by this `cargo test` run (target/<profile>/semantic).
+pub fn semantic_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SEMANTIC_BIN") {
+        return PathBuf::from(p);
+    }
+    // current_exe = target/<profile>/deps/<test>-<hash>
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let bin = profile_dir.join("semantic");
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests with `cargo xtask test` (cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A running `semantic serve` process; stopped with SIGTERM on drop.
+pub struct Server {
+    child: Option<Child>,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary with these arguments and environment, and waits until
+    /// `/health/ready` answers 200 (at most `timeout`).
+    pub fn start(model: &Path, cache_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let log = cache_dir.with_extension(format!("{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("create server log");
+        let mut cmd = Command::new(semantic_bin());
+        cmd.arg("serve")
+            .arg("--model")
+            .arg(model)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--host")
+            .arg("127.0.0.1")
+            .env("SEMANTIC_AGENT_CACHE_DIR", cache_dir)
+            .env("SEMANTIC_SERVER_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn semantic");
+        let mut server = Self {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        server.wait_ready(Duration::from_secs(180));
+        server
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = ureq::get(&format!("{}/health/ready", self.base))
+                .timeout(Duration::from_secs(2))
+                .call()
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("server exited early ({status}):\n{}", self.log_text());
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "server not ready after {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The server's stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the server with SIGTERM and returns its exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// POSTs JSON; returns (status, headers as lower-case pairs, body JSON).
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+        let mut req = ureq::post(&format!("{}{path}", self.base)).timeout(Duration::from_secs(600));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let r = match req.send_json(body.clone()) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        Response::read(r)
+    }
+
+    /// GETs a path.
+    pub fn get(&self, path: &str) -> Response {
+        let r = match ureq::get(&format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(60))
+            .call()
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        Response::read(r)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// Body text.
+    pub text: String,
+}
+
+impl Response {
+    fn read(r: ureq::Response) -> Self {
+        let status = r.status();
+        let headers = r
+            .headers_names()
+            .into_iter()
+            .map(|n| {
+                let v = r.header(&n).unwrap_or_default().to_string();
+                (n.to_ascii_lowercase(), v)
+            })
+            .collect();
+        let mut text = String::new();
+        let _ = r.into_reader().read_to_string(&mut text);
+        Self {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// SSE events: (event name or "", data) in order.
+    pub fn sse_events(&self) -> Vec<(String, String)> {
+        parse_sse(BufReader::new(self.text.as_bytes()))
+    }
+}
+
+/// Parses an SSE stream into (event, data) pairs.
+pub fn parse_sse(reader: impl BufRead) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut event = String::new();
+    let mut data = String::new();
+    for line in reader.lines().map_while(Result::ok) {
+        if line.is_empty() {
+            if !data.is_empty() || !event.is_empty() {
+                out.push((std::mem::take(&mut event), std::mem::take(&mut data)));
+            }
+        } else if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+    if !data.is_empty() {
+        out.push((event, data));
+    }
+    out
+}

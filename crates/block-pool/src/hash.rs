@@ -125,7 +125,9 @@ mod tests {
         let h = BlockHash::chain(None, &[1, 2, 3], "model", "ns");
         let s = h.to_string();
         assert_eq!(s.len(), 64);
-        assert!(s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        assert!(s
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
         assert_eq!(s.parse::<BlockHash>()?, h);
         assert_eq!(s.to_uppercase().parse::<BlockHash>()?, h);
         assert!("zz".parse::<BlockHash>().is_err());

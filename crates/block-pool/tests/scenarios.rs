@@ -1,6 +1,8 @@
 //! Scenario tests of the pool's state machine.
 
-use block_pool::{Allocation, BlockHash, BlockId, BlockPool, BlockState, OwnerId, PoolError, PoolStats};
+use block_pool::{
+    Allocation, BlockHash, BlockId, BlockPool, BlockState, OwnerId, PoolError, PoolStats,
+};
 use model_cache_spec::ModelCacheSpec;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -14,7 +16,12 @@ fn h(n: u32) -> BlockHash {
 }
 
 fn stats(total: usize, used: usize, idle_cached: usize, free: usize) -> PoolStats {
-    PoolStats { total, used, idle_cached, free }
+    PoolStats {
+        total,
+        used,
+        idle_cached,
+        free,
+    }
 }
 
 #[test]
@@ -25,7 +32,10 @@ fn from_budget_divides_by_bytes_per_block() -> TestResult {
     assert_eq!(pool.stats(), stats(182, 0, 0, 182));
     assert!(matches!(
         BlockPool::<OwnerId>::from_budget(&spec, 1000),
-        Err(PoolError::BudgetTooSmall { budget: 1000, bytes_per_block: 5_898_240 })
+        Err(PoolError::BudgetTooSmall {
+            budget: 1000,
+            bytes_per_block: 5_898_240
+        })
     ));
     let tiny = ModelCacheSpec::uniform(1, 1, 32, 64)?; // 8,192 B/block
     assert!(matches!(
@@ -43,7 +53,10 @@ fn allocation_is_all_or_nothing() -> TestResult {
     assert!(a.evicted.is_empty());
     assert_eq!(
         pool.allocate(2, &owner("b")),
-        Err(PoolError::InsufficientBlocks { requested: 2, available: 1 })
+        Err(PoolError::InsufficientBlocks {
+            requested: 2,
+            available: 1
+        })
     );
     assert_eq!(pool.stats(), stats(4, 3, 0, 1));
     assert!(pool.blocks_of(&owner("b")).is_empty());
@@ -59,10 +72,19 @@ fn free_errors_are_typed() -> TestResult {
     assert_eq!(pool.free(block, &b), Err(PoolError::NotHeld { block }));
     pool.free(block, &a)?;
     assert_eq!(pool.free(block, &a), Err(PoolError::DoubleFree { block }));
-    assert_eq!(pool.release(block, &a), Err(PoolError::DoubleFree { block }));
-    assert_eq!(pool.retain(block, &a), Err(PoolError::NotAllocated { block }));
+    assert_eq!(
+        pool.release(block, &a),
+        Err(PoolError::DoubleFree { block })
+    );
+    assert_eq!(
+        pool.retain(block, &a),
+        Err(PoolError::NotAllocated { block })
+    );
     let outside = BlockId::new(2);
-    assert_eq!(pool.free(outside, &a), Err(PoolError::UnknownBlock { block: outside }));
+    assert_eq!(
+        pool.free(outside, &a),
+        Err(PoolError::UnknownBlock { block: outside })
+    );
     assert_eq!(pool.stats(), stats(2, 0, 0, 2));
     Ok(())
 }
@@ -77,17 +99,26 @@ fn unhashed_blocks_are_exclusive_hashed_blocks_are_shared() -> TestResult {
     pool.register_hash(block, h(1))?; // idempotent
     assert_eq!(
         pool.register_hash(block, h(2)),
-        Err(PoolError::AlreadyHashed { block, existing: h(1) })
+        Err(PoolError::AlreadyHashed {
+            block,
+            existing: h(1)
+        })
     );
     assert_eq!(pool.lookup(&h(1)), Some(block));
     pool.retain(block, &b)?;
     assert_eq!(pool.state(block)?, BlockState::Used { refcount: 2 });
-    assert_eq!(pool.free(block, &a), Err(PoolError::Shared { block, holders: 2 }));
+    assert_eq!(
+        pool.free(block, &a),
+        Err(PoolError::Shared { block, holders: 2 })
+    );
     // A second block may not claim the same content hash.
     let other = pool.allocate(1, &b)?.blocks[0];
     assert_eq!(
         pool.register_hash(other, h(1)),
-        Err(PoolError::HashConflict { hash: h(1), existing: block })
+        Err(PoolError::HashConflict {
+            hash: h(1),
+            existing: block
+        })
     );
     pool.release(block, &a)?;
     assert_eq!(pool.state(block)?, BlockState::Used { refcount: 1 });
@@ -130,7 +161,12 @@ fn unhashed_release_frees() -> TestResult {
 
 /// Allocates `n` single blocks for `who`, hashes them and releases them: `n` idle blocks in
 /// that order (first = least recently used).
-fn idle_blocks(pool: &mut BlockPool, who: &OwnerId, n: u32, seed: u32) -> Result<Vec<BlockId>, PoolError> {
+fn idle_blocks(
+    pool: &mut BlockPool,
+    who: &OwnerId,
+    n: u32,
+    seed: u32,
+) -> Result<Vec<BlockId>, PoolError> {
     let mut out = Vec::new();
     for i in 0..n {
         let b = pool.allocate(1, who)?.blocks[0];
@@ -153,7 +189,10 @@ fn eviction_is_lru_with_pinned_owners_last() -> TestResult {
     assert_eq!(pool.stats(), stats(6, 0, 5, 1));
     // Touch moves ab[0] to the most recent end.
     pool.touch(ab[0])?;
-    assert_eq!(pool.eviction_candidates(10), vec![ab[1], ab[2], ab[0], pb[0], pb[1]]);
+    assert_eq!(
+        pool.eviction_candidates(10),
+        vec![ab[1], ab[2], ab[0], pb[0], pb[1]]
+    );
     assert_eq!(pool.eviction_candidates(2), vec![ab[1], ab[2]]);
     // Allocating 3 with 1 free evicts the 2 least recently used unpinned blocks.
     let alloc = pool.allocate(3, &a)?;
@@ -195,7 +234,15 @@ fn chained_hashes() {
     let a1 = BlockHash::chain(None, &t1, "fp", "ns");
     let a2 = BlockHash::chain(Some(&a1), &t2, "fp", "ns");
     // Equal prefixes, equal hashes.
-    assert_eq!(a2, BlockHash::chain(Some(&BlockHash::chain(None, &t1, "fp", "ns")), &t2, "fp", "ns"));
+    assert_eq!(
+        a2,
+        BlockHash::chain(
+            Some(&BlockHash::chain(None, &t1, "fp", "ns")),
+            &t2,
+            "fp",
+            "ns"
+        )
+    );
     // Any differing field changes the hash.
     assert_ne!(a1, BlockHash::chain(None, &t1, "fp2", "ns"));
     assert_ne!(a1, BlockHash::chain(None, &t1, "fp", "ns2"));
@@ -217,7 +264,10 @@ fn generic_owner_type() -> Result<(), PoolError> {
 fn huge_pool_is_lazy() -> Result<(), PoolError> {
     let mut pool: BlockPool = BlockPool::new(u32::MAX);
     let a = pool.allocate(3, &owner("a"))?;
-    assert_eq!(a.blocks, vec![BlockId::new(0), BlockId::new(1), BlockId::new(2)]);
+    assert_eq!(
+        a.blocks,
+        vec![BlockId::new(0), BlockId::new(1), BlockId::new(2)]
+    );
     assert_eq!(pool.stats().free, u32::MAX as usize - 3);
     Ok(())
 }

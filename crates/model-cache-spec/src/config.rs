@@ -196,7 +196,9 @@ impl ModelCacheSpec {
     pub fn from_config(config: &Value, block_tokens: u32) -> Result<Self, SpecError> {
         let cfg = Cfg::new(config)?;
         let defaults = type_defaults(cfg.model_type());
-        let (layers_key, _) = cfg.first(LAYER_KEYS).unwrap_or((LAYER_KEYS[0], &Value::Null));
+        let (layers_key, _) = cfg
+            .first(LAYER_KEYS)
+            .unwrap_or((LAYER_KEYS[0], &Value::Null));
         let num_layers = check_layer_count(layers_key, cfg.req_u32(LAYER_KEYS)?)?;
 
         let (num_kv_heads, k_head_dim, v_head_dim) = if let Some(rank) = cfg.get("kv_lora_rank") {
@@ -226,9 +228,10 @@ impl ModelCacheSpec {
                 (Some(d), _) | (None, Some(d)) => d,
                 (None, None) => {
                     let (hidden_key, hidden) =
-                        cfg.first(HIDDEN_KEYS).ok_or_else(|| SpecError::MissingField {
-                            field: "head_dim".to_owned(),
-                        })?;
+                        cfg.first(HIDDEN_KEYS)
+                            .ok_or_else(|| SpecError::MissingField {
+                                field: "head_dim".to_owned(),
+                            })?;
                     let hidden = positive_u32(hidden_key, hidden)?;
                     let heads = heads.ok_or_else(|| SpecError::MissingField {
                         field: HEAD_KEYS[0].to_owned(),

@@ -62,11 +62,11 @@ impl<'a, F: Fn(&str) -> Option<&'a Value>> Gguf<'a, F> {
             return Ok(d);
         }
         let hidden_key = self.key("embedding_length");
-        let hidden = self.opt_u32("embedding_length")?.ok_or_else(|| {
-            SpecError::MissingField {
+        let hidden = self
+            .opt_u32("embedding_length")?
+            .ok_or_else(|| SpecError::MissingField {
                 field: self.key(suffix),
-            }
-        })?;
+            })?;
         if hidden % heads != 0 {
             return Err(SpecError::HeadDimNotDerivable {
                 field: hidden_key,

@@ -20,7 +20,9 @@ fn layer_count_spellings() -> Result<(), SpecError> {
         assert_eq!(s.num_layers(), 4, "{key}");
     }
     // Preference order: num_hidden_layers first.
-    let s = from(json!({"num_hidden_layers": 3, "n_layers": 9, "num_attention_heads": 2, "head_dim": 64}))?;
+    let s = from(
+        json!({"num_hidden_layers": 3, "n_layers": 9, "num_attention_heads": 2, "head_dim": 64}),
+    )?;
     assert_eq!(s.num_layers(), 3);
     Ok(())
 }
@@ -40,7 +42,10 @@ fn null_means_absent() -> Result<(), SpecError> {
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": null,
         "head_dim": null, "hidden_size": 256, "sliding_window": null
     }))?;
-    assert_eq!((s.num_kv_heads(), s.k_head_dim(), s.num_sliding_layers()), (4, 64, 0));
+    assert_eq!(
+        (s.num_kv_heads(), s.k_head_dim(), s.num_sliding_layers()),
+        (4, 64, 0)
+    );
     Ok(())
 }
 
@@ -64,22 +69,34 @@ fn layer_types_decide_each_layer() -> Result<(), SpecError> {
 #[test]
 fn layer_types_errors() {
     let base = |types: Value, window: Value| {
-        from(json!({"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 64,
-                    "sliding_window": window, "layer_types": types}))
+        from(
+            json!({"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 64,
+                    "sliding_window": window, "layer_types": types}),
+        )
     };
     assert_eq!(
         base(json!(["full_attention"]), json!(64)),
-        Err(SpecError::LayerCount { field: "layer_types".into(), expected: 2, found: 1 })
+        Err(SpecError::LayerCount {
+            field: "layer_types".into(),
+            expected: 2,
+            found: 1
+        })
     );
     assert!(matches!(
         base(json!(["full_attention", "linear_attention"]), json!(64)),
         Err(SpecError::UnsupportedLayerType { index: 1, .. })
     ));
     assert_eq!(
-        field_of(base(json!(["sliding_attention", "full_attention"]), Value::Null)),
+        field_of(base(
+            json!(["sliding_attention", "full_attention"]),
+            Value::Null
+        )),
         Some("sliding_window".into())
     );
-    assert_eq!(field_of(base(json!("full_attention"), json!(64))), Some("layer_types".into()));
+    assert_eq!(
+        field_of(base(json!("full_attention"), json!(64))),
+        Some("layer_types".into())
+    );
 }
 
 #[test]
@@ -93,13 +110,17 @@ fn sliding_rules_without_layer_types() -> Result<(), SpecError> {
         from(c)
     };
     // A bare window: every layer slides (Mistral v0.1).
-    assert_eq!(with(json!({"sliding_window": 4096}))?.num_sliding_layers(), 6);
+    assert_eq!(
+        with(json!({"sliding_window": 4096}))?.num_sliding_layers(),
+        6
+    );
     // Qwen 2: off, or on from max_window_layers.
     assert_eq!(
         with(json!({"sliding_window": 4096, "use_sliding_window": false}))?.num_sliding_layers(),
         0
     );
-    let s = with(json!({"sliding_window": 4096, "use_sliding_window": true, "max_window_layers": 4}))?;
+    let s =
+        with(json!({"sliding_window": 4096, "use_sliding_window": true, "max_window_layers": 4}))?;
     assert_eq!(s.layers()[3], LayerKind::Global);
     assert_eq!(s.layers()[4], LayerKind::SlidingWindow { window: 4096 });
     // Pattern 3: layers 2 and 5 global.
@@ -116,7 +137,11 @@ fn sliding_rules_without_layer_types() -> Result<(), SpecError> {
     let s = with(json!({"model_type": "gemma2", "sliding_window": 4096}))?;
     assert_eq!(s.layers()[0], LayerKind::SlidingWindow { window: 4096 });
     assert_eq!(s.layers()[1], LayerKind::Global);
-    assert_eq!(s.k_head_dim(), 64, "explicit head_dim wins over the Gemma default");
+    assert_eq!(
+        s.k_head_dim(),
+        64,
+        "explicit head_dim wins over the Gemma default"
+    );
     Ok(())
 }
 
@@ -128,7 +153,9 @@ fn typed_errors_name_the_field() {
         Some("num_hidden_layers".into())
     );
     assert_eq!(
-        field_of(from(json!({"num_layers": "32", "num_attention_heads": 4, "head_dim": 64}))),
+        field_of(from(
+            json!({"num_layers": "32", "num_attention_heads": 4, "head_dim": 64})
+        )),
         Some("num_layers".into())
     );
     assert!(matches!(
@@ -140,7 +167,9 @@ fn typed_errors_name_the_field() {
         Err(SpecError::WrongType { .. })
     ));
     assert!(matches!(
-        from(json!({"num_hidden_layers": u64::from(MAX_LAYERS) + 1, "num_attention_heads": 4, "head_dim": 64})),
+        from(
+            json!({"num_hidden_layers": u64::from(MAX_LAYERS) + 1, "num_attention_heads": 4, "head_dim": 64})
+        ),
         Err(SpecError::TooLarge { .. })
     ));
     assert!(matches!(
@@ -156,7 +185,9 @@ fn typed_errors_name_the_field() {
         })
     );
     assert_eq!(
-        field_of(from(json!({"num_hidden_layers": 2, "num_key_value_heads": 2}))),
+        field_of(from(
+            json!({"num_hidden_layers": 2, "num_key_value_heads": 2})
+        )),
         Some("head_dim".into())
     );
     assert_eq!(
@@ -165,17 +196,25 @@ fn typed_errors_name_the_field() {
     );
     // MLA without its dims.
     assert_eq!(
-        field_of(from(json!({"num_hidden_layers": 2, "num_attention_heads": 4, "kv_lora_rank": 512,
-                             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64}))),
+        field_of(from(
+            json!({"num_hidden_layers": 2, "num_attention_heads": 4, "kv_lora_rank": 512,
+                             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64})
+        )),
         Some("v_head_dim".into())
     );
     let big = json!({"num_hidden_layers": 4096, "num_attention_heads": 4000000000u32,
                      "head_dim": 4000000000u32});
-    assert_eq!(ModelCacheSpec::from_config(&big, 256), Err(SpecError::Overflow));
+    assert_eq!(
+        ModelCacheSpec::from_config(&big, 256),
+        Err(SpecError::Overflow)
+    );
 }
 
 fn gguf(pairs: &[(&str, Value)]) -> HashMap<String, Value> {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
 }
 
 #[test]
@@ -217,7 +256,10 @@ fn gguf_gemma3_default_pattern_and_explicit_lengths() -> Result<(), SpecError> {
         "gemma3.attention.sliding_window_pattern".into(),
         Value::Array((0..48).map(|i| json!(i % 2 == 0)).collect()),
     );
-    assert_eq!(ModelCacheSpec::from_gguf_metadata(&md, 256)?.num_sliding_layers(), 24);
+    assert_eq!(
+        ModelCacheSpec::from_gguf_metadata(&md, 256)?.num_sliding_layers(),
+        24
+    );
     Ok(())
 }
 
@@ -263,7 +305,10 @@ fn gguf_per_layer_head_counts_and_errors() -> Result<(), SpecError> {
         ("llama.attention.head_count_kv", json!([2, 2])),
         ("llama.embedding_length", json!(512)),
     ]);
-    assert_eq!(ModelCacheSpec::from_gguf_metadata(&md, 64)?.num_kv_heads(), 2);
+    assert_eq!(
+        ModelCacheSpec::from_gguf_metadata(&md, 64)?.num_kv_heads(),
+        2
+    );
     md.insert("llama.attention.head_count_kv".into(), json!([2, 4]));
     assert!(matches!(
         ModelCacheSpec::from_gguf_metadata(&md, 64),

@@ -10,14 +10,14 @@ fn spec(json: &str) -> Result<ModelCacheSpec, Box<dyn std::error::Error>> {
 }
 
 /// (layers, kv heads, k dim, v dim, bytes per block per layer, bytes per block) at fp16, 256.
-fn check_shape(
-    s: &ModelCacheSpec,
-    shape: (u32, u32, u32, u32),
-    per_layer: u64,
-    per_block: u64,
-) {
+fn check_shape(s: &ModelCacheSpec, shape: (u32, u32, u32, u32), per_layer: u64, per_block: u64) {
     assert_eq!(
-        (s.num_layers(), s.num_kv_heads(), s.k_head_dim(), s.v_head_dim()),
+        (
+            s.num_layers(),
+            s.num_kv_heads(),
+            s.k_head_dim(),
+            s.v_head_dim()
+        ),
         shape
     );
     assert_eq!(s.block_tokens(), 256);
@@ -132,7 +132,10 @@ fn deepseek_coder_v2_lite_counts_expanded_mla_heads() -> TestResult {
 fn block_size_changes_scale_linearly() -> TestResult {
     let s = spec(include_str!("fixtures/smollm2-135m.json"))?;
     let s64 = s.clone().with_block_tokens(64)?;
-    assert_eq!(s64.bytes_per_block_per_layer() * 4, s.bytes_per_block_per_layer());
+    assert_eq!(
+        s64.bytes_per_block_per_layer() * 4,
+        s.bytes_per_block_per_layer()
+    );
     assert_eq!(s64.bytes_per_token(), s.bytes_per_token());
     assert_eq!(
         s.with_block_tokens(96),

@@ -9,7 +9,10 @@ use serde_json::{Map, Number, Value};
 /// Valid specs: dims multiples of 32 so every storage (group 32) applies.
 fn any_spec() -> impl Strategy<Value = ModelCacheSpec> {
     (
-        prop::collection::vec(prop_oneof![Just(None), (1u32..100_000).prop_map(Some)], 1..64),
+        prop::collection::vec(
+            prop_oneof![Just(None), (1u32..100_000).prop_map(Some)],
+            1..64,
+        ),
         1u32..64,
         1u32..16,
         1u32..16,
@@ -18,7 +21,11 @@ fn any_spec() -> impl Strategy<Value = ModelCacheSpec> {
         .prop_filter_map("valid", |(layers, heads, k, v, bt)| {
             let layers = layers
                 .into_iter()
-                .map(|w| w.map_or(LayerKind::Global, |window| LayerKind::SlidingWindow { window }))
+                .map(|w| {
+                    w.map_or(LayerKind::Global, |window| LayerKind::SlidingWindow {
+                        window,
+                    })
+                })
                 .collect();
             ModelCacheSpec::new(layers, heads, k * 32, v * 32, bt * 64, KvStorage::FP16).ok()
         })
@@ -90,13 +97,33 @@ proptest! {
 }
 
 const KEYS: &[&str] = &[
-    "num_hidden_layers", "num_layers", "n_layers", "num_attention_heads", "n_heads",
-    "num_key_value_heads", "head_dim", "hidden_size", "text_config", "kv_lora_rank",
-    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "sliding_window", "layer_types",
-    "sliding_window_pattern", "use_sliding_window", "max_window_layers", "model_type",
-    "general.architecture", "llama.block_count", "llama.attention.head_count",
-    "llama.attention.head_count_kv", "llama.embedding_length", "llama.attention.key_length",
-    "llama.attention.key_length_mla", "llama.attention.sliding_window",
+    "num_hidden_layers",
+    "num_layers",
+    "n_layers",
+    "num_attention_heads",
+    "n_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_size",
+    "text_config",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "sliding_window",
+    "layer_types",
+    "sliding_window_pattern",
+    "use_sliding_window",
+    "max_window_layers",
+    "model_type",
+    "general.architecture",
+    "llama.block_count",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.embedding_length",
+    "llama.attention.key_length",
+    "llama.attention.key_length_mla",
+    "llama.attention.sliding_window",
     "llama.attention.sliding_window_pattern",
 ];
 
@@ -108,10 +135,17 @@ fn leaf() -> impl Strategy<Value = Value> {
         (0u64..5000).prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter_map("finite", Number::from_f64).prop_map(Value::Number),
+        any::<f64>()
+            .prop_filter_map("finite", Number::from_f64)
+            .prop_map(Value::Number),
         prop_oneof![
-            Just("llama"), Just("gemma3"), Just("gemma2"), Just("gemma3_text"),
-            Just("full_attention"), Just("sliding_attention"), Just("x")
+            Just("llama"),
+            Just("gemma3"),
+            Just("gemma2"),
+            Just("gemma3_text"),
+            Just("full_attention"),
+            Just("sliding_attention"),
+            Just("x")
         ]
         .prop_map(Value::from),
     ]
@@ -123,7 +157,11 @@ fn any_config() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
             prop::collection::vec((prop::sample::select(KEYS), inner), 0..12).prop_map(|kv| {
-                Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<Map<_, _>>())
+                Value::Object(
+                    kv.into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect::<Map<_, _>>(),
+                )
             }),
         ]
     })

@@ -1,0 +1,1 @@
+//! Placeholder until the fake HTTP end-to-end test lands.
