@@ -501,3 +501,19 @@ mod tests {
         assert!(err.to_string().contains("prot"));
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::SETTINGS;
+
+    /// docs/configuration.md documents every setting with its default.
+    #[test]
+    fn configuration_doc_is_complete() {
+        let doc = include_str!("../../../docs/configuration.md");
+        for def in SETTINGS {
+            let default = if def.default.is_empty() { "(unset)" } else { def.default };
+            let row = format!("| `{}` | `{}` | `{}` |", def.var, def.key(), default);
+            assert!(doc.contains(&row), "docs/configuration.md lacks {row}");
+        }
+    }
+}
