@@ -127,7 +127,10 @@ mod tests {
         assert_eq!(AgentId::new("a/b"), Err(AgentIdError::BadChar('/')));
         assert_eq!(AgentId::new("a\\b"), Err(AgentIdError::BadChar('\\')));
         assert_eq!(AgentId::new("a\0b"), Err(AgentIdError::BadChar('\0')));
-        assert_eq!(AgentId::new("x".repeat(257)), Err(AgentIdError::TooLong(257)));
+        assert_eq!(
+            AgentId::new("x".repeat(257)),
+            Err(AgentIdError::TooLong(257))
+        );
         assert!(AgentId::new("x".repeat(256)).is_ok());
     }
 

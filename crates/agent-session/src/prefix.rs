@@ -67,7 +67,10 @@ mod tests {
         assert_eq!(reusable_len(1024, 1024, 256), 768);
         assert_eq!(reusable_len(1025, 1025, 256), 1024);
         assert_eq!(persistable_len(1000, 256), 768);
-        assert_eq!(prefill_chunks(0, 600, 256), vec![0..256, 256..512, 512..600]);
+        assert_eq!(
+            prefill_chunks(0, 600, 256),
+            vec![0..256, 256..512, 512..600]
+        );
         assert_eq!(prefill_chunks(512, 600, 256), vec![512..600]);
         assert_eq!(prefill_chunks(300, 600, 256), vec![300..512, 512..600]);
     }

@@ -352,8 +352,8 @@ impl AgentService {
             });
         }
         let room = (model.context_length - len) as u64;
-        let max_tokens = u64::from(req.max_tokens.unwrap_or(self.config.default_max_tokens))
-            .min(room) as usize;
+        let max_tokens =
+            u64::from(req.max_tokens.unwrap_or(self.config.default_max_tokens)).min(room) as usize;
 
         let _permit = self.admission.acquire().await?;
         let key = req.agent.clone().map(|agent| AgentKey {
@@ -385,7 +385,16 @@ impl AgentService {
         }
 
         let result = self
-            .run_turn(&req, key.as_ref(), &owner, &tokens, max_tokens, b, step, &mut on_event)
+            .run_turn(
+                &req,
+                key.as_ref(),
+                &owner,
+                &tokens,
+                max_tokens,
+                b,
+                step,
+                &mut on_event,
+            )
             .await;
         if result.is_err() {
             lock(&self.hot).release_owner(&owner);
@@ -470,7 +479,6 @@ impl AgentService {
             Some(s) => s,
             None => self.engine.open_sequence().await?,
         };
-        lock(&self.hot).set_active_sequence(owner, seq);
 
         // 3. Prefill the rest in aligned chunks.
         for chunk in prefill_chunks(reused, len, step) {
@@ -570,14 +578,11 @@ impl AgentService {
                     generated: generated.clone().into(),
                 }])
                 .await?;
-            let tok = out
-                .into_iter()
-                .next()
-                .ok_or_else(|| {
-                    ServiceError::Engine(crate::EngineError::Backend(
-                        "decode step returned no token".into(),
-                    ))
-                })??;
+            let tok = out.into_iter().next().ok_or_else(|| {
+                ServiceError::Engine(crate::EngineError::Backend(
+                    "decode step returned no token".into(),
+                ))
+            })??;
             if stop_ids.contains(&tok) {
                 finish = FinishReason::Stop;
                 break;
@@ -605,9 +610,7 @@ impl AgentService {
                 }
             }
         }
-        let mut tail = decoder
-            .finish(self.formatter.as_ref())?
-            .unwrap_or_default();
+        let mut tail = decoder.finish(self.formatter.as_ref())?.unwrap_or_default();
         let stopped = match stopper.push(&tail) {
             StopScan::Continue(t) => {
                 tail = t;
@@ -742,7 +745,7 @@ impl AgentService {
                 }
             })
             .collect();
-        out.sort_by(|a, b| b.last_used_at_ms.cmp(&a.last_used_at_ms));
+        out.sort_by_key(|a| std::cmp::Reverse(a.last_used_at_ms));
         Ok(out)
     }
 

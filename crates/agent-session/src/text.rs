@@ -133,7 +133,10 @@ mod tests {
         assert_eq!(m.push("hello ST"), StopScan::Continue("hello ".into()));
         assert_eq!(
             m.push("OP and more"),
-            StopScan::Stopped { text: "".into(), stop: "STOP".into() }
+            StopScan::Stopped {
+                text: "".into(),
+                stop: "STOP".into()
+            }
         );
         let mut m = StopMatcher::new(&["STOP".to_string()]);
         assert_eq!(m.push("ST"), StopScan::Continue("".into()));

@@ -53,7 +53,10 @@ fn the_whole_idea() {
     let stack = FakeStack::with_store(store.clone());
 
     // Turn 1: cold.
-    let r1 = request(Some("coder"), convo(&[], "Please add a function that parses dates."));
+    let r1 = request(
+        Some("coder"),
+        convo(&[], "Please add a function that parses dates."),
+    );
     let c1 = run(&stack, r1.clone());
     assert_eq!(c1.cache.tier, CacheTier::Miss);
     assert_eq!(c1.cache.reused_tokens, 0);
@@ -77,7 +80,11 @@ fn the_whole_idea() {
         stack.engine.stats().prefilled_tokens as usize,
         c2.cache.prompt_tokens - c2.cache.reused_tokens
     );
-    assert_eq!(c2.token_ids, cold(&r2).token_ids, "warm turn equals cold turn");
+    assert_eq!(
+        c2.token_ids,
+        cold(&r2).token_ids,
+        "warm turn equals cold turn"
+    );
 
     // "Restart": a new service over the same store restores from it.
     let restarted = FakeStack::with_store(store.clone());
@@ -118,12 +125,18 @@ fn the_whole_idea() {
 #[test]
 fn usage_adds_up_and_repeat_reads_the_prompt() {
     let stack = FakeStack::new();
-    let r = request(Some("a"), convo(&[], "Hello there, how are you doing today?"));
+    let r = request(
+        Some("a"),
+        convo(&[], "Hello there, how are you doing today?"),
+    );
     let c1 = run(&stack, r.clone());
     let c2 = run(&stack, r.clone());
     for c in [&c1, &c2] {
         let u = &c.cache;
-        assert_eq!(u.reused_tokens + u.created_tokens + u.uncached_tokens(), u.prompt_tokens);
+        assert_eq!(
+            u.reused_tokens + u.created_tokens + u.uncached_tokens(),
+            u.prompt_tokens
+        );
     }
     // The second identical request reads the first one's prompt minus at most one chunk.
     assert!(c2.cache.reused_tokens + 64 > c1.cache.prompt_tokens);
@@ -220,7 +233,10 @@ fn stop_strings_end_generation() {
     let cut = full.text.find(word).unwrap_or(0);
     r.stop = vec![word.to_string()];
     let c = run(&FakeStack::new(), r);
-    assert_eq!(c.finish_reason, FinishReason::StopSequence(word.to_string()));
+    assert_eq!(
+        c.finish_reason,
+        FinishReason::StopSequence(word.to_string())
+    );
     assert_eq!(c.text, full.text[..cut]);
 }
 

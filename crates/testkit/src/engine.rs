@@ -161,7 +161,10 @@ impl InferenceEngine for FakeEngine {
         let b = self.model.spec.block_tokens() as usize;
         let mut g = self.lock();
         let n = blocks.len() as u64;
-        let s = g.seqs.get_mut(&seq).ok_or(EngineError::UnknownSequence(seq))?;
+        let s = g
+            .seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?;
         if s.states.len() % b != 0 {
             return Err(EngineError::Invalid(format!(
                 "import at position {} is not block aligned",
@@ -174,7 +177,9 @@ impl InferenceEngine for FakeEngine {
                     dtype: TensorDtype::F32,
                 })
             {
-                return Err(EngineError::BadPayload("fake engine stores f32 only".into()));
+                return Err(EngineError::BadPayload(
+                    "fake engine stores f32 only".into(),
+                ));
             }
             let t = block
                 .payload
@@ -192,7 +197,8 @@ impl InferenceEngine for FakeEngine {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(w);
                 s.states.push(u64::from_le_bytes(a));
-                s.tokens.push(block.meta.token_ids.get(i).copied().unwrap_or(0));
+                s.tokens
+                    .push(block.meta.token_ids.get(i).copied().unwrap_or(0));
             }
         }
         g.stats.imported_blocks += n;
@@ -201,7 +207,10 @@ impl InferenceEngine for FakeEngine {
 
     async fn prefill(&self, seq: SequenceId, tokens: Vec<TokenId>) -> Result<(), EngineError> {
         let mut g = self.lock();
-        let s = g.seqs.get_mut(&seq).ok_or(EngineError::UnknownSequence(seq))?;
+        let s = g
+            .seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?;
         let start = s.states.len();
         for &t in &tokens {
             append(s, t);
@@ -279,7 +288,10 @@ impl InferenceEngine for FakeEngine {
 
     async fn truncate(&self, seq: SequenceId, tokens: usize) -> Result<(), EngineError> {
         let mut g = self.lock();
-        let s = g.seqs.get_mut(&seq).ok_or(EngineError::UnknownSequence(seq))?;
+        let s = g
+            .seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?;
         s.states.truncate(tokens);
         s.tokens.truncate(tokens);
         Ok(())

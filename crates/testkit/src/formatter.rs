@@ -65,7 +65,11 @@ impl ChatFormatter for ToyFormatter {
             } else {
                 // Byte tokens, a whole character at a time (a character may take several).
                 let n = rest.chars().next().map_or(1, char::len_utf8);
-                ids.extend(rest.as_bytes()[..n].iter().map(|&b| TokenId::from(b) + BYTE_OFFSET));
+                ids.extend(
+                    rest.as_bytes()[..n]
+                        .iter()
+                        .map(|&b| TokenId::from(b) + BYTE_OFFSET),
+                );
                 rest = &rest[n..];
             }
         }

@@ -83,7 +83,10 @@ impl CacheStore for MemoryStore {
 
     async fn stored_prefix(&self, hashes: &[BlockHash]) -> Result<usize, StoreError> {
         let g = self.lock();
-        Ok(hashes.iter().take_while(|h| g.blocks.contains_key(h)).count())
+        Ok(hashes
+            .iter()
+            .take_while(|h| g.blocks.contains_key(h))
+            .count())
     }
 
     async fn load_blocks(

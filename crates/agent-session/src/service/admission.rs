@@ -87,7 +87,10 @@ impl Admission {
     /// (running, waiting).
     pub(crate) fn usage(&self) -> (usize, usize) {
         let s = self.lock();
-        (s.active, s.waiters.iter().filter(|w| !w.is_canceled()).count())
+        (
+            s.active,
+            s.waiters.iter().filter(|w| !w.is_canceled()).count(),
+        )
     }
 }
 
