@@ -21,7 +21,13 @@ use clap::{Parser, Subcommand};
 /// Everything generated lives under `.semantic-build/` at the workspace root (ignored by
 /// git); the default model goes to `$SEMANTIC_HOME/models/` (`~/.semantic/models/`).
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about, long_about)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    about,
+    long_about
+)]
 struct Cli {
     /// The command to run.
     #[command(subcommand)]

@@ -26,13 +26,15 @@ impl Stamp {
     /// Add (or replace) one input. Line breaks in the value are flattened to spaces.
     pub fn with(mut self, key: &str, value: impl AsRef<str>) -> Self {
         let value = value.as_ref().replace(['\n', '\r'], " ");
-        self.entries.insert(key.trim().to_owned(), value.trim().to_owned());
+        self.entries
+            .insert(key.trim().to_owned(), value.trim().to_owned());
         self
     }
 
     /// The text written to disk: a comment line, then `key = value` lines.
     pub fn render(&self) -> String {
-        let mut text = String::from("# written by `cargo xtask setup`; delete to force a rebuild\n");
+        let mut text =
+            String::from("# written by `cargo xtask setup`; delete to force a rebuild\n");
         for (key, value) in &self.entries {
             let _ = writeln!(text, "{key} = {value}");
         }
@@ -125,7 +127,12 @@ mod tests {
     fn line_breaks_cannot_forge_entries() {
         let stamp = Stamp::new().with("a", "x\nb = y");
         assert_eq!(Stamp::parse(&stamp.render()), stamp);
-        assert_eq!(stamp.changes_since(&Stamp::new().with("a", "x b = y")).len(), 0);
+        assert_eq!(
+            stamp
+                .changes_since(&Stamp::new().with("a", "x b = y"))
+                .len(),
+            0
+        );
     }
 
     #[test]

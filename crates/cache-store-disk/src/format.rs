@@ -17,20 +17,29 @@
 //! | `tensor_names` | JSON array of the tensor names in the payload's order |
 //! | `checksum` | `blake3:` + hex of the content checksum (below) |
 //!
-//! The checksum is BLAKE3 over, in this order, each length-prefixed (u64 little endian):
-//! the values of `format`, `format_version`, `hash`, `parent`, `model_fingerprint`,
-//! `block_tokens`, `token_ids`, `encoding` and `tensor_names` exactly as stored, then for each
-//! tensor in `tensor_names` order its name, its dtype name (`f32`, `f16`, `bf16`, `u32`), its
-//! rank and dimensions (u64 LE each) and its data bytes. It therefore covers every byte that
-//! influences the decoded block, so any corruption is detected, not only corruption of
-//! tensor bytes.
+//! The checksum is BLAKE3 over, in this order: the values of `format`, `format_version`,
+//! `hash`, `parent`, `model_fingerprint`, `block_tokens`, `token_ids`, `encoding` and
+//! `tensor_names` exactly as stored (each prefixed by its length as u64 little endian), then
+//! for each tensor in `tensor_names` order its name (length-prefixed), its dtype name (`f32`,
+//! `f16`, `bf16`, `u32`, length-prefixed), its rank and dimensions (u64 LE each), its byte
+//! length (u64 LE) and the 32-byte BLAKE3 hash of its data. It therefore covers every byte
+//! that influences the decoded block, so any corruption is detected, not only corruption of
+//! tensor bytes. (Hashing each tensor separately lets a reader hash a tensor right after
+//! reading it, while it is in cache.)
+//!
+//! [`read_block_file`] reads a file straight into the tensors' own buffers (no intermediate
+//! copy of the whole file); [`decode_block`] verifies a file already in memory. Both apply
+//! the same checks and never panic on any input.
 
 use crate::error::DiskStoreError;
 use agent_session::{BlockMeta, KvBlock, KvEncoding, KvPayload, KvTensor, TensorDtype};
 use block_pool::BlockHash;
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, View};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
 use std::str::FromStr;
 
 /// Value of the `format` metadata key.
@@ -130,23 +139,28 @@ fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
     h.update(bytes);
 }
 
-/// Computes the content checksum from the stored metadata strings and the tensors.
+/// Computes the content checksum from the stored metadata strings and each tensor's
+/// description and data hash.
 fn checksum<'a>(
     meta: &HashMap<String, String>,
-    tensors: impl Iterator<Item = (&'a str, TensorDtype, &'a [usize], &'a [u8])>,
+    tensors: impl Iterator<Item = (&'a str, TensorDtype, &'a [usize], usize, &'a blake3::Hash)>,
 ) -> String {
     let mut h = blake3::Hasher::new();
     for key in CHECKED_KEYS {
-        put(&mut h, meta.get(key).map(String::as_bytes).unwrap_or_default());
+        put(
+            &mut h,
+            meta.get(key).map(String::as_bytes).unwrap_or_default(),
+        );
     }
-    for (name, dtype, shape, data) in tensors {
+    for (name, dtype, shape, len, digest) in tensors {
         put(&mut h, name.as_bytes());
         put(&mut h, dtype_name(dtype).as_bytes());
         h.update(&(shape.len() as u64).to_le_bytes());
         for d in shape {
             h.update(&(*d as u64).to_le_bytes());
         }
-        put(&mut h, data);
+        h.update(&(len as u64).to_le_bytes());
+        h.update(digest.as_bytes());
     }
     format!("{CHECKSUM_PREFIX}{}", h.finalize().to_hex())
 }
@@ -232,14 +246,21 @@ pub fn encode_block(block: &KvBlock) -> Result<Vec<u8>, DiskStoreError> {
         keys::TENSOR_NAMES.to_owned(),
         serde_json::to_string(&names).map_err(|e| invalid(e.to_string()))?,
     );
+    let digests: Vec<blake3::Hash> = block
+        .payload
+        .tensors
+        .iter()
+        .map(|t| blake3::hash(&t.data))
+        .collect();
     let sum = checksum(
         &meta,
-        block.payload.tensors.iter().map(|t| {
+        block.payload.tensors.iter().zip(&digests).map(|(t, d)| {
             (
                 t.name.as_str(),
                 t.dtype,
                 t.shape.as_slice(),
-                t.data.as_slice(),
+                t.data.len(),
+                d,
             )
         }),
     );
@@ -252,37 +273,42 @@ pub fn encode_block(block: &KvBlock) -> Result<Vec<u8>, DiskStoreError> {
     safetensors::serialize(views, Some(meta)).map_err(|e| invalid(e.to_string()))
 }
 
-/// Parses and verifies a block file's bytes.
-///
-/// Checks, in order: safetensors structure (header, offsets, byte lengths of the declared
-/// shapes), format name and version, that the tensors are exactly those listed, the
-/// checksum, that the stored hash is `expected_hash`, the model fingerprint, and the token
-/// ids / parent / encoding fields. Returns [`DiskStoreError::ForeignModel`] for an intact
-/// block of another model, [`DiskStoreError::Version`] for another format version and
-/// [`DiskStoreError::Corrupt`] for everything else. Never panics on any input.
-pub fn decode_block(
-    bytes: &[u8],
-    expected_hash: &BlockHash,
-    model_fingerprint: &str,
-) -> Result<KvBlock, DiskStoreError> {
-    let corrupt = |reason: String| DiskStoreError::Corrupt(reason);
-    // One parse of the header; it validates offsets against the declared shapes and dtypes
-    // and that the buffer length is exactly header + data.
-    let (header_len, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| corrupt(format!("safetensors header: {e}")))?;
-    let data = bytes
-        .get(8 + header_len..)
-        .ok_or_else(|| corrupt("truncated".into()))?;
+/// Most header bytes accepted (a block's header is a few KiB; this bounds allocations driven
+/// by a corrupt length field).
+const MAX_HEADER_LEN: u64 = 16 << 20;
+/// Length of the safetensors header-size prefix.
+const PREFIX_LEN: usize = 8;
+
+fn corrupt(reason: impl Into<String>) -> DiskStoreError {
+    DiskStoreError::Corrupt(reason.into())
+}
+
+/// A parsed and structurally checked header, before any tensor data is read.
+struct Header {
+    meta: HashMap<String, String>,
+    /// Tensor names in payload order.
+    names: Vec<String>,
+    /// Tensors in file (offset) order: name, dtype, shape, byte length.
+    layout: Vec<(String, TensorDtype, Vec<usize>, usize)>,
+    /// Total tensor bytes after the header.
+    data_len: usize,
+}
+
+/// Parses the header JSON: safetensors structure (offsets contiguous from 0, byte lengths
+/// equal to the declared shapes times dtype sizes), format name and version, and that the
+/// stored tensors are exactly those listed in `tensor_names`.
+fn parse_header(json: &[u8]) -> Result<Header, DiskStoreError> {
+    let header: safetensors::tensor::Metadata =
+        serde_json::from_slice(json).map_err(|e| corrupt(format!("safetensors header: {e}")))?;
     let meta = header
         .metadata()
-        .as_ref()
-        .ok_or_else(|| corrupt("no __metadata__".into()))?;
+        .clone()
+        .ok_or_else(|| corrupt("no __metadata__"))?;
     let get = |key: &str| {
         meta.get(key)
             .map(String::as_str)
             .ok_or_else(|| corrupt(format!("metadata key {key:?} is missing")))
     };
-
     let format = get(keys::FORMAT)?;
     let version = get(keys::FORMAT_VERSION)?;
     if format != FORMAT_NAME || version != FORMAT_VERSION.to_string() {
@@ -291,45 +317,87 @@ pub fn decode_block(
             expected: FORMAT_VERSION,
         });
     }
-
     let names: Vec<String> = serde_json::from_str(get(keys::TENSOR_NAMES)?)
         .map_err(|e| corrupt(format!("tensor_names: {e}")))?;
-    let stored = header.tensors().len();
-    if names.len() != stored {
-        return Err(corrupt(format!(
-            "{} tensor names listed, {stored} tensors stored",
-            names.len()
-        )));
+    let mut listed = HashSet::with_capacity(names.len());
+    if !names.iter().all(|n| listed.insert(n.as_str())) {
+        return Err(corrupt("a tensor name is listed twice"));
     }
-    let mut seen = HashSet::with_capacity(names.len());
-    if !names.iter().all(|n| seen.insert(n.as_str())) {
-        return Err(corrupt("a tensor name is listed twice".into()));
-    }
-    let mut tensors = Vec::with_capacity(names.len());
-    for name in names {
+    let mut layout = Vec::with_capacity(names.len());
+    for name in header.offset_keys() {
+        if !listed.contains(name.as_str()) {
+            return Err(corrupt(format!("tensor {name:?} is not listed")));
+        }
         let info = header
             .info(&name)
             .ok_or_else(|| corrupt(format!("tensor {name:?} is missing")))?;
         let dtype = from_st_dtype(info.dtype)
             .ok_or_else(|| corrupt(format!("tensor {name:?}: dtype {:?}", info.dtype)))?;
         let (start, end) = info.data_offsets;
-        let bytes = data
-            .get(start..end)
-            .ok_or_else(|| corrupt(format!("tensor {name:?}: offsets out of range")))?;
-        tensors.push((name, dtype, info.shape.as_slice(), bytes));
+        let len = end
+            .checked_sub(start)
+            .ok_or_else(|| corrupt(format!("tensor {name:?}: offsets")))?;
+        let shape = info.shape.clone();
+        layout.push((name, dtype, shape, len));
     }
-    // Listed names exist, their count equals the stored count and a name maps to one
-    // tensor: the file holds exactly the listed tensors.
-    let sum = checksum(
+    // Every stored tensor is listed, names are unique: equal counts make it a bijection.
+    if layout.len() != names.len() {
+        return Err(corrupt(format!(
+            "{} tensor names listed, {} tensors stored",
+            names.len(),
+            layout.len()
+        )));
+    }
+    Ok(Header {
+        data_len: header.data_len(),
         meta,
-        tensors
-            .iter()
-            .map(|(n, d, shape, bytes)| (n.as_str(), *d, *shape, *bytes)),
-    );
-    if get(keys::CHECKSUM)? != sum {
-        return Err(corrupt("checksum mismatch".into()));
-    }
+        names,
+        layout,
+    })
+}
 
+/// Checks the checksum and the identity fields, and assembles the block. `data` holds each
+/// tensor's bytes and hash, by name.
+fn finish(
+    header: Header,
+    mut data: HashMap<String, (Vec<u8>, blake3::Hash)>,
+    expected_hash: &BlockHash,
+    model_fingerprint: &str,
+) -> Result<KvBlock, DiskStoreError> {
+    let Header {
+        meta,
+        names,
+        layout,
+        ..
+    } = header;
+    let mut described: HashMap<&str, (TensorDtype, &[usize])> = layout
+        .iter()
+        .map(|(n, d, s, _)| (n.as_str(), (*d, s.as_slice())))
+        .collect();
+    let mut ordered = Vec::with_capacity(names.len());
+    for name in &names {
+        let (dtype, shape) = described
+            .remove(name.as_str())
+            .ok_or_else(|| corrupt(format!("tensor {name:?} is missing")))?;
+        let (bytes, digest) = data
+            .remove(name)
+            .ok_or_else(|| corrupt(format!("tensor {name:?} was not read")))?;
+        ordered.push((name, dtype, shape, bytes, digest));
+    }
+    let sum = checksum(
+        &meta,
+        ordered
+            .iter()
+            .map(|(n, d, s, b, h)| (n.as_str(), *d, *s, b.len(), h)),
+    );
+    let get = |key: &str| {
+        meta.get(key)
+            .map(String::as_str)
+            .ok_or_else(|| corrupt(format!("metadata key {key:?} is missing")))
+    };
+    if get(keys::CHECKSUM)? != sum {
+        return Err(corrupt("checksum mismatch"));
+    }
     let hash_str = get(keys::HASH)?;
     if hash_str != expected_hash.to_string() {
         return Err(corrupt(format!(
@@ -368,14 +436,13 @@ pub fn decode_block(
     }
     let encoding: KvEncoding = serde_json::from_str(get(keys::ENCODING)?)
         .map_err(|e| corrupt(format!("encoding: {e}")))?;
-
-    let tensors = tensors
+    let tensors = ordered
         .into_iter()
-        .map(|(name, dtype, shape, bytes)| KvTensor {
-            name,
+        .map(|(name, dtype, shape, data, _)| KvTensor {
+            name: name.clone(),
             dtype,
             shape: shape.to_vec(),
-            data: bytes.to_vec(),
+            data,
         })
         .collect();
     Ok(KvBlock {
@@ -387,4 +454,104 @@ pub fn decode_block(
         },
         payload: KvPayload { encoding, tensors },
     })
+}
+
+/// The header length from the 8-byte prefix, bounded by `MAX_HEADER_LEN` and `available`.
+fn header_len(prefix: [u8; PREFIX_LEN], available: u64) -> Result<usize, DiskStoreError> {
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_LEN || n > available {
+        return Err(corrupt(format!("header length {n}")));
+    }
+    usize::try_from(n).map_err(|_| corrupt("header length"))
+}
+
+/// Parses and verifies a block file's bytes.
+///
+/// Checks, in order: safetensors structure (header, offsets, byte lengths of the declared
+/// shapes, exact file length), format name and version, that the tensors are exactly those
+/// listed, the checksum, that the stored hash is `expected_hash`, the model fingerprint, and
+/// the token ids / parent / encoding fields. Returns [`DiskStoreError::ForeignModel`] for an
+/// intact block of another model, [`DiskStoreError::Version`] for another format version and
+/// [`DiskStoreError::Corrupt`] for everything else. Never panics on any input.
+pub fn decode_block(
+    bytes: &[u8],
+    expected_hash: &BlockHash,
+    model_fingerprint: &str,
+) -> Result<KvBlock, DiskStoreError> {
+    let prefix: [u8; PREFIX_LEN] = bytes
+        .get(..PREFIX_LEN)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| corrupt("shorter than the header prefix"))?;
+    let rest = bytes.get(PREFIX_LEN..).unwrap_or_default();
+    let n = header_len(prefix, rest.len() as u64)?;
+    let (json, mut body) = rest.split_at(n);
+    let header = parse_header(json)?;
+    if body.len() != header.data_len {
+        return Err(corrupt(format!(
+            "{} data bytes, {} declared",
+            body.len(),
+            header.data_len
+        )));
+    }
+    let mut data = HashMap::with_capacity(header.layout.len());
+    for (name, _, _, len) in &header.layout {
+        let (bytes, tail) = body.split_at(*len.min(&body.len()));
+        body = tail;
+        data.insert(name.clone(), (bytes.to_vec(), blake3::hash(bytes)));
+    }
+    finish(header, data, expected_hash, model_fingerprint)
+}
+
+/// Reads and verifies a block file, reading each tensor straight into its own buffer and
+/// hashing it while it is in cache. Same checks as [`decode_block`]. Returns the block and
+/// the file's size in bytes. A missing file is [`DiskStoreError::Io`] with `NotFound`.
+pub fn read_block_file(
+    path: &Path,
+    expected_hash: &BlockHash,
+    model_fingerprint: &str,
+) -> Result<(KvBlock, u64), DiskStoreError> {
+    let io = |e: std::io::Error| DiskStoreError::io(path, e);
+    // A short read is corruption (truncated file); any other failure is I/O.
+    let read_err = |e: std::io::Error, what: &str| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt(format!("{what} is truncated"))
+        } else {
+            DiskStoreError::io(path, e)
+        }
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::other("not a regular file")));
+    }
+    let file_len = meta.len();
+    let mut prefix = [0u8; PREFIX_LEN];
+    file.read_exact(&mut prefix)
+        .map_err(|e| read_err(e, "header prefix"))?;
+    let n = header_len(prefix, file_len.saturating_sub(PREFIX_LEN as u64))?;
+    let mut json = vec![0u8; n];
+    file.read_exact(&mut json)
+        .map_err(|e| read_err(e, "header"))?;
+    let header = parse_header(&json)?;
+    if file_len != (PREFIX_LEN + n) as u64 + header.data_len as u64 {
+        return Err(corrupt(format!(
+            "file is {file_len} bytes, header declares {}",
+            PREFIX_LEN + n + header.data_len
+        )));
+    }
+    let mut data = HashMap::with_capacity(header.layout.len());
+    for (name, _, _, len) in &header.layout {
+        let mut buf = Vec::with_capacity(*len);
+        (&mut file)
+            .take(*len as u64)
+            .read_to_end(&mut buf)
+            .map_err(io)?;
+        if buf.len() != *len {
+            return Err(corrupt(format!("tensor {name:?} is truncated")));
+        }
+        let digest = blake3::hash(&buf);
+        data.insert(name.clone(), (buf, digest));
+    }
+    let block = finish(header, data, expected_hash, model_fingerprint)?;
+    Ok((block, file_len))
 }

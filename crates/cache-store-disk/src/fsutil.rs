@@ -6,6 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Mode of every directory the store creates.
 pub const DIR_MODE: u32 = 0o700;
@@ -96,4 +97,18 @@ pub fn is_temp_name(name: &str) -> bool {
 /// Renames `from` to `to`, leaving `from` in place on failure.
 pub fn rename_into_place_keep(from: &Path, to: &Path) -> Result<(), DiskStoreError> {
     fs::rename(from, to).map_err(|e| DiskStoreError::io(from, e))
+}
+
+/// Removes a temporary file left by a crashed writer, if it is older than `max_age` (a
+/// younger one may belong to a live writer in another process). Failures are ignored.
+pub fn remove_if_stale(path: &Path, max_age: Duration) {
+    let age = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or(Duration::ZERO);
+    if age > max_age {
+        tracing::debug!(path = %path.display(), "removing a stale temporary file");
+        let _ = fs::remove_file(path);
+    }
 }

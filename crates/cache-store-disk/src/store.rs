@@ -12,12 +12,12 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Environment variable naming the cache directory.
 pub const ENV_CACHE_DIR: &str = "SEMANTIC_AGENT_CACHE_DIR";
@@ -32,6 +32,9 @@ pub const AGENTS_DIR: &str = "agents";
 pub const QUARANTINE_DIR: &str = "quarantine";
 /// Prefix of per-namespace manifest directories (`agents/ns-<hash>/`).
 pub const NAMESPACE_DIR_PREFIX: &str = "ns-";
+
+/// Most quarantined files kept (the oldest beyond this are deleted).
+pub const QUARANTINE_KEEP: usize = 64;
 
 /// Temporary files younger than this are left alone at open (another process sharing the
 /// directory, such as the CLI next to a running server, may be writing them).
@@ -80,16 +83,22 @@ pub struct DiskStoreConfig {
     pub write_queue_capacity: usize,
     /// Most blocks the writer commits together (one directory fsync per group). At least 1.
     pub write_batch_max: usize,
+    /// Threads that read and verify block files in parallel during one `load_blocks`
+    /// (0: half the CPUs, between 1 and 4; 1: sequential). Reading is CPU-bound (page-cache
+    /// copy and BLAKE3), so extra threads help on idle cores and hurt on busy ones.
+    pub read_threads: usize,
 }
 
 impl DiskStoreConfig {
-    /// Defaults with the given cache directory: no budget, a queue of 64 blocks, groups of 16.
+    /// Defaults with the given cache directory: no budget, a queue of 64 blocks, groups of
+    /// 16, parallel reads on half the CPUs (1 to 4 threads).
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
             disk_budget_bytes: None,
             write_queue_capacity: 64,
             write_batch_max: 16,
+            read_threads: 0,
         }
     }
 }
@@ -188,7 +197,29 @@ struct IndexEntry {
 #[derive(Debug, Clone)]
 struct ManifestRefs {
     pinned: bool,
+    /// Last use (unix ms) and TTL: an expired manifest's pin no longer protects its blocks.
+    last_used_at_ms: u64,
+    ttl_secs: Option<u64>,
     blocks: Vec<BlockHash>,
+}
+
+impl ManifestRefs {
+    fn of(m: &AgentManifest, blocks: Vec<BlockHash>) -> Self {
+        Self {
+            pinned: m.pinned,
+            last_used_at_ms: m.last_used_at_ms,
+            ttl_secs: m.ttl_secs,
+            blocks,
+        }
+    }
+
+    /// Pinned and not expired at `now_ms`.
+    fn protects(&self, now_ms: u64) -> bool {
+        self.pinned
+            && !self.ttl_secs.is_some_and(|ttl| {
+                now_ms.saturating_sub(self.last_used_at_ms) > ttl.saturating_mul(1000)
+            })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -236,10 +267,11 @@ impl State {
         if self.disk_bytes <= budget {
             return Vec::new();
         }
+        let now_ms = now_nanos() / 1_000_000;
         let pinned: HashSet<BlockHash> = self
             .manifests
             .values()
-            .filter(|m| m.pinned)
+            .filter(|m| m.protects(now_ms))
             .flat_map(|m| m.blocks.iter().copied())
             .collect();
         let mut candidates: Vec<(u64, BlockHash)> = self
@@ -455,11 +487,10 @@ impl Inner {
     /// Moves a bad block file aside to `quarantine/` (or deletes it if that fails).
     fn quarantine(&self, hash: &BlockHash, path: &Path) {
         self.lock().remove_block(hash);
-        let dest = self.layout.quarantine.join(format!(
-            "{}-{}.{BLOCK_EXTENSION}",
-            hash,
-            now_nanos()
-        ));
+        let dest =
+            self.layout
+                .quarantine
+                .join(format!("{}-{}.{BLOCK_EXTENSION}", hash, now_nanos()));
         let moved = fsutil::ensure_private_dir(&self.layout.quarantine, true)
             .and_then(|()| fsutil::rename_into_place_keep(path, &dest));
         match moved {
@@ -470,33 +501,52 @@ impl Inner {
             }
         }
         bump(&self.counters.quarantined, 1);
+        self.trim_quarantine();
     }
 
-    /// Reads and verifies one block file.
-    fn read_block(&self, hash: &BlockHash, fingerprint: &str) -> Result<KvBlock, ReadMiss> {
-        let path = self.layout.block_path(hash);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                self.lock().remove_block(hash);
-                return Err(ReadMiss::Missing);
-            }
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "block file unreadable: cache miss");
-                return Err(ReadMiss::Rejected);
-            }
+    /// Keeps only the [`QUARANTINE_KEEP`] most recent quarantined files (they are evidence
+    /// for debugging, not data, and must not fill the disk).
+    fn trim_quarantine(&self) {
+        let Ok(entries) = fs::read_dir(&self.layout.quarantine) else {
+            return;
         };
-        match format::decode_block(&bytes, hash, fingerprint) {
-            Ok(block) => {
-                bump(&self.counters.blocks_read, 1);
-                bump(&self.counters.bytes_read, bytes.len() as u64);
+        let mut files: Vec<(SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let meta = e.metadata().ok().filter(fs::Metadata::is_file)?;
+                Some((meta.modified().unwrap_or(UNIX_EPOCH), e.path()))
+            })
+            .collect();
+        if files.len() <= QUARANTINE_KEEP {
+            return;
+        }
+        files.sort();
+        let excess = files.len() - QUARANTINE_KEEP;
+        for (_, path) in files.into_iter().take(excess) {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Reads and verifies one block file; returns it with its file size.
+    fn read_block(&self, hash: &BlockHash, fingerprint: &str) -> Result<(KvBlock, u64), ReadMiss> {
+        let path = self.layout.block_path(hash);
+        match format::read_block_file(&path, hash, fingerprint) {
+            Ok((block, len)) => {
                 let mut st = self.lock();
                 if !st.index.contains_key(hash) {
                     // Written by another process sharing the directory.
                     let now = st.tick();
-                    st.insert_block(*hash, bytes.len() as u64, now);
+                    st.insert_block(*hash, len, now);
                 }
-                Ok(block)
+                Ok((block, len))
+            }
+            Err(DiskStoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                self.lock().remove_block(hash);
+                Err(ReadMiss::Missing)
+            }
+            Err(e @ DiskStoreError::Io { .. }) => {
+                warn!(path = %path.display(), error = %e, "block file unreadable: cache miss");
+                Err(ReadMiss::Rejected)
             }
             Err(e @ DiskStoreError::ForeignModel { .. }) => {
                 // Intact, but for another model: not ours to destroy.
@@ -509,6 +559,60 @@ impl Inner {
                 Err(ReadMiss::Rejected)
             }
         }
+    }
+
+    /// Reads the blocks at `wanted` (indices into `hashes`) from disk, on up to
+    /// `max_threads` threads. Reading stops early past the first index that fails, since
+    /// the prefix ends there.
+    fn read_many(
+        &self,
+        hashes: &[BlockHash],
+        wanted: &[usize],
+        fingerprint: &str,
+        max_threads: usize,
+    ) -> HashMap<usize, Result<(KvBlock, u64), ReadMiss>> {
+        let threads = max_threads.min(wanted.len());
+        if threads <= 1 {
+            let mut out = HashMap::with_capacity(wanted.len());
+            for &i in wanted {
+                let r = match hashes.get(i) {
+                    Some(h) => self.read_block(h, fingerprint),
+                    None => Err(ReadMiss::Missing),
+                };
+                let failed = r.is_err();
+                out.insert(i, r);
+                if failed {
+                    break;
+                }
+            }
+            return out;
+        }
+        let next = AtomicUsize::new(0);
+        let first_failure = AtomicUsize::new(usize::MAX);
+        let results = Mutex::new(HashMap::with_capacity(wanted.len()));
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while let Some(&i) = wanted.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if i > first_failure.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = match hashes.get(i) {
+                            Some(h) => self.read_block(h, fingerprint),
+                            None => Err(ReadMiss::Missing),
+                        };
+                        if r.is_err() {
+                            first_failure.fetch_min(i, Ordering::Relaxed);
+                        }
+                        results
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(i, r);
+                    }
+                });
+            }
+        });
+        results.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads and validates one manifest file. `expected` is the key its location implies
@@ -567,7 +671,11 @@ impl Inner {
                 warn!(path = %path.display(), "skipping a manifest file with a non-UTF-8 name");
                 continue;
             };
-            if fsutil::is_temp_name(name) || entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if fsutil::is_temp_name(name) {
+                fsutil::remove_if_stale(&path, TEMP_FILE_MAX_AGE);
+                continue;
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             let Some(stem) = name.strip_suffix(".json") else {
@@ -647,12 +755,13 @@ fn key_of(m: &AgentManifest) -> AgentKey {
 /// [`agent_session::CacheStore`].
 ///
 /// Layout under the cache directory (directories 0700, files 0600):
-/// - `blocks/<hash>.safetensors`: one block each (format: [`crate::format`]); agents that
-///   share a prefix share its block files;
+/// - `blocks/<hash>.safetensors`: one block each (format: [`crate::format`](mod@crate::format));
+///   agents that share a prefix share its block files;
 /// - `agents/<agent_id>.json`: manifests of the default namespace;
 ///   `agents/ns-<hash>/<agent_id>.json`: manifests of other namespaces
 ///   ([`namespace_dir_name`]);
-/// - `quarantine/`: block files that failed verification, kept for inspection.
+/// - `quarantine/`: block files that failed verification, kept for inspection (the
+///   [`QUARANTINE_KEEP`] most recent).
 ///
 /// Block writes go through a bounded queue to one background thread; blocks waiting there
 /// are served to readers from memory. Manifest writes are synchronous. Every write is
@@ -662,7 +771,9 @@ fn key_of(m: &AgentManifest) -> AgentKey {
 /// Threading: all methods do blocking file I/O on the calling thread (the async port
 /// methods too: call them from a blocking-friendly thread, e.g. `spawn_blocking`, when that
 /// matters); `save_blocks` blocks while the write queue is full. One server process should
-/// own a cache directory; other processes (the CLI) may list, show and delete manifests.
+/// own a cache directory; other processes (the CLI) may list, show and delete manifests
+/// (a running server learns of such changes only when it reopens the directory: its
+/// in-memory index of pins and block recency is built at open).
 ///
 /// Dropping the store flushes every queued write.
 #[derive(Debug)]
@@ -670,6 +781,7 @@ pub struct DiskCacheStore {
     inner: Arc<Inner>,
     sender: Option<SyncSender<Job>>,
     writer: Option<JoinHandle<()>>,
+    read_threads: usize,
 }
 
 impl DiskCacheStore {
@@ -691,15 +803,19 @@ impl DiskCacheStore {
         let mut state = State::default();
         scan_blocks(&inner.layout.blocks, &mut state)?;
         for (m, blocks) in inner.scan_manifests(None)? {
-            state.manifests.insert(
-                key_of(&m),
-                ManifestRefs {
-                    pinned: m.pinned,
-                    blocks,
-                },
-            );
+            state
+                .manifests
+                .insert(key_of(&m), ManifestRefs::of(&m, blocks));
         }
         let victims = state.pick_victims(inner.budget);
+        info!(
+            cache_dir = %inner.layout.root.display(),
+            blocks = state.index.len(),
+            bytes = state.disk_bytes,
+            agents = state.manifests.len(),
+            evicted = victims.len(),
+            "disk cache store opened"
+        );
         *inner.lock() = state;
         inner.remove_files(&victims, "evicted by the disk budget");
         bump(&inner.counters.evicted, victims.len() as u64);
@@ -711,10 +827,16 @@ impl DiskCacheStore {
             .name("cache-store-disk-writer".into())
             .spawn(move || worker.run_writer(rx, batch_max))
             .map_err(|e| DiskStoreError::io(&inner.layout.blocks, e))?;
+        let read_threads = if config.read_threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4))
+        } else {
+            config.read_threads
+        };
         Ok(Self {
             inner,
             sender: Some(sender),
             writer: Some(writer),
+            read_threads,
         })
     }
 
@@ -808,24 +930,42 @@ impl DiskCacheStore {
 
     /// Loads blocks in order, stopping at the first one that is missing, corrupt, of another
     /// model fingerprint or not the child of the previous one: the longest verified prefix.
-    /// One `std::fs::read` per block file. Bad files are moved to `quarantine/`.
+    /// Queued blocks come from memory. Files are read on up to `read_threads` threads, each
+    /// straight into the tensors' buffers (no whole-file intermediate copy), and verified.
+    /// Bad files are moved to `quarantine/`.
     pub fn load_blocks_blocking(
         &self,
         model_fingerprint: &str,
         hashes: &[BlockHash],
     ) -> Vec<Arc<KvBlock>> {
+        // Queued blocks come from memory; the rest from disk, several files at a time.
+        let queued: Vec<Option<Arc<KvBlock>>> = {
+            let st = self.inner.lock();
+            hashes.iter().map(|h| st.pending.get(h).cloned()).collect()
+        };
+        let wanted: Vec<usize> = (0..hashes.len())
+            .filter(|&i| queued.get(i).is_some_and(Option::is_none))
+            .collect();
+        let mut read = self
+            .inner
+            .read_many(hashes, &wanted, model_fingerprint, self.read_threads);
+
         let mut out: Vec<Arc<KvBlock>> = Vec::with_capacity(hashes.len());
-        for (i, hash) in hashes.iter().enumerate() {
-            let queued = self.inner.lock().pending.get(hash).cloned();
+        let (mut blocks_read, mut bytes_read) = (0u64, 0u64);
+        for (i, (hash, queued)) in hashes.iter().zip(queued).enumerate() {
             let block = match queued {
                 Some(block) => block,
-                None => match self.inner.read_block(hash, model_fingerprint) {
-                    Ok(block) => Arc::new(block),
-                    Err(ReadMiss::Missing) => {
+                None => match read.remove(&i) {
+                    Some(Ok((block, len))) => {
+                        blocks_read += 1;
+                        bytes_read += len;
+                        Arc::new(block)
+                    }
+                    Some(Err(ReadMiss::Missing)) | None => {
                         debug!(block = %hash, "block not stored: cache miss");
                         break;
                     }
-                    Err(ReadMiss::Rejected) => break,
+                    Some(Err(ReadMiss::Rejected)) => break,
                 },
             };
             if block.meta.hash != *hash || block.meta.model_fingerprint != model_fingerprint {
@@ -840,6 +980,8 @@ impl DiskCacheStore {
             }
             out.push(block);
         }
+        bump(&self.inner.counters.blocks_read, blocks_read);
+        bump(&self.inner.counters.bytes_read, bytes_read);
         if !out.is_empty() {
             let mut st = self.inner.lock();
             for block in &out {
@@ -867,13 +1009,10 @@ impl DiskCacheStore {
         fsutil::ensure_private_dir(&dir, true)?;
         let bytes = serde_json::to_vec_pretty(manifest)?;
         fsutil::write_atomic(&dir, &name, &bytes)?;
-        self.inner.lock().manifests.insert(
-            key,
-            ManifestRefs {
-                pinned: manifest.pinned,
-                blocks,
-            },
-        );
+        self.inner
+            .lock()
+            .manifests
+            .insert(key, ManifestRefs::of(manifest, blocks));
         Ok(())
     }
 
@@ -1011,21 +1150,14 @@ fn scan_blocks(dir: &Path, state: &mut State) -> Result<(), DiskStoreError> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if fsutil::is_temp_name(name) {
-            let age = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or(Duration::MAX);
-            if age > TEMP_FILE_MAX_AGE {
-                debug!(path = %path.display(), "removing a stale temporary file");
-                let _ = fs::remove_file(&path);
-            }
+            fsutil::remove_if_stale(&path, TEMP_FILE_MAX_AGE);
             continue;
         }
-        let Some(hash) = name
-            .strip_suffix(&suffix)
-            .and_then(|stem| BlockHash::from_str(stem).ok().filter(|h| h.to_string() == stem))
-        else {
+        let Some(hash) = name.strip_suffix(&suffix).and_then(|stem| {
+            BlockHash::from_str(stem)
+                .ok()
+                .filter(|h| h.to_string() == stem)
+        }) else {
             debug!(path = %path.display(), "ignoring a file that is not a block");
             continue;
         };

@@ -9,21 +9,23 @@ use std::path::Path;
 
 const KIND: Kind = Kind::Float(TensorDtype::F32);
 
-/// Size of one block file (all test blocks have the same size: same shapes, same digits).
+/// Size of the largest block file (test blocks differ only by the parent field, empty for
+/// the first block of a chain).
 fn block_size() -> u64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let b = chain(&tokens(9, BLOCK), FP, "", KIND);
+    let b = chain(&tokens(9, 2 * BLOCK), FP, "", KIND);
     store.save_blocks_blocking(b.clone()).expect("save");
     store.flush_blocking().expect("flush");
-    std::fs::metadata(store.block_path(&b[0].meta.hash))
+    std::fs::metadata(store.block_path(&b[1].meta.hash))
         .expect("meta")
         .len()
 }
 
 fn open_with_budget(dir: &Path, blocks: u64) -> DiskCacheStore {
     let mut config = DiskStoreConfig::new(dir);
-    config.disk_budget_bytes = Some(blocks * block_size());
+    let size = block_size();
+    config.disk_budget_bytes = Some(blocks * size + size / 2);
     DiskCacheStore::open(config).expect("open")
 }
 
@@ -59,7 +61,7 @@ fn oldest_unpinned_blocks_go_first_and_pinned_blocks_stay() {
     assert_eq!((stats.blocks, stats.evicted), (6, 2));
     assert_eq!(block_files(dir.path()).len(), 6);
     assert!(store.load_blocks_blocking(FP, &hashes(&b)).is_empty());
-    assert_eq!(store.load_blocks_blocking(FP, &hashes(&a)), a);
+    assert_blocks_eq(&store.load_blocks_blocking(FP, &hashes(&a)), &a);
 }
 
 #[test]
@@ -77,7 +79,7 @@ fn loading_a_block_makes_it_recent() {
         store.save_blocks_blocking(blocks.clone()).expect("save");
         store.flush_blocking().expect("flush");
     }
-    assert_eq!(store.load_blocks_blocking(FP, &hashes(&b)), b); // B is now newer than C
+    assert_blocks_eq(&store.load_blocks_blocking(FP, &hashes(&b)), &b); // B is now newer than C
     store.save_blocks_blocking(d.clone()).expect("save");
     store.flush_blocking().expect("flush");
     assert_eq!(exists(&store, &a), [true, true]);
@@ -115,4 +117,21 @@ fn pinned_blocks_stay_even_over_budget() {
     store.save_blocks_blocking(a.clone()).expect("save");
     store.flush_blocking().expect("flush");
     assert_eq!(exists(&store, &a), [true, true, true]);
+}
+
+#[test]
+fn an_expired_pin_no_longer_protects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with_budget(dir.path(), 2);
+    let a = chain(&tokens(1, 2 * BLOCK), FP, "", KIND);
+    let b = chain(&tokens(2, 2 * BLOCK), FP, "", KIND);
+    let mut m = manifest("expired", "", &a, &[], true);
+    m.ttl_secs = Some(1); // last used at 2 ms after the epoch: long expired
+    store.save_manifest_blocking(&m).expect("manifest");
+    for blocks in [&a, &b] {
+        store.save_blocks_blocking(blocks.clone()).expect("save");
+        store.flush_blocking().expect("flush");
+    }
+    assert_eq!(exists(&store, &a), [false, false]);
+    assert_eq!(exists(&store, &b), [true, true]);
 }

@@ -28,7 +28,7 @@ fn a_flipped_byte_is_a_miss_from_that_block_on_and_is_quarantined() {
 
     let store = open(dir.path());
     let loaded = store.load_blocks_blocking(FP, &hashes(&blocks));
-    assert_eq!(loaded, blocks[..2].to_vec(), "prefix before the bad block");
+    assert_blocks_eq(&loaded, &blocks[..2]); // the prefix before the bad block
     assert!(!victim.exists());
     let quarantined = files_with_suffix(&dir.path().join("quarantine"), ".safetensors");
     assert_eq!(quarantined.len(), 1);
@@ -36,9 +36,12 @@ fn a_flipped_byte_is_a_miss_from_that_block_on_and_is_quarantined() {
     assert_eq!(store.stats_blocking().quarantined, 1);
     // Now simply not stored: the next save writes it again and it loads fully.
     assert_eq!(store.stored_prefix_blocking(&hashes(&blocks)), 2);
-    assert_eq!(store.save_blocks_blocking(blocks.clone()).expect("resave"), 1);
+    assert_eq!(
+        store.save_blocks_blocking(blocks.clone()).expect("resave"),
+        1
+    );
     store.flush_blocking().expect("flush");
-    assert_eq!(store.load_blocks_blocking(FP, &hashes(&blocks)), blocks);
+    assert_blocks_eq(&store.load_blocks_blocking(FP, &hashes(&blocks)), &blocks);
 }
 
 #[test]
@@ -61,7 +64,9 @@ fn a_corrupt_header_or_truncated_file_is_quarantined_too() {
         .expect("truncate");
 
     assert!(store.load_blocks_blocking(FP, &hashes(&blocks)).is_empty());
-    assert!(store.load_blocks_blocking(FP, &hashes(&blocks[1..])).is_empty());
+    assert!(store
+        .load_blocks_blocking(FP, &hashes(&blocks[1..]))
+        .is_empty());
     assert_eq!(store.stats_blocking().quarantined, 2);
     assert_eq!(
         files_with_suffix(&dir.path().join("quarantine"), ".safetensors").len(),
@@ -92,7 +97,10 @@ fn a_block_of_another_model_is_never_used() {
     let store = open(dir.path());
     assert!(store.load_blocks_blocking(FP, &hashes(&ours)).is_empty());
     // The other model still gets its own blocks.
-    assert_eq!(store.load_blocks_blocking("other-model", &hashes(&theirs)), theirs);
+    assert_blocks_eq(
+        &store.load_blocks_blocking("other-model", &hashes(&theirs)),
+        &theirs,
+    );
 }
 
 #[test]
@@ -105,7 +113,7 @@ fn a_block_that_does_not_follow_its_predecessor_ends_the_prefix() {
     store.save_blocks_blocking(b.clone()).expect("save");
     store.flush_blocking().expect("flush");
     let mixed = [a[0].meta.hash, b[1].meta.hash];
-    assert_eq!(store.load_blocks_blocking(FP, &mixed), vec![a[0].clone()]);
+    assert_blocks_eq(&store.load_blocks_blocking(FP, &mixed), &[a[0].clone()]);
 }
 
 #[test]
@@ -118,7 +126,10 @@ fn write_errors_are_logged_and_the_store_goes_on() {
     assert_eq!(store.save_blocks_blocking(blocks.clone()).expect("save"), 3);
     store.flush_blocking().expect("flush");
     assert_eq!(store.write_errors(), 1);
-    assert_eq!(store.load_blocks_blocking(FP, &hashes(&blocks)), blocks[..1].to_vec());
+    assert_blocks_eq(
+        &store.load_blocks_blocking(FP, &hashes(&blocks)),
+        &blocks[..1],
+    );
     assert_eq!(store.stored_prefix_blocking(&hashes(&blocks)), 1);
     // No leftover temporary file, and the others were written.
     let names = files_with_suffix(&dir.path().join("blocks"), "");
@@ -206,4 +217,43 @@ fn invalid_manifest_files_are_skipped_in_listings() {
     drop(store);
     let store = open(dir.path());
     assert_eq!(store.stats_blocking().agents, 1);
+}
+
+#[test]
+fn parallel_reads_stop_at_the_same_block_as_sequential_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blocks = chain(&tokens(8, 12 * BLOCK), FP, "", KIND);
+    {
+        let store = open(dir.path());
+        store.save_blocks_blocking(blocks.clone()).expect("save");
+    }
+    for threads in [1, 3, 8] {
+        let mut config = cache_store_disk::DiskStoreConfig::new(dir.path());
+        config.read_threads = threads;
+        let store = DiskCacheStore::open(config).expect("open");
+        assert_blocks_eq(&store.load_blocks_blocking(FP, &hashes(&blocks)), &blocks);
+        assert_eq!(store.stats_blocking().blocks_read, 12);
+    }
+    // Block 7 corrupt, block 9 missing: every thread count returns blocks 0..7.
+    let path7 = dir
+        .path()
+        .join("blocks")
+        .join(cache_store_disk::block_file_name(&blocks[7].meta.hash));
+    let mut bytes = fs::read(&path7).expect("read");
+    bytes[100] ^= 0x10;
+    fs::write(&path7, &bytes).expect("write");
+    let path9 = dir
+        .path()
+        .join("blocks")
+        .join(cache_store_disk::block_file_name(&blocks[9].meta.hash));
+    fs::remove_file(&path9).expect("remove");
+    let mut config = cache_store_disk::DiskStoreConfig::new(dir.path());
+    config.read_threads = 4;
+    let store = DiskCacheStore::open(config).expect("open");
+    let loaded = store.load_blocks_blocking(FP, &hashes(&blocks));
+    assert_blocks_eq(&loaded, &blocks[..7]);
+    assert_eq!(store.stats_blocking().quarantined, 1);
+    assert_eq!(store.stats_blocking().blocks_read, 7);
+    let loaded = store.load_blocks_blocking(FP, &hashes(&blocks));
+    assert_blocks_eq(&loaded, &blocks[..7]);
 }

@@ -5,7 +5,8 @@
 
 mod common;
 
-use agent_session::TensorDtype;
+use agent_session::{BlockMeta, KvBlock, TensorDtype};
+use block_pool::BlockHash;
 use common::*;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -14,20 +15,18 @@ use std::time::{Duration, Instant};
 const CHILD_DIR_ENV: &str = "CACHE_STORE_DISK_CRASH_CHILD_DIR";
 const BLOCKS: usize = 2000;
 
-/// The child's deterministic stream of blocks: one long chain, ~48 KiB per block.
-fn stream() -> Vec<Arc<agent_session::KvBlock>> {
-    let mut blocks = chain(
-        &tokens(42, BLOCKS * BLOCK),
-        FP,
-        "",
-        Kind::Float(TensorDtype::F16),
-    );
-    for (i, b) in blocks.iter_mut().enumerate() {
-        let mut big = (**b).clone();
-        big.payload = payload(Kind::Float(TensorDtype::F16), 2, 48, i as u64);
-        *b = Arc::new(big);
-    }
-    blocks
+/// The first `n` blocks of the child's deterministic stream: one long chain, ~24 KiB each.
+fn stream(n: usize) -> Vec<Arc<agent_session::KvBlock>> {
+    let toks = tokens(42, n * BLOCK);
+    chain(&toks, FP, "", Kind::Float(TensorDtype::F16))
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut big = (*b).clone();
+            big.payload = payload(Kind::Float(TensorDtype::F16), 2, 24, i as u64);
+            Arc::new(big)
+        })
+        .collect()
 }
 
 #[test]
@@ -36,8 +35,24 @@ fn child_writer() {
         return; // only meaningful as the child of `sigkill_mid_write_leaves_only_whole_blocks`
     };
     let store = open(std::path::Path::new(&dir));
-    for block in stream() {
-        store.save_blocks_blocking(vec![block]).expect("save");
+    // Generated in chunks so writing starts at once.
+    let all = tokens(42, BLOCKS * BLOCK);
+    let mut parent = None;
+    for (i, chunk) in all.chunks_exact(BLOCK).enumerate() {
+        let hash = BlockHash::chain(parent.as_ref(), chunk, FP, "");
+        let block = KvBlock {
+            meta: BlockMeta {
+                hash,
+                parent,
+                token_ids: chunk.to_vec(),
+                model_fingerprint: FP.to_owned(),
+            },
+            payload: payload(Kind::Float(TensorDtype::F16), 2, 24, i as u64),
+        };
+        parent = Some(hash);
+        store
+            .save_blocks_blocking(vec![Arc::new(block)])
+            .expect("save");
     }
     store.flush_blocking().expect("flush");
 }
@@ -47,7 +62,13 @@ fn sigkill_mid_write_leaves_only_whole_blocks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("current exe");
     let mut child = Command::new(exe)
-        .args(["--exact", "child_writer", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "child_writer",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(CHILD_DIR_ENV, dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -64,8 +85,8 @@ fn sigkill_mid_write_leaves_only_whole_blocks() {
     assert!(still_running, "the child finished before it was killed");
     let seen_before = block_files(dir.path()).len();
 
-    let blocks = stream();
     let present = block_files(dir.path());
+    let blocks = stream(present.len() + 1);
     assert!(present.len() >= seen_before && present.len() < BLOCKS);
     // Writes are committed in order: exactly a prefix of the stream is on disk.
     let expected: Vec<String> = blocks[..present.len()]
@@ -80,12 +101,13 @@ fn sigkill_mid_write_leaves_only_whole_blocks() {
     let store = open(dir.path());
     let loaded = store.load_blocks_blocking(FP, &hashes(&blocks));
     assert_eq!(loaded.len(), present.len());
-    assert_eq!(loaded, blocks[..present.len()].to_vec());
+    assert_blocks_eq(&loaded, &blocks[..present.len()]);
     assert_eq!(store.stats_blocking().quarantined, 0);
     // Whatever else is left is a hidden temporary file, never a final name.
     for name in files_with_suffix(&dir.path().join("blocks"), "") {
         assert!(
-            name.ends_with(".safetensors") || (name.starts_with(".tmp-") && name.ends_with(".partial")),
+            name.ends_with(".safetensors")
+                || (name.starts_with(".tmp-") && name.ends_with(".partial")),
             "{name}"
         );
     }

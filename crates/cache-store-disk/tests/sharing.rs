@@ -30,25 +30,33 @@ fn two_agents_with_the_same_system_prompt_share_its_blocks() {
         .save_manifest_blocking(&manifest("agent-b", "", &b, &b_tokens[512..], false))
         .expect("manifest b");
     store.flush_blocking().expect("flush");
-    assert_eq!(store.save_blocks_blocking(b.clone()).expect("save b again"), 0);
+    assert_eq!(
+        store.save_blocks_blocking(b.clone()).expect("save b again"),
+        0
+    );
     store.flush_blocking().expect("flush");
 
     assert_eq!(block_files(dir.path()).len(), 2, "blocks stored once");
     assert_eq!(store.stats_blocking().blocks_written, 2);
-    assert_eq!(files_with_suffix(&dir.path().join("agents"), ".json").len(), 2);
+    assert_eq!(
+        files_with_suffix(&dir.path().join("agents"), ".json").len(),
+        2
+    );
 
     // Deleting A keeps the blocks B still needs.
-    let key_a = cache_store_disk::DiskCacheStore::agent_key(Default::default(), "agent-a")
-        .expect("key");
+    let key_a =
+        cache_store_disk::DiskCacheStore::agent_key(Default::default(), "agent-a").expect("key");
     assert!(store.delete_manifest_blocking(&key_a).expect("delete a"));
     store.flush_blocking().expect("flush");
     assert_eq!(block_files(dir.path()).len(), 2);
-    assert_eq!(store.load_blocks_blocking(FP, &hashes(&b)), b);
+    assert_blocks_eq(&store.load_blocks_blocking(FP, &hashes(&b)), &b);
     // Deleting B too frees them.
-    let key_b = cache_store_disk::DiskCacheStore::agent_key(Default::default(), "agent-b")
-        .expect("key");
+    let key_b =
+        cache_store_disk::DiskCacheStore::agent_key(Default::default(), "agent-b").expect("key");
     assert!(store.delete_manifest_blocking(&key_b).expect("delete b"));
-    assert!(!store.delete_manifest_blocking(&key_b).expect("delete b twice"));
+    assert!(!store
+        .delete_manifest_blocking(&key_b)
+        .expect("delete b twice"));
     store.flush_blocking().expect("flush");
     assert!(block_files(dir.path()).is_empty());
     assert_eq!(store.stored_prefix_blocking(&hashes(&b)), 0);
@@ -75,7 +83,13 @@ fn namespaces_do_not_share_blocks_or_manifest_dirs() {
     // The namespace never appears on disk in clear.
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir.path().join("agents")).expect("agents") {
-        names.push(entry.expect("entry").file_name().to_string_lossy().into_owned());
+        names.push(
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
     }
     names.sort();
     assert_eq!(names.len(), 2);
@@ -90,10 +104,19 @@ fn namespaces_do_not_share_blocks_or_manifest_dirs() {
         .list_manifests_blocking(Some(&Default::default()))
         .expect("list default");
     assert_eq!(default_only.len(), 1);
-    assert_eq!(store.list_manifests_blocking(None).expect("list all").len(), 2);
+    assert_eq!(
+        store.list_manifests_blocking(None).expect("list all").len(),
+        2
+    );
     let key = cache_store_disk::DiskCacheStore::agent_key(ns, "same-id").expect("key");
-    let loaded = store.load_manifest_blocking(&key).expect("load").expect("present");
-    assert_eq!(loaded, manifest("same-id", "tenant-secret-key", &b, &[], false));
+    let loaded = store
+        .load_manifest_blocking(&key)
+        .expect("load")
+        .expect("present");
+    assert_eq!(
+        loaded,
+        manifest("same-id", "tenant-secret-key", &b, &[], false)
+    );
 }
 
 #[test]
@@ -113,8 +136,11 @@ fn a_turn_of_300_tokens_on_a_4096_token_conversation_writes_at_most_2_blocks() {
         let new = store.save_blocks_blocking(after.clone()).expect("turn 2");
         store.flush_blocking().expect("flush");
         let files_after = block_files(dir.path()).len();
-        assert!(new <= 2 && files_after - files_before == new, "start {start}: {new}");
+        assert!(
+            new <= 2 && files_after - files_before == new,
+            "start {start}: {new}"
+        );
         assert_eq!(files_after, (start + 300) / BLOCK);
-        assert_eq!(store.load_blocks_blocking(FP, &hashes(&after)), after);
+        assert_blocks_eq(&store.load_blocks_blocking(FP, &hashes(&after)), &after);
     }
 }

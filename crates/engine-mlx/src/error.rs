@@ -151,6 +151,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A KV payload does not fit the model (names, shapes, dtypes, encoding).
+    #[error("KV payload does not fit the model: {0}")]
+    KvPayload(String),
+    /// A request is inconsistent with the sequence's state.
+    #[error("invalid engine request: {0}")]
+    Request(String),
+    /// An unknown sequence id.
+    #[error("unknown sequence {0}")]
+    UnknownSequence(u64),
     /// MLX reported an error.
     #[error("MLX error while {context}: {message}")]
     Mlx {
@@ -186,6 +195,11 @@ impl From<Error> for agent_session::EngineError {
     fn from(e: Error) -> Self {
         match e {
             Error::WorkerStopped => agent_session::EngineError::Stopped,
+            Error::KvPayload(m) => agent_session::EngineError::BadPayload(m),
+            Error::Request(m) => agent_session::EngineError::Invalid(m),
+            Error::UnknownSequence(id) => {
+                agent_session::EngineError::UnknownSequence(agent_session::SequenceId(id))
+            }
             other => agent_session::EngineError::Backend(other.to_string()),
         }
     }

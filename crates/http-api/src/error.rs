@@ -307,7 +307,9 @@ mod tests {
         let b = e.body(Flavor::OpenAi);
         assert_eq!(b["error"]["param"], "n");
         assert_eq!(b["error"]["type"], "invalid_request_error");
-        assert!(b["error"]["message"].as_str().is_some_and(|m| m.starts_with("n: ")));
+        assert!(b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("n: ")));
         let a = e.body(Flavor::Anthropic);
         assert_eq!(a["type"], "error");
         assert_eq!(a["error"]["type"], "invalid_request_error");
@@ -318,7 +320,10 @@ mod tests {
         });
         assert_eq!(o.status(Flavor::OpenAi).as_u16(), 429);
         assert_eq!(o.status(Flavor::Anthropic).as_u16(), 529);
-        assert_eq!(o.body(Flavor::Anthropic)["error"]["type"], "overloaded_error");
+        assert_eq!(
+            o.body(Flavor::Anthropic)["error"]["type"],
+            "overloaded_error"
+        );
         let r = o.into_response_for(Flavor::Anthropic);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
     }
@@ -336,9 +341,15 @@ mod tests {
             ),
             (ServiceError::AgentNotFound("a".into()), 404),
             (ServiceError::Format(FormatError::Template("t".into())), 400),
-            (ServiceError::Format(FormatError::Tokenizer("t".into())), 500),
+            (
+                ServiceError::Format(FormatError::Tokenizer("t".into())),
+                500,
+            ),
             (ServiceError::Engine(EngineError::Stopped), 500),
-            (ServiceError::Engine(EngineError::OutOfMemory("m".into())), 429),
+            (
+                ServiceError::Engine(EngineError::OutOfMemory("m".into())),
+                429,
+            ),
             (
                 ServiceError::Store(agent_session::StoreError::Io("io".into())),
                 500,
@@ -363,7 +374,10 @@ mod tests {
     #[test]
     fn flavor_by_path() {
         assert_eq!(Flavor::for_path("/v1/messages"), Flavor::Anthropic);
-        assert_eq!(Flavor::for_path("/v1/messages/count_tokens"), Flavor::Anthropic);
+        assert_eq!(
+            Flavor::for_path("/v1/messages/count_tokens"),
+            Flavor::Anthropic
+        );
         assert_eq!(Flavor::for_path("/v1/messagesx"), Flavor::OpenAi);
         assert_eq!(Flavor::for_path("/v1/chat/completions"), Flavor::OpenAi);
     }

@@ -22,17 +22,23 @@ pub struct Args {
 /// Run the MLX set-up, then `cargo build --workspace [--release]`.
 pub fn run(args: &Args) -> Result<()> {
     let prepared = setup::prepare(&args.setup, false)?;
-    step("build", "cargo build", "the compiler errors are above", || {
-        let mut cmd = util::cargo_command();
-        cmd.arg("build");
-        if args.cargo_args.is_empty() {
-            cmd.arg("--workspace");
-        }
-        if args.release {
-            cmd.arg("--release");
-        }
-        cmd.args(prepared.cargo_config_args()).args(&args.cargo_args);
-        prepared.apply_env(&mut cmd, false);
-        util::run(&mut cmd)
-    })
+    step(
+        "build",
+        "cargo build",
+        "the compiler errors are above",
+        || {
+            let mut cmd = util::cargo_command();
+            cmd.arg("build");
+            if args.cargo_args.is_empty() {
+                cmd.arg("--workspace");
+            }
+            if args.release {
+                cmd.arg("--release");
+            }
+            cmd.args(prepared.cargo_config_args())
+                .args(&args.cargo_args);
+            prepared.apply_env(&mut cmd, false);
+            util::run(&mut cmd)
+        },
+    )
 }

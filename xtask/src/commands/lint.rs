@@ -28,9 +28,12 @@ pub fn run(args: &Args) -> Result<()> {
     let prepared = setup::prepare(&args.setup, false)?;
     let mut failed = Vec::new();
 
-    let fmt = step("lint", "cargo fmt --all --check", "run `cargo fmt --all`", || {
-        util::run(util::cargo_command().args(["fmt", "--all", "--check"]))
-    });
+    let fmt = step(
+        "lint",
+        "cargo fmt --all --check",
+        "run `cargo fmt --all`",
+        || util::run(util::cargo_command().args(["fmt", "--all", "--check"])),
+    );
     let clippy = step(
         "lint",
         "cargo clippy --workspace --all-targets -- -D warnings",
@@ -75,7 +78,10 @@ fn deny(advisories: bool) -> Result<()> {
     if !found {
         log(
             "lint",
-            format_args!("cargo-deny not found; installing {CARGO_DENY_VERSION} into {}", tools_bin.display()),
+            format_args!(
+                "cargo-deny not found; installing {CARGO_DENY_VERSION} into {}",
+                tools_bin.display()
+            ),
         );
         let root = util::build_dir().join("tools");
         util::run(
@@ -86,10 +92,10 @@ fn deny(advisories: bool) -> Result<()> {
                 .arg(&root),
         )
         .map_err(|err| {
-            err.context(format!(
+            err.context(
                 "cannot install cargo-deny (needs crates.io); install it yourself with \
-                 `cargo install --locked cargo-deny` or put it on PATH"
-            ))
+                 `cargo install --locked cargo-deny` or put it on PATH",
+            )
         })?;
     }
     let config = util::workspace_root().join("xtask").join("deny.toml");

@@ -91,7 +91,10 @@ impl Arch {
 
     /// Debian's OpenBLAS (pthread flavour) directory.
     pub fn openblas_dir(self) -> PathBuf {
-        PathBuf::from(format!("/usr/lib/{}-linux-gnu/openblas-pthread", self.name()))
+        PathBuf::from(format!(
+            "/usr/lib/{}-linux-gnu/openblas-pthread",
+            self.name()
+        ))
     }
 }
 
@@ -222,11 +225,26 @@ pub fn ensure(args: &SetupArgs, build_dir: &Path) -> Result<PathBuf> {
     if args.force {
         log("setup", "MLX for Linux: --force, rebuilding");
     } else if old == Stamp::default() {
-        log("setup", format_args!("MLX for Linux: building into {}", layout.prefix.display()));
+        log(
+            "setup",
+            format_args!("MLX for Linux: building into {}", layout.prefix.display()),
+        );
     } else if !changes.is_empty() {
-        log("setup", format_args!("MLX for Linux: inputs changed ({}), rebuilding", changes.join("; ")));
+        log(
+            "setup",
+            format_args!(
+                "MLX for Linux: inputs changed ({}), rebuilding",
+                changes.join("; ")
+            ),
+        );
     } else {
-        log("setup", format_args!("MLX for Linux: {} is missing, rebuilding", missing_outputs[0].display()));
+        log(
+            "setup",
+            format_args!(
+                "MLX for Linux: {} is missing, rebuilding",
+                missing_outputs[0].display()
+            ),
+        );
     }
     // No valid stamp while the outputs are being replaced.
     util::remove_path(&layout.stamp())?;
@@ -255,7 +273,13 @@ fn build(args: &SetupArgs, arch: Arch, layout: &Layout, mlx_sys: &MlxSys) -> Res
             "check that {} exists (package libopenblas0-pthread), or use --blas reference",
             arch.openblas_dir().display()
         ),
-        || link_blas(&wheel_root.join("mlx_cpu.libs"), &arch.openblas_dir(), args.blas),
+        || {
+            link_blas(
+                &wheel_root.join("mlx_cpu.libs"),
+                &arch.openblas_dir(),
+                args.blas,
+            )
+        },
     )?;
 
     let assets = layout.assets();
@@ -316,7 +340,10 @@ fn build(args: &SetupArgs, arch: Arch, layout: &Layout, mlx_sys: &MlxSys) -> Res
 /// Hash of everything in the recipe that is not a version: the assets and the options.
 fn assets_hash() -> String {
     let mut all = String::new();
-    for part in [COMPAT_HEADER, TIME_SHIM].into_iter().chain(BINDGEN_OPTIONS) {
+    for part in [COMPAT_HEADER, TIME_SHIM]
+        .into_iter()
+        .chain(BINDGEN_OPTIONS)
+    {
         all.push_str(part);
         all.push('\0');
     }
@@ -330,7 +357,10 @@ fn locate_mlx_sys(arch: &Arch) -> Result<MlxSys> {
     if !mlx_sys.mlx_c().join("CMakeLists.txt").is_file() {
         // Sources not unpacked yet (or cleaned): let cargo download and verify them.
         util::run(util::cargo_command().args(["fetch", "--quiet"]))?;
-        mlx_sys = find_package(&util::cargo_metadata(false, Some(&arch.triple()))?, "mlx-sys")?;
+        mlx_sys = find_package(
+            &util::cargo_metadata(false, Some(&arch.triple()))?,
+            "mlx-sys",
+        )?;
     }
     let cmake = mlx_sys.mlx_c().join("CMakeLists.txt");
     let text = fs::read_to_string(&cmake)
@@ -403,27 +433,41 @@ fn pinned_mlx_tag(cmake: &str) -> Option<String> {
 fn fetch_wheel(arch: Arch, layout: &Layout, force: bool) -> Result<()> {
     let root = layout.wheel_root(MLX_VERSION);
     if !force && layout.mlx_lib(MLX_VERSION).join("libmlx.so").is_file() {
-        log("setup", format_args!("already unpacked at {}", root.display()));
+        log(
+            "setup",
+            format_args!("already unpacked at {}", root.display()),
+        );
         return Ok(());
     }
     let dl = layout.downloads();
     fs::create_dir_all(&dl).with_context(|| format!("cannot create {}", dl.display()))?;
     let platform = arch.wheel_platform();
     let mut pip = Command::new("python3");
-    pip.args(["-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"])
-        .args(["--platform", &platform])
-        .arg(format!("mlx-cpu=={MLX_VERSION}"))
-        .arg("-d")
-        .arg(&dl);
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+    ])
+    .args(["--platform", &platform])
+    .arg(format!("mlx-cpu=={MLX_VERSION}"))
+    .arg("-d")
+    .arg(&dl);
     util::run(&mut pip)?;
     let names = list_dir(&dl)?;
     let wheel = pick_wheel(&names, "mlx_cpu", MLX_VERSION, &platform).with_context(|| {
-        format!("pip left no mlx_cpu-{MLX_VERSION}-*-{platform}.whl in {}", dl.display())
+        format!(
+            "pip left no mlx_cpu-{MLX_VERSION}-*-{platform}.whl in {}",
+            dl.display()
+        )
     })?;
     let wheel = dl.join(wheel);
     let tmp = util::temp_sibling(&root);
     util::remove_path(&tmp)?;
-    let file = fs::File::open(&wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
+    let file =
+        fs::File::open(&wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
     let mut archive = zip::ZipArchive::new(file)
         .with_context(|| format!("{} is not a valid wheel (zip)", wheel.display()))?;
     archive
@@ -448,7 +492,12 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
 
 /// The wheel file of `dist` (normalised name, e.g. `mlx_cpu`) at `version` for the
 /// platform tag, among the file names of a download folder.
-pub fn pick_wheel<'a>(names: &'a [String], dist: &str, version: &str, platform: &str) -> Option<&'a str> {
+pub fn pick_wheel<'a>(
+    names: &'a [String],
+    dist: &str,
+    version: &str,
+    platform: &str,
+) -> Option<&'a str> {
     let prefix = format!("{dist}-{version}-");
     names
         .iter()
@@ -479,7 +528,10 @@ fn link_blas(libs: &Path, openblas_dir: &Path, blas: Blas) -> Result<()> {
     let names = list_dir(libs)?;
     let found = bundled_blas(&names);
     if found.is_empty() {
-        bail!("no libblas-*/liblapack-* in {}: has the wheel's layout changed?", libs.display());
+        bail!(
+            "no libblas-*/liblapack-* in {}: has the wheel's layout changed?",
+            libs.display()
+        );
     }
     for (name, kind) in found {
         let path = libs.join(name);
@@ -500,9 +552,8 @@ fn link_blas(libs: &Path, openblas_dir: &Path, blas: Blas) -> Result<()> {
             bail!("{} does not exist", target.display());
         }
         util::remove_path(&path)?;
-        symlink(&target, &path).with_context(|| {
-            format!("cannot link {} -> {}", path.display(), target.display())
-        })?;
+        symlink(&target, &path)
+            .with_context(|| format!("cannot link {} -> {}", path.display(), target.display()))?;
     }
     Ok(())
 }
@@ -581,8 +632,14 @@ fn install_bindgen(layout: &Layout) -> Result<()> {
     let bindgen = layout.bindgen();
     if bindgen.is_file() {
         let version = util::output(Command::new(&bindgen).arg("--version")).unwrap_or_default();
-        if version.split_whitespace().any(|word| word == BINDGEN_VERSION) {
-            log("setup", format_args!("{} is {}", bindgen.display(), version.trim()));
+        if version
+            .split_whitespace()
+            .any(|word| word == BINDGEN_VERSION)
+        {
+            log(
+                "setup",
+                format_args!("{} is {}", bindgen.display(), version.trim()),
+            );
             return Ok(());
         }
     }
@@ -615,7 +672,10 @@ fn generate_bindings(layout: &Layout, mlx_sys: &MlxSys, compat: &Path) -> Result
     let result = util::run(&mut bindgen).and_then(|()| {
         let size = fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
         if size < 1024 {
-            bail!("bindgen wrote {size} bytes to {}: no usable bindings", tmp.display());
+            bail!(
+                "bindgen wrote {size} bytes to {}: no usable bindings",
+                tmp.display()
+            );
         }
         fs::rename(&tmp, &dest).with_context(|| format!("cannot write {}", dest.display()))
     });
@@ -672,7 +732,10 @@ fn path_str(path: &Path) -> String {
 /// rpath to libmlx.so for binaries, tests and doc tests.
 pub fn render_cargo_config(c: &ConfigInputs<'_>) -> String {
     let native = |dir: &Path| toml_str(&format!("native={}", dir.to_string_lossy()));
-    let rpath = toml_str(&format!("link-arg=-Wl,-rpath,{}", c.mlx_lib_dir.to_string_lossy()));
+    let rpath = toml_str(&format!(
+        "link-arg=-Wl,-rpath,{}",
+        c.mlx_lib_dir.to_string_lossy()
+    ));
     let include = toml_str(&format!(
         "{}:{}",
         c.mlx_include_dir.to_string_lossy(),
@@ -721,7 +784,8 @@ mod tests {
 
     #[test]
     fn the_mlx_tag_is_read_like_mlx_sys_does() {
-        let cmake = "FetchContent_Declare(\n    mlx\n    GIT_REPOSITORY \"x\"\n    GIT_TAG v0.32.2)\n";
+        let cmake =
+            "FetchContent_Declare(\n    mlx\n    GIT_REPOSITORY \"x\"\n    GIT_TAG v0.32.2)\n";
         assert_eq!(pinned_mlx_tag(cmake).as_deref(), Some("0.32.2"));
         assert_eq!(pinned_mlx_tag("GIT_TAG v1.0.0 # x"), Some("1.0.0".into()));
         assert_eq!(pinned_mlx_tag("GIT_TAG main"), None);
@@ -811,7 +875,10 @@ mod tests {
             r#"rustflags = ["-C", "link-arg=-Wl,-rpath,/p/mlx-cpu-0.32.2/mlx/lib"]"#,
             r#"rustdocflags = ["-C", "link-arg=-Wl,-rpath,/p/mlx-cpu-0.32.2/mlx/lib"]"#,
         ] {
-            assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
         }
     }
 

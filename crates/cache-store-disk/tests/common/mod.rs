@@ -56,9 +56,11 @@ pub fn payload(kind: Kind, layers: usize, tokens: usize, seed: u64) -> KvPayload
     for l in 0..layers {
         for kv in ["k", "v"] {
             match kind {
-                Kind::Float(dtype) => {
-                    tensors.push(t(format!("l{l}.{kv}"), dtype, vec![heads, tokens, head_dim]))
-                }
+                Kind::Float(dtype) => tensors.push(t(
+                    format!("l{l}.{kv}"),
+                    dtype,
+                    vec![heads, tokens, head_dim],
+                )),
                 Kind::Quantized { bits } => {
                     let words = head_dim * bits as usize / 32;
                     let groups = head_dim / 64;
@@ -122,7 +124,9 @@ pub fn hashes(blocks: &[Arc<KvBlock>]) -> Vec<BlockHash> {
 
 /// Tokens `start..start + n` (distinct per `salt`).
 pub fn tokens(salt: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| 10_000 + salt * 1_000_000 + i).collect()
+    (0..n as u32)
+        .map(|i| 10_000 + salt * 1_000_000 + i)
+        .collect()
 }
 
 /// A manifest for `agent` covering `blocks` and `tail` extra tokens.
@@ -175,4 +179,21 @@ pub fn files_with_suffix(dir: &Path, suffix: &str) -> Vec<String> {
         .unwrap_or_default();
     out.sort();
     out
+}
+
+/// Asserts two block lists are equal, printing only hashes on failure (payloads are big).
+#[track_caller]
+pub fn assert_blocks_eq(got: &[Arc<KvBlock>], want: &[Arc<KvBlock>]) {
+    if got != want {
+        let names = |bs: &[Arc<KvBlock>]| -> Vec<String> {
+            bs.iter()
+                .map(|b| b.meta.hash.to_string()[..12].to_owned())
+                .collect()
+        };
+        panic!(
+            "blocks differ:\n got  {:?}\n want {:?}",
+            names(got),
+            names(want)
+        );
+    }
 }

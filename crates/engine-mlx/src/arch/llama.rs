@@ -1,0 +1,403 @@
+//! The Llama family: Llama 1/2/3.x (with `llama3` RoPE scaling), SmolLM, Mistral (dense),
+//! Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm), all config-driven.
+//!
+//! Per layer: `x += o(attn(rope(q), rope(k), v))` over the cached and new tokens with a causal
+//! mask, then `x += down(silu(gate(h)) · up(h))`, with RMSNorm before each block. Activations
+//! are 2-D `[tokens, hidden]` (one sequence), attention works on `[1, heads, tokens, dim]`.
+
+use super::{BuildOptions, CausalLm, Logits};
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{MlxContext, Result};
+use crate::kv::{KvLayout, SequenceKv};
+use crate::weights::{norm_weight, Embedding, Linear, RawTensor, TensorMap};
+use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::{nn, Array};
+
+/// Projections of one attention block, fused or not.
+#[derive(Debug)]
+enum Qkv {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+/// Gate and up projections, fused or not.
+#[derive(Debug)]
+enum GateUp {
+    Fused(Linear),
+    Split { gate: Linear, up: Linear },
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Array,
+    qkv: Qkv,
+    q_norm: Option<Array>,
+    k_norm: Option<Array>,
+    o: Linear,
+    ffn_norm: Array,
+    gate_up: GateUp,
+    down: Linear,
+}
+
+/// A Llama-family decoder.
+#[derive(Debug)]
+pub struct LlamaModel {
+    config: ModelConfig,
+    embed: Embedding,
+    /// Separate LM head; `None` when tied to the embedding.
+    head: Option<Linear>,
+    final_norm: Array,
+    layers: Vec<Layer>,
+    /// Custom RoPE periods (llama3 scaling), else `None` (plain base).
+    rope_freqs: Option<Array>,
+    rope_scale: f32,
+}
+
+/// RoPE periods `base^(2i/d)` with Llama 3 frequency scaling applied (as mlx-lm does).
+fn llama3_freqs(
+    base: f32,
+    dims: usize,
+    factor: f32,
+    low: f32,
+    high: f32,
+    original: f32,
+) -> Vec<f32> {
+    let low_wavelen = original / low;
+    let high_wavelen = original / high;
+    (0..dims / 2)
+        .map(|i| {
+            let f = base.powf((2 * i) as f32 / dims as f32);
+            let wavelen = 2.0 * std::f32::consts::PI * f;
+            if wavelen > low_wavelen {
+                f * factor
+            } else if wavelen > high_wavelen && wavelen < low_wavelen {
+                let smooth = (original / wavelen - low) / (high - low);
+                f / ((1.0 - smooth) / factor + smooth)
+            } else {
+                f
+            }
+        })
+        .collect()
+}
+
+impl LlamaModel {
+    /// Builds the model from canonical (GGUF-style) tensors.
+    pub fn new(config: ModelConfig, mut w: TensorMap, options: BuildOptions) -> Result<Self> {
+        let c = &config;
+        let (hidden, hd) = (c.hidden_size as i64, c.head_dim as i64);
+        let (nh, nkv) = (c.num_heads as i64, c.num_kv_heads as i64);
+        let inter = c.intermediate_size as i64;
+        let fmt = options.format;
+
+        let embed_raw = w.take("token_embd.weight")?;
+        w.check_shape("token_embd.weight", &embed_raw, &[c.vocab_size as i64, hidden])?;
+        let head = if c.tie_word_embeddings {
+            None
+        } else {
+            let t = w.take("output.weight")?;
+            w.check_shape("output.weight", &t, &[c.vocab_size as i64, hidden])?;
+            Some(Linear::fused(vec![t], vec![None], fmt)?)
+        };
+        let embed = Embedding::new(embed_raw, fmt)?;
+        let final_norm = norm_weight(&mut w, "output_norm.weight", c.hidden_size)?;
+
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let mut take = |s: &str, shape: &[i64]| -> Result<RawTensor> {
+                let name = p(s);
+                let t = w.take(&name)?;
+                w.check_shape(&name, &t, shape)?;
+                Ok(t)
+            };
+            let q = take("attn_q.weight", &[nh * hd, hidden])?;
+            let k = take("attn_k.weight", &[nkv * hd, hidden])?;
+            let v = take("attn_v.weight", &[nkv * hd, hidden])?;
+            let o = take("attn_output.weight", &[hidden, nh * hd])?;
+            let gate = take("ffn_gate.weight", &[inter, hidden])?;
+            let up = take("ffn_up.weight", &[inter, hidden])?;
+            let down = take("ffn_down.weight", &[hidden, inter])?;
+            let (qb, kb, vb) = if c.attention_bias {
+                (
+                    Some(take("attn_q.bias", &[nh * hd])?),
+                    Some(take("attn_k.bias", &[nkv * hd])?),
+                    Some(take("attn_v.bias", &[nkv * hd])?),
+                )
+            } else {
+                (None, None, None)
+            };
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(norm_weight(&mut w, &p("attn_q_norm.weight"), c.head_dim)?),
+                    Some(norm_weight(&mut w, &p("attn_k_norm.weight"), c.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            let qkv = if options.fuse_projections {
+                Qkv::Fused(Linear::fused(vec![q, k, v], vec![qb, kb, vb], fmt)?)
+            } else {
+                Qkv::Split {
+                    q: Linear::fused(vec![q], vec![qb], fmt)?,
+                    k: Linear::fused(vec![k], vec![kb], fmt)?,
+                    v: Linear::fused(vec![v], vec![vb], fmt)?,
+                }
+            };
+            let gate_up = if options.fuse_projections {
+                GateUp::Fused(Linear::fused(vec![gate, up], vec![None, None], fmt)?)
+            } else {
+                GateUp::Split {
+                    gate: Linear::fused(vec![gate], vec![None], fmt)?,
+                    up: Linear::fused(vec![up], vec![None], fmt)?,
+                }
+            };
+            let layer = Layer {
+                attn_norm: norm_weight(&mut w, &p("attn_norm.weight"), c.hidden_size)?,
+                ffn_norm: norm_weight(&mut w, &p("ffn_norm.weight"), c.hidden_size)?,
+                qkv,
+                q_norm,
+                k_norm,
+                o: Linear::fused(vec![o], vec![None], fmt)?,
+                gate_up,
+                down: Linear::fused(vec![down], vec![None], fmt)?,
+            };
+            // Materialize layer by layer: the dequantized, unfused copies are freed at once,
+            // which keeps the load's peak memory near the final size.
+            mlx_rs::transforms::eval(layer_arrays(&layer)).ctx("materializing weights")?;
+            layers.push(layer);
+        }
+
+        let half = c.rope_dims / 2;
+        let (rope_freqs, rope_scale) = match &c.rope_scaling {
+            RopeScaling::None => (None, 1.0),
+            RopeScaling::Linear { factor } => (None, 1.0 / factor.max(f32::MIN_POSITIVE)),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let f = llama3_freqs(
+                    c.rope_theta,
+                    c.rope_dims,
+                    *factor,
+                    *low_freq_factor,
+                    *high_freq_factor,
+                    *original_max_position_embeddings,
+                );
+                (Some(Array::from_slice(&f, &[half as i32])), 1.0)
+            }
+            RopeScaling::FreqFactors => {
+                let t = w.take("rope_freqs.weight")?;
+                w.check_shape("rope_freqs.weight", &t, &[half as i64])?;
+                let factors = t.to_f32()?;
+                let periods: Vec<f32> = (0..half)
+                    .map(|i| c.rope_theta.powf((2 * i) as f32 / c.rope_dims as f32))
+                    .collect();
+                let periods = Array::from_slice(&periods, &[half as i32]);
+                (
+                    Some(periods.multiply(&factors).ctx("scaling RoPE periods")?),
+                    1.0,
+                )
+            }
+        };
+
+        let model = LlamaModel {
+            config,
+            embed,
+            head,
+            final_norm,
+            layers,
+            rope_freqs,
+            rope_scale,
+        };
+        mlx_rs::transforms::eval(model.arrays()).ctx("materializing weights")?;
+        Ok(model)
+    }
+
+    fn rope(&self, x: &Array, offset: i32) -> Result<Array> {
+        let c = &self.config;
+        let base = if self.rope_freqs.is_some() {
+            None
+        } else {
+            Some(c.rope_theta)
+        };
+        fast::rope(
+            x,
+            c.rope_dims as i32,
+            c.rope_traditional,
+            base,
+            self.rope_scale,
+            offset,
+            self.rope_freqs.as_ref(),
+        )
+        .ctx("rope")
+    }
+}
+
+/// `[L, heads × dim]` → `[1, heads, L, dim]`.
+fn heads_first(x: &Array, l: i32, heads: i32, dim: i32) -> Result<Array> {
+    x.reshape(&[1, l, heads, dim])
+        .ctx("reshape")?
+        .transpose_axes(&[0, 2, 1, 3])
+        .ctx("transpose")
+}
+
+impl CausalLm for LlamaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self, block_tokens: usize) -> KvLayout {
+        KvLayout {
+            num_layers: self.config.num_layers,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            block_tokens,
+        }
+    }
+
+    fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Array> {
+        let c = &self.config;
+        let l = i32::try_from(tokens.len())
+            .map_err(|_| crate::error::Error::Request("too many tokens".into()))?;
+        if l == 0 {
+            return Err(crate::error::Error::Request(
+                "a forward pass needs at least one token".into(),
+            ));
+        }
+        let offset = i32::try_from(kv.len())
+            .map_err(|_| crate::error::Error::Request("sequence too long".into()))?;
+        kv.reserve(kv.len() + tokens.len())?;
+        let (nh, nkv, hd) = (
+            c.num_heads as i32,
+            c.num_kv_heads as i32,
+            c.head_dim as i32,
+        );
+        let inter = c.intermediate_size as i32;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let eps = c.rms_norm_eps;
+
+        let ids = Array::from_slice(tokens, &[l]);
+        let mut x = self.embed.lookup(&ids)?; // [L, hidden]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
+            let (q, k, v) = match &layer.qkv {
+                Qkv::Fused(lin) => {
+                    let qkv = lin
+                        .forward(&h)?
+                        .reshape(&[1, l, nh + 2 * nkv, hd])
+                        .ctx("reshape qkv")?;
+                    let q = qkv.try_index((.., .., ..nh, ..)).ctx("split q")?;
+                    let k = qkv.try_index((.., .., nh..nh + nkv, ..)).ctx("split k")?;
+                    let v = qkv.try_index((.., .., nh + nkv.., ..)).ctx("split v")?;
+                    let t = |a: Array| a.transpose_axes(&[0, 2, 1, 3]).ctx("transpose");
+                    (t(q)?, t(k)?, t(v)?)
+                }
+                Qkv::Split { q, k, v } => (
+                    heads_first(&q.forward(&h)?, l, nh, hd)?,
+                    heads_first(&k.forward(&h)?, l, nkv, hd)?,
+                    heads_first(&v.forward(&h)?, l, nkv, hd)?,
+                ),
+            };
+            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+                (Some(qn), Some(kn)) => (
+                    fast::rms_norm(&q, Some(qn), eps).ctx("q norm")?,
+                    fast::rms_norm(&k, Some(kn), eps).ctx("k norm")?,
+                ),
+                _ => (q, k),
+            };
+            let q = self.rope(&q, offset)?;
+            let k = self.rope(&k, offset)?;
+            let (keys, values) = kv.write(i, &k, &v)?;
+            let o = if l > 1 {
+                fast::scaled_dot_product_attention(
+                    &q,
+                    &keys,
+                    &values,
+                    scale,
+                    ScaledDotProductAttentionMask::Causal,
+                    None,
+                )
+            } else {
+                fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)
+            }
+            .ctx("attention")?;
+            let o = o
+                .transpose_axes(&[0, 2, 1, 3])
+                .ctx("transpose")?
+                .reshape(&[l, nh * hd])
+                .ctx("reshape")?;
+            x = layer.o.forward_residual(&o, &x)?;
+
+            let h = fast::rms_norm(&x, Some(&layer.ffn_norm), eps).ctx("rms_norm")?;
+            let (g, u) = match &layer.gate_up {
+                GateUp::Fused(lin) => {
+                    let gu = lin.forward(&h)?;
+                    (
+                        gu.try_index((.., ..inter)).ctx("split gate")?,
+                        gu.try_index((.., inter..)).ctx("split up")?,
+                    )
+                }
+                GateUp::Split { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
+            };
+            let a = nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
+            x = layer.down.forward_residual(&a, &x)?;
+        }
+        kv.advance(tokens.len());
+
+        let x = match logits {
+            Logits::Last => x.try_index((l - 1.., ..)).ctx("last position")?,
+            Logits::All => x,
+        };
+        let x = fast::rms_norm(&x, Some(&self.final_norm), eps).ctx("final norm")?;
+        let out = match &self.head {
+            Some(head) => head.forward(&x)?,
+            None => self.embed.as_head(&x)?,
+        };
+        match logits {
+            Logits::Last => out.reshape(&[-1]).ctx("reshape logits"),
+            Logits::All => Ok(out),
+        }
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v: Vec<&Array> = self.embed.arrays();
+        v.push(&self.final_norm);
+        if let Some(h) = &self.head {
+            v.extend(h.arrays());
+        }
+        if let Some(f) = &self.rope_freqs {
+            v.push(f);
+        }
+        for l in &self.layers {
+            v.extend(layer_arrays(l));
+        }
+        v
+    }
+}
+
+fn layer_arrays(l: &Layer) -> Vec<&Array> {
+    let mut v: Vec<&Array> = vec![&l.attn_norm, &l.ffn_norm];
+    v.extend(l.q_norm.iter());
+    v.extend(l.k_norm.iter());
+    match &l.qkv {
+        Qkv::Fused(x) => v.extend(x.arrays()),
+        Qkv::Split { q, k, v: vv } => {
+            v.extend(q.arrays());
+            v.extend(k.arrays());
+            v.extend(vv.arrays());
+        }
+    }
+    v.extend(l.o.arrays());
+    match &l.gate_up {
+        GateUp::Fused(x) => v.extend(x.arrays()),
+        GateUp::Split { gate, up } => {
+            v.extend(gate.arrays());
+            v.extend(up.arrays());
+        }
+    }
+    v.extend(l.down.arrays());
+    v
+}

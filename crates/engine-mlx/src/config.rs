@@ -1,0 +1,429 @@
+//! Architecture and hyper-parameters, from GGUF metadata or a Hugging Face `config.json`.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufHeader;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Model families with an implementation in this crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 1/2/3.x, SmolLM, Mistral (dense): RMSNorm, RoPE, GQA, SwiGLU.
+    Llama,
+    /// Qwen2 / Qwen2.5: Llama plus biases on the q/k/v projections.
+    Qwen2,
+    /// Qwen3 (dense): Llama plus RMSNorm on each query and key head.
+    Qwen3,
+}
+
+/// Architecture names accepted, as GGUF `general.architecture` or HF `model_type`.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+impl Family {
+    /// The family of an architecture name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" | "mistral" => Some(Family::Llama),
+            "qwen2" => Some(Family::Qwen2),
+            "qwen3" => Some(Family::Qwen3),
+            _ => None,
+        }
+    }
+}
+
+/// Rotary-embedding frequency scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// None.
+    None,
+    /// Positions divided by `factor` (`rope_scaling.type == "linear"`).
+    Linear {
+        /// The factor.
+        factor: f32,
+    },
+    /// Llama 3.x frequency-dependent scaling (`rope_type == "llama3"`).
+    Llama3 {
+        /// Overall factor.
+        factor: f32,
+        /// Low-frequency factor.
+        low_freq_factor: f32,
+        /// High-frequency factor.
+        high_freq_factor: f32,
+        /// Context length the model was trained with.
+        original_max_position_embeddings: f32,
+    },
+    /// Per-frequency divisors stored in the GGUF (`rope_freqs.weight`, llama.cpp's form of
+    /// Llama 3 scaling); read with the weights.
+    FreqFactors,
+}
+
+/// Everything the forward pass needs to know about the model's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture name as found (`llama`, `mistral`, `qwen2`, `qwen3`).
+    pub architecture: String,
+    /// Implementation family.
+    pub family: Family,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA).
+    pub num_kv_heads: usize,
+    /// Per-head dimension.
+    pub head_dim: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// Dimensions rotated per head (usually `head_dim`).
+    pub rope_dims: usize,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Interleaved ("traditional") RoPE: true for llama.cpp's permuted Q/K of llama GGUFs.
+    pub rope_traditional: bool,
+    /// LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Bias on the q/k/v projections.
+    pub attention_bias: bool,
+    /// RMSNorm on each query/key head (Qwen3).
+    pub qk_norm: bool,
+    /// Longest supported context.
+    pub context_length: usize,
+}
+
+fn missing(path: &Path, field: &str) -> Error {
+    Error::MissingField {
+        path: path.to_path_buf(),
+        field: field.to_owned(),
+    }
+}
+
+fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        path: path.to_path_buf(),
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn unsupported(path: &Path, arch: &str) -> Error {
+    Error::UnsupportedArchitecture {
+        path: path.to_path_buf(),
+        architecture: arch.to_owned(),
+        supported: SUPPORTED_ARCHITECTURES.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A positive count that fits the tensor API's i32 dimensions.
+fn count(path: &Path, field: &str, v: Option<u64>) -> Result<usize> {
+    match v {
+        Some(n) if n > 0 && n <= i32::MAX as u64 => Ok(n as usize),
+        Some(n) => Err(invalid(path, field, format!("{n} is out of range"))),
+        None => Err(missing(path, field)),
+    }
+}
+
+impl ModelConfig {
+    /// Reads the configuration from GGUF metadata.
+    pub fn from_gguf(h: &GgufHeader) -> Result<Self> {
+        let path = h.path.as_path();
+        let arch = h
+            .get("general.architecture")
+            .ok_or_else(|| missing(path, "general.architecture"))?
+            .as_str()
+            .ok_or_else(|| invalid(path, "general.architecture", "must be a string"))?
+            .to_owned();
+        let family = Family::from_name(&arch).ok_or_else(|| unsupported(path, &arch))?;
+        let key = |s: &str| format!("{arch}.{s}");
+        let uint = |s: &str| -> Result<Option<u64>> {
+            let k = key(s);
+            match h.get(&k) {
+                None => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) => Ok(Some(n)),
+                    // Per-layer arrays (some converters) are accepted when uniform.
+                    None => match v.as_array() {
+                        Some(items) if !items.is_empty() => {
+                            let first = items[0].as_u64();
+                            if items.iter().all(|x| x.as_u64() == first) {
+                                Ok(first)
+                            } else {
+                                Err(invalid(path, &k, "per-layer values differ"))
+                            }
+                        }
+                        _ => Err(invalid(path, &k, "must be an unsigned integer")),
+                    },
+                },
+            }
+        };
+        let float = |s: &str| -> Result<Option<f64>> {
+            let k = key(s);
+            match h.get(&k) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| invalid(path, &k, "must be a number")),
+            }
+        };
+        let hidden_size = count(path, &key("embedding_length"), uint("embedding_length")?)?;
+        let num_layers = count(path, &key("block_count"), uint("block_count")?)?;
+        let num_heads = count(
+            path,
+            &key("attention.head_count"),
+            uint("attention.head_count")?,
+        )?;
+        let num_kv_heads = count(
+            path,
+            &key("attention.head_count_kv"),
+            uint("attention.head_count_kv")?.or(Some(num_heads as u64)),
+        )?;
+        let head_dim = match uint("attention.key_length")? {
+            Some(d) => count(path, &key("attention.key_length"), Some(d))?,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(invalid(
+                        path,
+                        &key("embedding_length"),
+                        "not divisible by the head count",
+                    ));
+                }
+                hidden_size / num_heads
+            }
+        };
+        let intermediate_size = count(
+            path,
+            &key("feed_forward_length"),
+            uint("feed_forward_length")?,
+        )?;
+        let vocab_from_tokens = h
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .map(|a| a.len() as u64);
+        let vocab_size = count(
+            path,
+            &key("vocab_size"),
+            uint("vocab_size")?.or(vocab_from_tokens),
+        )?;
+        let rms_norm_eps = float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f32;
+        let rope_theta = float("rope.freq_base")?.unwrap_or(10_000.0) as f32;
+        let rope_dims = match uint("rope.dimension_count")? {
+            Some(d) => count(path, &key("rope.dimension_count"), Some(d))?,
+            None => head_dim,
+        };
+        let context_length = count(
+            path,
+            &key("context_length"),
+            uint("context_length")?.or(Some(4096)),
+        )?;
+        let tensors = h.tensor_map();
+        let rope_scaling = if tensors.contains_key("rope_freqs.weight") {
+            RopeScaling::FreqFactors
+        } else {
+            match h.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+                Some("linear") => RopeScaling::Linear {
+                    factor: float("rope.scaling.factor")?.unwrap_or(1.0) as f32,
+                },
+                _ => RopeScaling::None,
+            }
+        };
+        let cfg = ModelConfig {
+            family,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate_size,
+            vocab_size,
+            rms_norm_eps,
+            rope_theta,
+            rope_dims,
+            rope_scaling,
+            // llama.cpp permutes Q/K rows of llama-family models for interleaved RoPE; qwen
+            // models use NEOX-style (non-interleaved) RoPE and are stored unpermuted.
+            rope_traditional: family == Family::Llama,
+            tie_word_embeddings: !tensors.contains_key("output.weight"),
+            attention_bias: tensors.contains_key("blk.0.attn_q.bias"),
+            qk_norm: tensors.contains_key("blk.0.attn_q_norm.weight"),
+            context_length,
+            architecture: arch,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads the configuration from a Hugging Face `config.json` value.
+    pub fn from_hf_config(path: &Path, v: &Value) -> Result<Self> {
+        let arch = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| missing(path, "model_type"))?
+            .to_owned();
+        let family = Family::from_name(&arch).ok_or_else(|| unsupported(path, &arch))?;
+        let uint = |k: &str| -> Result<Option<u64>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| invalid(path, k, "must be an unsigned integer")),
+            }
+        };
+        let float = |k: &str| -> Result<Option<f64>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| invalid(path, k, "must be a number")),
+            }
+        };
+        let boolean = |k: &str| -> Result<Option<bool>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_bool()
+                    .map(Some)
+                    .ok_or_else(|| invalid(path, k, "must be a boolean")),
+            }
+        };
+        let hidden_size = count(path, "hidden_size", uint("hidden_size")?)?;
+        let num_layers = count(path, "num_hidden_layers", uint("num_hidden_layers")?)?;
+        let num_heads = count(path, "num_attention_heads", uint("num_attention_heads")?)?;
+        let num_kv_heads = count(
+            path,
+            "num_key_value_heads",
+            uint("num_key_value_heads")?.or(Some(num_heads as u64)),
+        )?;
+        let head_dim = match uint("head_dim")? {
+            Some(d) => count(path, "head_dim", Some(d))?,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(invalid(
+                        path,
+                        "hidden_size",
+                        "not divisible by num_attention_heads",
+                    ));
+                }
+                hidden_size / num_heads
+            }
+        };
+        let intermediate_size = count(path, "intermediate_size", uint("intermediate_size")?)?;
+        let vocab_size = count(path, "vocab_size", uint("vocab_size")?)?;
+        let rope_scaling = match v.get("rope_scaling") {
+            None | Some(Value::Null) => RopeScaling::None,
+            Some(rs) => {
+                let ty = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                let f = |k: &str, d: f64| rs.get(k).and_then(Value::as_f64).unwrap_or(d) as f32;
+                match ty {
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: f("factor", 8.0),
+                        low_freq_factor: f("low_freq_factor", 1.0),
+                        high_freq_factor: f("high_freq_factor", 4.0),
+                        original_max_position_embeddings: f(
+                            "original_max_position_embeddings",
+                            8192.0,
+                        ),
+                    },
+                    "linear" => RopeScaling::Linear {
+                        factor: f("factor", 1.0),
+                    },
+                    "default" => RopeScaling::None,
+                    other => {
+                        return Err(invalid(
+                            path,
+                            "rope_scaling.rope_type",
+                            format!("`{other}` is not supported (supported: llama3, linear)"),
+                        ))
+                    }
+                }
+            }
+        };
+        let cfg = ModelConfig {
+            family,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate_size,
+            vocab_size,
+            rms_norm_eps: float("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_theta: float("rope_theta")?.unwrap_or(10_000.0) as f32,
+            rope_dims: head_dim,
+            rope_scaling,
+            rope_traditional: false,
+            tie_word_embeddings: boolean("tie_word_embeddings")?.unwrap_or(family != Family::Qwen2),
+            attention_bias: boolean("attention_bias")?.unwrap_or(family == Family::Qwen2),
+            qk_norm: family == Family::Qwen3,
+            context_length: count(
+                path,
+                "max_position_embeddings",
+                uint("max_position_embeddings")?.or(Some(4096)),
+            )?,
+            architecture: arch,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(invalid(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    self.num_heads, self.num_kv_heads
+                ),
+            ));
+        }
+        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+            return Err(invalid(
+                path,
+                "rope.dimension_count",
+                format!(
+                    "{} must be even and at most the head dim {}",
+                    self.rope_dims, self.head_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The path-free description used in logs.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} ({} layers, hidden {}, {}/{} heads of {}, inter {}, vocab {})",
+            self.architecture,
+            self.num_layers,
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size
+        )
+    }
+}
+
+/// Where a model was loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// One GGUF file.
+    Gguf(PathBuf),
+    /// A directory with `config.json`, safetensors weights and tokenizer files.
+    SafetensorsDir(PathBuf),
+}

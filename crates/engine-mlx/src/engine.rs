@@ -1,0 +1,660 @@
+//! The engine handle ([`MlxEngine`], Send + Sync) and its worker thread, which owns every
+//! MLX object (arrays are Send but not Sync, and MLX streams are thread-local).
+
+use crate::arch::{self, BuildOptions, CausalLm, Logits};
+use crate::config::ModelConfig;
+use crate::error::{Error, MlxContext, Result};
+use crate::formatter::MlxChatFormatter;
+use crate::gguf::{GgmlType, GgufHeader};
+use crate::hub;
+use crate::kv::SequenceKv;
+use crate::sampling;
+use crate::weights::{self, WeightFormat};
+use agent_session::{
+    EngineError, InferenceEngine, KvBlock, KvPayload, ModelDescriptor, SequenceId, StepRequest,
+    TokenId,
+};
+use async_trait::async_trait;
+use futures::channel::oneshot;
+use model_cache_spec::{KvStorage, ModelCacheSpec};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+/// How to load and run a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block (a positive multiple of 64).
+    pub block_tokens: u32,
+    /// Weight format for compute.
+    pub weight_format: WeightFormat,
+    /// Quantize exported KV blocks to 8 or 4 bits (group 64); `None`: export the live f32
+    /// values bit-exactly.
+    pub kv_bits: Option<u8>,
+    /// One matmul for q/k/v and one for gate/up (faster; same results up to rounding).
+    pub fuse_projections: bool,
+    /// Hugging Face hub cache directory (default: `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+    pub hf_cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_tokens: model_cache_spec::DEFAULT_BLOCK_TOKENS,
+            weight_format: WeightFormat::default(),
+            kv_bits: None,
+            fuse_projections: true,
+            hf_cache_dir: None,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// Commands to the worker thread.
+enum Command {
+    Open(Reply<u64>),
+    Import(u64, Vec<Arc<KvBlock>>, Reply<()>),
+    Prefill(u64, Vec<TokenId>, Reply<()>),
+    Step(Vec<StepRequest>, Reply<Vec<Result<TokenId>>>),
+    Export(u64, usize, usize, Reply<Vec<KvPayload>>),
+    Truncate(u64, usize, Reply<()>),
+    Len(u64, Reply<usize>),
+    Release(u64, Reply<()>),
+    Logits(u64, Reply<Vec<f32>>),
+    ForwardAll(Vec<TokenId>, Reply<Vec<f32>>),
+}
+
+/// The inference engine: a handle to the worker thread that owns the model and every
+/// sequence's KV. Cheap to share (`Arc<MlxEngine>`); every method is a message to the worker.
+#[derive(Debug)]
+pub struct MlxEngine {
+    tx: mpsc::Sender<Command>,
+    descriptor: ModelDescriptor,
+    kv_bits: Option<u8>,
+}
+
+/// What was found at the path or id given to [`MlxEngine::load`].
+#[derive(Debug)]
+enum Resolved {
+    Gguf(PathBuf),
+    Dir(PathBuf),
+}
+
+fn resolve(model: &str, config: &EngineConfig) -> Result<Resolved> {
+    let path = Path::new(model);
+    if path.is_file() {
+        return Ok(Resolved::Gguf(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        if path.join("config.json").is_file() {
+            return Ok(Resolved::Dir(path.to_path_buf()));
+        }
+        let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        return match ggufs.as_slice() {
+            [one] => Ok(Resolved::Gguf(one.clone())),
+            _ => Err(Error::MissingField {
+                path: path.to_path_buf(),
+                field: "config.json (or exactly one .gguf file)".into(),
+            }),
+        };
+    }
+    if hub::looks_like_hub_id(model) {
+        return hub::fetch(model, config.hf_cache_dir.as_deref()).map(Resolved::Dir);
+    }
+    Err(Error::NotFound {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Blake3 of a file's first `len` bytes.
+fn hash_prefix(path: &Path, len: u64) -> Result<blake3::Hash> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let mut h = blake3::Hasher::new();
+    let mut reader = std::io::BufReader::new(f).take(len);
+    std::io::copy(&mut reader, &mut h).map_err(io)?;
+    Ok(h.finalize())
+}
+
+fn kv_storage(config: &EngineConfig) -> Result<KvStorage> {
+    match config.kv_bits {
+        None => Ok(KvStorage::FP32),
+        Some(bits @ (4 | 8)) => Ok(KvStorage::Quantized {
+            bits,
+            group_size: crate::kv::KV_QUANT_GROUP as u32,
+        }),
+        Some(other) => Err(Error::Config {
+            field: "kv_bits",
+            reason: format!("{other} (supported: 4, 8)"),
+        }),
+    }
+}
+
+/// Everything prepared on the caller's thread before the worker loads weights.
+struct Prepared {
+    source: Resolved,
+    config: ModelConfig,
+    header: Option<GgufHeader>,
+    hf_config: Option<serde_json::Value>,
+    descriptor: ModelDescriptor,
+    formatter: MlxChatFormatter,
+}
+
+fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
+    let storage = kv_storage(cfg)?;
+    let source = resolve(model, cfg)?;
+    let mut fp = blake3::Hasher::new();
+    fp.update(b"semantic-model-v1\0");
+    let (config, header, hf_config, formatter, spec, id, weight_desc, path) = match &source {
+        Resolved::Gguf(path) => {
+            let header = GgufHeader::read(path)?;
+            let config = ModelConfig::from_gguf(&header)?;
+            let formatter = MlxChatFormatter::from_gguf(&header)?;
+            let meta = header.metadata_json();
+            let spec = ModelCacheSpec::from_gguf_metadata(&meta, cfg.block_tokens)
+                .and_then(|s| s.with_kv_storage(storage))
+                .map_err(|source| Error::Spec {
+                    path: path.clone(),
+                    source,
+                })?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            fp.update(name.as_bytes());
+            fp.update(&header.file_size.to_le_bytes());
+            fp.update(hash_prefix(path, header.data_offset)?.as_bytes());
+            let id = path
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // The weight type of most matrices, for the descriptor.
+            let mut counts: HashMap<&'static str, usize> = HashMap::new();
+            for t in header.tensors.iter().filter(|t| t.shape.len() == 2) {
+                *counts.entry(t.ggml_type.name()).or_default() += 1;
+            }
+            let main = counts
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(k, _)| k)
+                .unwrap_or("F32");
+            let quantized = header.tensors.iter().any(|t| t.ggml_type.is_quantized());
+            let desc = match (cfg.weight_format, quantized) {
+                (WeightFormat::F32, true) => format!("f32 (dequantized from {main})"),
+                (WeightFormat::F32, false) => format!("f32 (from {main})"),
+                (WeightFormat::Quantized, true) => {
+                    format!("quantized ({main} as MLX affine, group 32)")
+                }
+                (WeightFormat::Quantized, false) => format!("f32 (from {main})"),
+            };
+            let _ = GgmlType::SUPPORTED;
+            (
+                config,
+                Some(header),
+                None,
+                formatter,
+                spec,
+                id,
+                desc,
+                path.clone(),
+            )
+        }
+        Resolved::Dir(dir) => {
+            let cpath = dir.join("config.json");
+            let text = std::fs::read_to_string(&cpath).map_err(|source| Error::Io {
+                path: cpath.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Invalid {
+                    path: cpath.clone(),
+                    field: "(file)".into(),
+                    reason: e.to_string(),
+                })?;
+            let config = ModelConfig::from_hf_config(&cpath, &v)?;
+            let formatter = MlxChatFormatter::from_dir(dir)?;
+            let spec = ModelCacheSpec::from_config(&v, cfg.block_tokens)
+                .and_then(|s| s.with_kv_storage(storage))
+                .map_err(|source| Error::Spec {
+                    path: cpath.clone(),
+                    source,
+                })?;
+            fp.update(text.as_bytes());
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|source| Error::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            files.sort();
+            for f in &files {
+                let size = std::fs::metadata(f)
+                    .map_err(|source| Error::Io {
+                        path: f.clone(),
+                        source,
+                    })?
+                    .len();
+                fp.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+                fp.update(&size.to_le_bytes());
+                fp.update(hash_prefix(f, 1 << 20)?.as_bytes());
+            }
+            let id = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let quant = v.get("quantization").is_some();
+            let desc = match (cfg.weight_format, quant) {
+                (WeightFormat::F32, true) => "f32 (dequantized from MLX affine)".to_owned(),
+                (WeightFormat::Quantized, true) => "quantized (MLX affine)".to_owned(),
+                _ => "f32".to_owned(),
+            };
+            (config, None, Some(v), formatter, spec, id, desc, cpath)
+        }
+    };
+    fp.update(b"\0spec\0");
+    fp.update(spec.canonical_string().as_bytes());
+    fp.update(b"\0tokenizer\0");
+    fp.update(
+        agent_session::ChatFormatter::fingerprint(&formatter).as_bytes(),
+    );
+    // KV computed with another weight format differs in the last bits: never mixed.
+    fp.update(b"\0weights\0");
+    fp.update(cfg.weight_format.name().as_bytes());
+    let _ = path;
+    let descriptor = ModelDescriptor {
+        id,
+        fingerprint: fp.finalize().to_hex().to_string(),
+        architecture: config.architecture.clone(),
+        weight_format: weight_desc,
+        spec,
+        context_length: config.context_length,
+        vocab_size: config.vocab_size,
+    };
+    Ok(Prepared {
+        source,
+        config,
+        header,
+        hf_config,
+        descriptor,
+        formatter,
+    })
+}
+
+impl MlxEngine {
+    /// Loads a model — a GGUF file, a directory (safetensors with `config.json`, or one
+    /// `.gguf`), or a Hugging Face id `org/name` — and starts the worker thread.
+    ///
+    /// Returns the engine and the model's chat formatter (tokenizer + template). Blocks until
+    /// the weights are loaded.
+    pub fn load(
+        model: &str,
+        config: EngineConfig,
+    ) -> Result<(MlxEngine, Arc<MlxChatFormatter>)> {
+        let started = std::time::Instant::now();
+        let prepared = prepare(model, &config)?;
+        let Prepared {
+            source,
+            config: model_config,
+            header,
+            hf_config,
+            descriptor,
+            formatter,
+        } = prepared;
+        let (tx, rx) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+        let options = BuildOptions {
+            format: config.weight_format,
+            fuse_projections: config.fuse_projections,
+        };
+        let block_tokens = config.block_tokens as usize;
+        let kv_bits = config.kv_bits;
+        std::thread::Builder::new()
+            .name("engine-mlx".into())
+            .spawn(move || {
+                let built = (|| -> Result<Box<dyn CausalLm>> {
+                    let tensors = match (&source, &header, &hf_config) {
+                        (Resolved::Gguf(_), Some(h), _) => weights::load_gguf(h)?,
+                        (Resolved::Dir(dir), _, Some(v)) => weights::load_safetensors_dir(dir, v)?,
+                        _ => {
+                            return Err(Error::Request("inconsistent model source".into()));
+                        }
+                    };
+                    arch::build(&model_config, tensors, options)
+                })();
+                match built {
+                    Ok(model) => {
+                        let _ = ready_tx.send(Ok(()));
+                        Worker {
+                            model,
+                            seqs: HashMap::new(),
+                            next_id: 1,
+                            block_tokens,
+                            kv_bits,
+                        }
+                        .run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|_| Error::WorkerStopped)?;
+        ready_rx.recv().map_err(|_| Error::WorkerStopped)??;
+        tracing::info!(
+            model = %descriptor.id,
+            architecture = %descriptor.architecture,
+            weights = %descriptor.weight_format,
+            seconds = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok((
+            MlxEngine {
+                tx,
+                descriptor,
+                kv_bits,
+            },
+            Arc::new(formatter),
+        ))
+    }
+
+    /// The KV export quantization in use.
+    pub fn kv_bits(&self) -> Option<u8> {
+        self.kv_bits
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| Error::WorkerStopped)?;
+        rx.await.map_err(|_| Error::WorkerStopped)?
+    }
+
+    /// The pending (last-position) logits of a sequence, for tests and debugging.
+    #[doc(hidden)]
+    pub async fn debug_logits(&self, seq: SequenceId) -> Result<Vec<f32>> {
+        self.call(|r| Command::Logits(seq.0, r)).await
+    }
+
+    /// Logits of every position of `tokens` run from an empty context, `[len × vocab]` row
+    /// major (golden tests).
+    #[doc(hidden)]
+    pub async fn debug_forward_all(&self, tokens: Vec<TokenId>) -> Result<Vec<f32>> {
+        self.call(|r| Command::ForwardAll(tokens, r)).await
+    }
+}
+
+#[async_trait]
+impl InferenceEngine for MlxEngine {
+    fn model(&self) -> &ModelDescriptor {
+        &self.descriptor
+    }
+
+    async fn open_sequence(&self) -> Result<SequenceId, EngineError> {
+        Ok(SequenceId(self.call(Command::Open).await?))
+    }
+
+    async fn import_blocks(
+        &self,
+        seq: SequenceId,
+        blocks: Vec<Arc<KvBlock>>,
+    ) -> Result<(), EngineError> {
+        Ok(self.call(|r| Command::Import(seq.0, blocks, r)).await?)
+    }
+
+    async fn prefill(&self, seq: SequenceId, tokens: Vec<TokenId>) -> Result<(), EngineError> {
+        Ok(self.call(|r| Command::Prefill(seq.0, tokens, r)).await?)
+    }
+
+    async fn step(
+        &self,
+        batch: Vec<StepRequest>,
+    ) -> Result<Vec<Result<TokenId, EngineError>>, EngineError> {
+        let out = self.call(|r| Command::Step(batch, r)).await?;
+        Ok(out.into_iter().map(|r| r.map_err(EngineError::from)).collect())
+    }
+
+    async fn export_blocks(
+        &self,
+        seq: SequenceId,
+        first_block: usize,
+        count: usize,
+    ) -> Result<Vec<KvPayload>, EngineError> {
+        Ok(self
+            .call(|r| Command::Export(seq.0, first_block, count, r))
+            .await?)
+    }
+
+    async fn truncate(&self, seq: SequenceId, tokens: usize) -> Result<(), EngineError> {
+        Ok(self.call(|r| Command::Truncate(seq.0, tokens, r)).await?)
+    }
+
+    async fn sequence_len(&self, seq: SequenceId) -> Result<usize, EngineError> {
+        Ok(self.call(|r| Command::Len(seq.0, r)).await?)
+    }
+
+    async fn release(&self, seq: SequenceId) -> Result<(), EngineError> {
+        Ok(self.call(|r| Command::Release(seq.0, r)).await?)
+    }
+}
+
+/// One sequence inside the worker.
+struct Sequence {
+    kv: SequenceKv,
+    /// Token ids whose KV is held (for the repetition penalty).
+    tokens: Vec<TokenId>,
+    /// Logits of the last position, pending sampling.
+    logits: Option<Vec<f32>>,
+}
+
+/// The worker: owns the model and the sequences; runs commands one at a time.
+struct Worker {
+    model: Box<dyn CausalLm>,
+    seqs: HashMap<u64, Sequence>,
+    next_id: u64,
+    block_tokens: usize,
+    kv_bits: Option<u8>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                Command::Open(r) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let kv = SequenceKv::new(self.model.kv_layout(self.block_tokens));
+                    self.seqs.insert(
+                        id,
+                        Sequence {
+                            kv,
+                            tokens: Vec::new(),
+                            logits: None,
+                        },
+                    );
+                    let _ = r.send(Ok(id));
+                }
+                Command::Import(id, blocks, r) => {
+                    let _ = r.send(self.import(id, &blocks));
+                }
+                Command::Prefill(id, tokens, r) => {
+                    let _ = r.send(self.prefill(id, &tokens));
+                }
+                Command::Step(batch, r) => {
+                    let _ = r.send(Ok(self.step(&batch)));
+                }
+                Command::Export(id, first, count, r) => {
+                    let res = self.seq(id).and_then(|s| {
+                        s.kv.export_blocks(first, count, self.kv_bits)
+                    });
+                    let _ = r.send(res);
+                }
+                Command::Truncate(id, n, r) => {
+                    let res = self.seq_mut(id).and_then(|s| {
+                        if n > s.kv.len() {
+                            return Err(Error::Request(format!(
+                                "cannot truncate {} tokens to {n}",
+                                s.kv.len()
+                            )));
+                        }
+                        s.kv.truncate(n);
+                        s.tokens.truncate(n);
+                        s.logits = None;
+                        Ok(())
+                    });
+                    let _ = r.send(res);
+                }
+                Command::Len(id, r) => {
+                    let _ = r.send(self.seq(id).map(|s| s.kv.len()));
+                }
+                Command::Release(id, r) => {
+                    let res = self
+                        .seqs
+                        .remove(&id)
+                        .map(|_| ())
+                        .ok_or(Error::UnknownSequence(id));
+                    let _ = r.send(res);
+                }
+                Command::Logits(id, r) => {
+                    let res = self.seq(id).and_then(|s| {
+                        s.logits
+                            .clone()
+                            .ok_or_else(|| Error::Request("no pending logits".into()))
+                    });
+                    let _ = r.send(res);
+                }
+                Command::ForwardAll(tokens, r) => {
+                    let _ = r.send(self.forward_all(&tokens));
+                }
+            }
+        }
+    }
+
+    fn seq(&self, id: u64) -> Result<&Sequence> {
+        self.seqs.get(&id).ok_or(Error::UnknownSequence(id))
+    }
+
+    fn seq_mut(&mut self, id: u64) -> Result<&mut Sequence> {
+        self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))
+    }
+
+    fn check_tokens(&self, tokens: &[TokenId], current: usize) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Request(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let ctx = self.model.config().context_length;
+        if current + tokens.len() > ctx {
+            return Err(Error::Request(format!(
+                "{} tokens exceed the context length {ctx}",
+                current + tokens.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn import(&mut self, id: u64, blocks: &[Arc<KvBlock>]) -> Result<()> {
+        let bt = self.block_tokens;
+        let vocab = self.model.config().vocab_size;
+        for b in blocks {
+            if b.meta.token_ids.len() != bt {
+                return Err(Error::KvPayload(format!(
+                    "block has {} token ids, expected {bt}",
+                    b.meta.token_ids.len()
+                )));
+            }
+            if b.meta.token_ids.iter().any(|&t| t as usize >= vocab) {
+                return Err(Error::KvPayload("block token id outside the vocabulary".into()));
+            }
+        }
+        let s = self.seq_mut(id)?;
+        let payloads: Vec<&KvPayload> = blocks.iter().map(|b| &b.payload).collect();
+        s.kv.import_blocks(&payloads)?;
+        for b in blocks {
+            s.tokens.extend_from_slice(&b.meta.token_ids);
+        }
+        s.logits = None;
+        Ok(())
+    }
+
+    /// One forward pass over `tokens` appended to sequence `id`; keeps the last logits.
+    fn run_forward(&mut self, id: u64, tokens: &[TokenId]) -> Result<()> {
+        let current = self.seq(id)?.kv.len();
+        self.check_tokens(tokens, current)?;
+        let model = &self.model;
+        let s = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        let result = (|| -> Result<Vec<f32>> {
+            let logits = model.forward(tokens, &mut s.kv, Logits::Last)?;
+            let mut all: Vec<&mlx_rs::Array> = vec![&logits];
+            all.extend(s.kv.arrays());
+            mlx_rs::transforms::eval(all).ctx("forward pass")?;
+            logits.to_vec_exact::<f32>().ctx("reading logits")
+        })();
+        match result {
+            Ok(l) => {
+                s.tokens.extend_from_slice(tokens);
+                s.logits = Some(l);
+                Ok(())
+            }
+            Err(e) => {
+                s.kv.truncate(current);
+                s.logits = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn prefill(&mut self, id: u64, tokens: &[TokenId]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Request("prefill needs at least one token".into()));
+        }
+        self.run_forward(id, tokens)
+    }
+
+    /// One decode step per entry. Entries are run one after another for now; batching them
+    /// into one forward pass (weights read once per step) is a later change of this function.
+    fn step(&mut self, batch: &[StepRequest]) -> Vec<Result<TokenId>> {
+        batch
+            .iter()
+            .map(|req| {
+                let id = req.seq.0;
+                if let Some(t) = req.feed {
+                    self.run_forward(id, &[t])?;
+                }
+                let s = self.seq(id)?;
+                let logits = s.logits.as_ref().ok_or_else(|| {
+                    Error::Request("no logits to sample from: prefill or feed a token first".into())
+                })?;
+                Ok(sampling::sample(
+                    logits,
+                    &req.params,
+                    &s.tokens,
+                    &req.generated,
+                    req.step,
+                ))
+            })
+            .collect()
+    }
+
+    fn forward_all(&mut self, tokens: &[TokenId]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens, 0)?;
+        let mut kv = SequenceKv::new(self.model.kv_layout(self.block_tokens));
+        let logits = self.model.forward(tokens, &mut kv, Logits::All)?;
+        logits.to_vec_exact::<f32>().ctx("reading logits")
+    }
+}

@@ -1,0 +1,617 @@
+//! Tokenizer and chat template of the loaded model: the [`ChatFormatter`] port.
+//!
+//! The tokenizer is built with the `tokenizers` crate, from GGUF metadata (byte-level BPE:
+//! `tokenizer.ggml.tokens`, `merges`, `token_type`, the `tokenizer.ggml.pre` pre-tokenizer)
+//! or from a `tokenizer.json`. The chat template (`tokenizer.chat_template` or
+//! `tokenizer_config.json`'s `chat_template`) is rendered with minijinja plus the
+//! Python-compat string/dict methods, `raise_exception`, `strftime_now` and `tojson`.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufHeader;
+use agent_session::{ChatFormatter, Conversation, FormatError, Role, TokenId};
+use serde_json::{json, Value};
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// Pre-tokenizers (`tokenizer.ggml.pre`) this crate can rebuild from GGUF metadata.
+pub const SUPPORTED_PRE_TOKENIZERS: &[&str] =
+    &["default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2"];
+
+/// Llama 3's split regex.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split regex (single digits).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// End-of-turn / end-of-text tokens that stop generation when the vocabulary has them.
+const END_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "</s>",
+];
+
+/// A ChatML template used when a model ships none.
+pub const FALLBACK_CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Tokenizer + chat template of one model.
+pub struct MlxChatFormatter {
+    tokenizer: Tokenizer,
+    env: minijinja::Environment<'static>,
+    template_source: String,
+    supports_tools: bool,
+    bos_token: String,
+    eos_token: String,
+    stop_ids: Vec<TokenId>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for MlxChatFormatter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlxChatFormatter")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("stop_ids", &self.stop_ids)
+            .field("supports_tools", &self.supports_tools)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tok_err(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Builds the byte-level BPE tokenizer described by GGUF metadata.
+pub fn tokenizer_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
+    let path = h.path.as_path();
+    let model = h
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::MissingField {
+            path: path.to_path_buf(),
+            field: "tokenizer.ggml.model".into(),
+        })?;
+    if model != "gpt2" {
+        return Err(tok_err(
+            path,
+            format!(
+                "tokenizer.ggml.model `{model}` is not supported from GGUF metadata (supported: \
+                 gpt2 byte-level BPE); use a model directory with tokenizer.json instead"
+            ),
+        ));
+    }
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let arr = h
+            .get(key)
+            .ok_or_else(|| Error::MissingField {
+                path: path.to_path_buf(),
+                field: key.into(),
+            })?
+            .as_array()
+            .ok_or_else(|| tok_err(path, format!("`{key}` is not an array")))?;
+        arr.iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| tok_err(path, format!("`{key}` has a non-string entry")))
+            })
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<u64> = match h.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+        Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+        None => vec![1; tokens.len()],
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut pairs = Vec::with_capacity(merges.len());
+    for (i, m) in merges.iter().enumerate() {
+        let (a, b) = m.split_once(' ').ok_or_else(|| {
+            tok_err(path, format!("tokenizer.ggml.merges[{i}] `{m}` has no space"))
+        })?;
+        pairs.push((a.to_owned(), b.to_owned()));
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, pairs)
+        .build()
+        .map_err(|e| tok_err(path, e))?;
+    let mut tok = Tokenizer::new(bpe);
+    let pre = h
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let byte_level = ByteLevel::new(false, true, true);
+    let split = |re: &str| -> Result<Split> {
+        Split::new(
+            SplitPattern::Regex(re.to_owned()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| tok_err(path, e))
+    };
+    match pre {
+        "default" | "gpt2" => {
+            tok.with_pre_tokenizer(Some(byte_level));
+        }
+        "smollm" => {
+            tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        }
+        "llama-bpe" | "llama3" => {
+            tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                split(LLAMA3_SPLIT)?.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
+        }
+        "qwen2" => {
+            tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                split(QWEN2_SPLIT)?.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
+        }
+        other => {
+            return Err(tok_err(
+                path,
+                format!(
+                    "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported (supported: {})",
+                    SUPPORTED_PRE_TOKENIZERS.join(", ")
+                ),
+            ))
+        }
+    }
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    let special: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == 3)
+        .map(|(s, _)| AddedToken::from(s.clone(), true).normalized(false))
+        .collect();
+    let user: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == 4)
+        .map(|(s, _)| AddedToken::from(s.clone(), false).normalized(false))
+        .collect();
+    tok.add_special_tokens(&special);
+    tok.add_tokens(&user);
+    Ok(tok)
+}
+
+/// Special-token strings and stop ids of a model.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    /// Beginning-of-sequence text (for templates).
+    pub bos_token: String,
+    /// End-of-sequence text (for templates).
+    pub eos_token: String,
+    /// Ids that end generation, besides the end-of-turn tokens found in the vocabulary.
+    pub eos_ids: Vec<TokenId>,
+}
+
+impl SpecialTokens {
+    /// From GGUF metadata (`tokenizer.ggml.bos_token_id` / `eos_token_id`).
+    pub fn from_gguf(h: &GgufHeader) -> Self {
+        let tokens = h.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
+        let text = |key: &str| -> (Option<u64>, String) {
+            let id = h.get(key).and_then(|v| v.as_u64());
+            let s = id
+                .and_then(|i| tokens.and_then(|t| t.get(i as usize)))
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned();
+            (id, s)
+        };
+        let (_, bos_token) = text("tokenizer.ggml.bos_token_id");
+        let (eos_id, eos_token) = text("tokenizer.ggml.eos_token_id");
+        let mut eos_ids: Vec<TokenId> = eos_id.map(|i| i as TokenId).into_iter().collect();
+        if let Some(i) = h.get("tokenizer.ggml.eot_token_id").and_then(|v| v.as_u64()) {
+            eos_ids.push(i as TokenId);
+        }
+        Self {
+            bos_token,
+            eos_token,
+            eos_ids,
+        }
+    }
+}
+
+/// Renders `strftime` formats for `strftime_now` (UTC; common directives only).
+fn strftime_utc(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
+    let month = MONTHS[(m as usize).saturating_sub(1).min(11)];
+    let day_name = DAYS[weekday];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(ch) = chars.next() {
+        if ch != '%' {
+            out.push(ch);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('e') => out.push_str(&format!("{d:2}")),
+            Some('-') => match chars.next() {
+                Some('d') => out.push_str(&d.to_string()),
+                Some('m') => out.push_str(&m.to_string()),
+                Some(other) => {
+                    out.push_str("%-");
+                    out.push(other);
+                }
+                None => out.push_str("%-"),
+            },
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('B') => out.push_str(month),
+            Some('b') => out.push_str(&month[..3]),
+            Some('A') => out.push_str(day_name),
+            Some('a') => out.push_str(&day_name[..3]),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// The instruction added to the system prompt when tools are offered to a template that
+/// does not render them.
+pub fn tool_instruction(conversation: &Conversation) -> String {
+    let mut s = String::from(
+        "You can call tools. To call one, reply with only this, on one line: \
+         <tool_call>{\"name\": \"<tool name>\", \"arguments\": {<arguments as JSON>}}</tool_call>\n\
+         Available tools:\n",
+    );
+    for t in &conversation.tools {
+        let line = json!({"name": t.name, "description": t.description, "parameters": t.parameters});
+        s.push_str(&line.to_string());
+        s.push('\n');
+    }
+    s
+}
+
+impl MlxChatFormatter {
+    /// Builds a formatter from a tokenizer, a template and the special tokens.
+    pub fn new(
+        tokenizer: Tokenizer,
+        template: Option<String>,
+        special: SpecialTokens,
+        source: &Path,
+    ) -> Result<Self> {
+        let template_source = template.unwrap_or_else(|| {
+            tracing::warn!(path = %source.display(), "model has no chat template; using ChatML");
+            FALLBACK_CHATML_TEMPLATE.to_owned()
+        });
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| strftime_utc(&fmt));
+        env.add_template_owned("chat", template_source.clone())
+            .map_err(|e| Error::Template {
+                path: source.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let supports_tools = template_source.contains("tools");
+
+        let mut stop_ids = special.eos_ids.clone();
+        for t in END_TOKENS {
+            if let Some(id) = tokenizer.token_to_id(t) {
+                stop_ids.push(id);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+
+        let serialized = tokenizer.to_string(false).map_err(|e| tok_err(source, e))?;
+        let mut h = blake3::Hasher::new();
+        h.update(b"semantic-formatter-v1\0");
+        h.update(serialized.as_bytes());
+        h.update(b"\0template\0");
+        h.update(template_source.as_bytes());
+        h.update(b"\0special\0");
+        h.update(special.bos_token.as_bytes());
+        h.update(b"\0");
+        h.update(special.eos_token.as_bytes());
+        for id in &stop_ids {
+            h.update(&id.to_le_bytes());
+        }
+        let fingerprint = h.finalize().to_hex().to_string();
+
+        Ok(Self {
+            tokenizer,
+            env,
+            template_source,
+            supports_tools,
+            bos_token: special.bos_token,
+            eos_token: special.eos_token,
+            stop_ids,
+            fingerprint,
+        })
+    }
+
+    /// From a GGUF header: tokenizer, `tokenizer.chat_template`, special tokens.
+    pub fn from_gguf(h: &GgufHeader) -> Result<Self> {
+        let tok = tokenizer_from_gguf(h)?;
+        let template = h
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        Self::new(tok, template, SpecialTokens::from_gguf(h), &h.path)
+    }
+
+    /// From a model directory: `tokenizer.json`, `tokenizer_config.json` (chat template,
+    /// bos/eos tokens) and `generation_config.json` (eos ids), the last two optional.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::MissingField {
+                path: dir.to_path_buf(),
+                field: "tokenizer.json".into(),
+            });
+        }
+        let tok = Tokenizer::from_file(&tok_path).map_err(|e| tok_err(&tok_path, e))?;
+        let read_json = |name: &str| -> Result<Option<Value>> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::Invalid {
+                    path: p,
+                    field: "(file)".into(),
+                    reason: e.to_string(),
+                })
+        };
+        let tc = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
+        let gc = read_json("generation_config.json")?.unwrap_or(Value::Null);
+        let token_text = |v: Option<&Value>| -> String {
+            match v {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(o)) => o
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+                _ => String::new(),
+            }
+        };
+        let bos_token = token_text(tc.get("bos_token"));
+        let eos_token = token_text(tc.get("eos_token"));
+        let mut eos_ids: Vec<TokenId> = match gc.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|x| x as TokenId).into_iter().collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as TokenId))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if let Some(id) = tok.token_to_id(&eos_token) {
+            eos_ids.push(id);
+        }
+        let mut template = match tc.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            _ => None,
+        };
+        if template.is_none() {
+            let jinja = dir.join("chat_template.jinja");
+            if jinja.is_file() {
+                template = Some(std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
+                    path: jinja.clone(),
+                    source,
+                })?);
+            }
+        }
+        Self::new(
+            tok,
+            template,
+            SpecialTokens {
+                bos_token,
+                eos_token,
+                eos_ids,
+            },
+            &tok_path,
+        )
+    }
+
+    /// The underlying tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template's source.
+    pub fn template_source(&self) -> &str {
+        &self.template_source
+    }
+
+    /// Whether the template renders `tools` itself.
+    pub fn supports_tools(&self) -> bool {
+        self.supports_tools
+    }
+
+    /// The template context of a conversation (messages in the Hugging Face shape).
+    fn context(&self, conversation: &Conversation, add_generation_prompt: bool) -> Value {
+        let mut messages: Vec<Value> = conversation
+            .messages
+            .iter()
+            .map(|m| {
+                let mut o = json!({"role": m.role.as_str(), "content": m.content});
+                if !m.tool_calls.is_empty() {
+                    o["tool_calls"] = Value::Array(
+                        m.tool_calls
+                            .iter()
+                            .map(|c| {
+                                json!({"id": c.id, "type": "function",
+                                       "function": {"name": c.name, "arguments": c.arguments}})
+                            })
+                            .collect(),
+                    );
+                }
+                if let Some(id) = &m.tool_call_id {
+                    o["tool_call_id"] = json!(id);
+                }
+                if let Some(n) = &m.name {
+                    o["name"] = json!(n);
+                }
+                o
+            })
+            .collect();
+        let tools = if conversation.tools.is_empty() {
+            Value::Null
+        } else if self.supports_tools {
+            Value::Array(
+                conversation
+                    .tools
+                    .iter()
+                    .map(|t| {
+                        json!({"type": "function", "function": {
+                            "name": t.name, "description": t.description,
+                            "parameters": t.parameters}})
+                    })
+                    .collect(),
+            )
+        } else {
+            let instruction = tool_instruction(conversation);
+            match conversation.messages.first() {
+                Some(m) if m.role == Role::System => {
+                    messages[0]["content"] = json!(format!("{}\n\n{instruction}", m.content));
+                }
+                _ => messages.insert(0, json!({"role": "system", "content": instruction})),
+            }
+            Value::Null
+        };
+        json!({
+            "messages": messages,
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        })
+    }
+}
+
+impl ChatFormatter for MlxChatFormatter {
+    fn render(
+        &self,
+        conversation: &Conversation,
+        add_generation_prompt: bool,
+    ) -> std::result::Result<String, FormatError> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| FormatError::Template(e.to_string()))?;
+        tmpl.render(self.context(conversation, add_generation_prompt))
+            .map_err(|e| FormatError::Template(e.to_string()))
+    }
+
+    fn encode(&self, text: &str) -> std::result::Result<Vec<TokenId>, FormatError> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| FormatError::Tokenizer(e.to_string()))
+    }
+
+    fn decode(&self, ids: &[TokenId]) -> std::result::Result<String, FormatError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| FormatError::Tokenizer(e.to_string()))
+    }
+
+    fn stop_token_ids(&self) -> Vec<TokenId> {
+        self.stop_ids.clone()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_formats_known_directives() {
+        let s = strftime_utc("%Y-%m-%d %B %% %Q");
+        assert_eq!(s.len(), "2026-01-01 ".len() + s.split(' ').nth(1).map_or(0, str::len) + " % %Q".len());
+        assert!(s.ends_with(" % %Q"));
+        assert!(s.starts_with("20"));
+    }
+}

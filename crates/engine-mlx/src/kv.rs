@@ -1,0 +1,420 @@
+//! Per-sequence KV buffers: one K and one V array per layer, `[1, kv_heads, capacity,
+//! head_dim]`, grown a block at a time and written with slice updates; whole blocks are
+//! exported to bytes and imported back bit-exactly.
+
+use crate::error::{Error, MlxContext, Result};
+use agent_session::{KvEncoding, KvPayload, KvTensor, TensorDtype};
+use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
+use mlx_rs::ops::{self};
+use mlx_rs::{Array, Dtype};
+
+/// Quantization group size of exported quantized KV blocks.
+pub const KV_QUANT_GROUP: i32 = 64;
+
+/// Shape of a model's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Layers with a KV cache.
+    pub num_layers: usize,
+    /// KV heads per layer.
+    pub kv_heads: usize,
+    /// Head dimension (K and V).
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_tokens: usize,
+}
+
+/// The KV state of one sequence.
+#[derive(Debug)]
+pub struct SequenceKv {
+    layout: KvLayout,
+    /// Per layer: (K, V), each `[1, kv_heads, capacity, head_dim]` f32; empty until the
+    /// first write.
+    layers: Vec<(Array, Array)>,
+    len: usize,
+    capacity: usize,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::KvPayload(msg.into())
+}
+
+fn i32_of(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| bad(format!("{n} exceeds the tensor size limit")))
+}
+
+impl SequenceKv {
+    /// An empty sequence.
+    pub fn new(layout: KvLayout) -> Self {
+        Self {
+            layout,
+            layers: Vec::new(),
+            len: 0,
+            capacity: 0,
+        }
+    }
+
+    /// Tokens stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Allocated token capacity (a multiple of the block size).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Makes room for `total` tokens, growing by whole blocks.
+    pub fn reserve(&mut self, total: usize) -> Result<()> {
+        if total <= self.capacity {
+            return Ok(());
+        }
+        let bt = self.layout.block_tokens.max(1);
+        let new_cap = total.div_ceil(bt) * bt;
+        let grow = i32_of(new_cap - self.capacity)?;
+        let shape = [
+            1,
+            i32_of(self.layout.kv_heads)?,
+            grow,
+            i32_of(self.layout.head_dim)?,
+        ];
+        if self.layers.is_empty() {
+            for _ in 0..self.layout.num_layers {
+                let k = Array::zeros::<f32>(&shape).ctx("allocating KV")?;
+                let v = Array::zeros::<f32>(&shape).ctx("allocating KV")?;
+                self.layers.push((k, v));
+            }
+        } else {
+            let zeros = Array::zeros::<f32>(&shape).ctx("allocating KV")?;
+            for (k, v) in &mut self.layers {
+                *k = ops::concatenate(&[&*k, &zeros], 2).ctx("growing KV")?;
+                *v = ops::concatenate(&[&*v, &zeros], 2).ctx("growing KV")?;
+            }
+        }
+        self.capacity = new_cap;
+        Ok(())
+    }
+
+    /// Writes `k_new`/`v_new` (`[1, kv_heads, n, head_dim]`) of `layer` at the current end
+    /// (after [`SequenceKv::reserve`]) and returns K and V over everything up to the new end.
+    /// The length advances only with [`SequenceKv::advance`], once all layers are written.
+    pub fn write(&mut self, layer: usize, k_new: &Array, v_new: &Array) -> Result<(Array, Array)> {
+        let n = k_new.shape().get(2).copied().unwrap_or(0);
+        let start = i32_of(self.len)?;
+        let end = start + n;
+        let (k, v) = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| bad(format!("layer {layer} out of range")))?;
+        k.try_index_mut((.., .., start..end, ..), k_new)
+            .ctx("writing K")?;
+        v.try_index_mut((.., .., start..end, ..), v_new)
+            .ctx("writing V")?;
+        let keys = k.try_index((.., .., ..end, ..)).ctx("slicing K")?;
+        let values = v.try_index((.., .., ..end, ..)).ctx("slicing V")?;
+        Ok((keys, values))
+    }
+
+    /// Marks `n` more tokens as stored.
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Every buffer (to evaluate them together with the logits).
+    pub fn arrays(&self) -> impl Iterator<Item = &Array> {
+        self.layers.iter().flat_map(|(k, v)| [k, v])
+    }
+
+    /// Cuts the sequence back to `tokens` tokens (the buffers keep their capacity).
+    pub fn truncate(&mut self, tokens: usize) {
+        self.len = self.len.min(tokens);
+    }
+
+    fn block_range(&self, block: usize) -> Result<(i32, i32)> {
+        let bt = self.layout.block_tokens;
+        let start = block * bt;
+        if start + bt > self.len {
+            return Err(Error::Request(format!(
+                "block {block} is not complete (sequence has {} tokens, block size {bt})",
+                self.len
+            )));
+        }
+        Ok((i32_of(start)?, i32_of(start + bt)?))
+    }
+
+    /// Copies block `block` out as bytes: `l{i}.k` / `l{i}.v`, `[kv_heads, block_tokens,
+    /// head_dim]` f32 (bit-exact), or with `kv_bits` MLX affine quantization with group 64:
+    /// `l{i}.k` (u32), `l{i}.k.scales`, `l{i}.k.biases` (f16).
+    pub fn export_blocks(
+        &self,
+        first: usize,
+        count: usize,
+        kv_bits: Option<u8>,
+    ) -> Result<Vec<KvPayload>> {
+        let mut out = Vec::with_capacity(count);
+        for b in first..first + count {
+            let (s, e) = self.block_range(b)?;
+            // Slices of every layer, made contiguous, evaluated together.
+            let mut named: Vec<(String, Array)> = Vec::new();
+            for (i, (k, v)) in self.layers.iter().enumerate() {
+                for (kind, buf) in [("k", k), ("v", v)] {
+                    let slice = buf
+                        .try_index((0, .., s..e, ..))
+                        .ctx("slicing a KV block")?;
+                    match kv_bits {
+                        None => named.push((
+                            format!("l{i}.{kind}"),
+                            slice.contiguous().ctx("copying a KV block")?,
+                        )),
+                        Some(bits) => {
+                            let (w, sc, bi) =
+                                ops::quantize(&slice, KV_QUANT_GROUP, i32::from(bits))
+                                    .ctx("quantizing a KV block")?;
+                            named.push((format!("l{i}.{kind}"), w));
+                            named.push((
+                                format!("l{i}.{kind}.scales"),
+                                sc.as_dtype(Dtype::Float16).ctx("casting scales")?,
+                            ));
+                            named.push((
+                                format!("l{i}.{kind}.biases"),
+                                bi.as_dtype(Dtype::Float16).ctx("casting biases")?,
+                            ));
+                        }
+                    }
+                }
+            }
+            mlx_rs::transforms::eval(named.iter().map(|(_, a)| a)).ctx("exporting KV")?;
+            let mut tensors = Vec::with_capacity(named.len());
+            for (name, a) in named {
+                tensors.push(to_kv_tensor(name, &a)?);
+            }
+            let encoding = match kv_bits {
+                None => KvEncoding::Float {
+                    dtype: TensorDtype::F32,
+                },
+                Some(bits) => KvEncoding::Quantized {
+                    bits,
+                    group_size: KV_QUANT_GROUP as u32,
+                },
+            };
+            out.push(KvPayload { encoding, tensors });
+        }
+        Ok(out)
+    }
+
+    /// Appends whole blocks (the sequence length must be a multiple of the block size).
+    pub fn import_blocks(&mut self, payloads: &[&KvPayload]) -> Result<()> {
+        let bt = self.layout.block_tokens;
+        if self.len % bt != 0 {
+            return Err(Error::Request(format!(
+                "import needs a block-aligned sequence, it has {} tokens",
+                self.len
+            )));
+        }
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        let kvh = self.layout.kv_heads;
+        let hd = self.layout.head_dim;
+        // Decode every block first, so a bad payload leaves the sequence unchanged.
+        let mut per_layer: Vec<(Vec<Array>, Vec<Array>)> =
+            (0..self.layout.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        for p in payloads {
+            for (i, (ks, vs)) in per_layer.iter_mut().enumerate() {
+                for (kind, dst) in [("k", &mut *ks), ("v", &mut *vs)] {
+                    let name = format!("l{i}.{kind}");
+                    let a = match p.encoding {
+                        KvEncoding::Float { dtype } => {
+                            let t = find(p, &name, dtype, &[kvh, bt, hd])?;
+                            from_kv_tensor(t)?
+                                .as_dtype(Dtype::Float32)
+                                .ctx("casting imported KV")?
+                        }
+                        KvEncoding::Quantized { bits, group_size } => {
+                            if !matches!(bits, 4 | 8)
+                                || group_size == 0
+                                || hd % group_size as usize != 0
+                            {
+                                return Err(bad(format!(
+                                    "unsupported KV quantization: {bits} bits, group {group_size}"
+                                )));
+                            }
+                            let packed = hd * usize::from(bits) / 32;
+                            let groups = hd / group_size as usize;
+                            let w = find(p, &name, TensorDtype::U32, &[kvh, bt, packed])?;
+                            let sn = format!("{name}.scales");
+                            let bn = format!("{name}.biases");
+                            let s = p
+                                .tensors
+                                .iter()
+                                .find(|t| t.name == sn)
+                                .ok_or_else(|| bad(format!("missing tensor `{sn}`")))?;
+                            let b = p
+                                .tensors
+                                .iter()
+                                .find(|t| t.name == bn)
+                                .ok_or_else(|| bad(format!("missing tensor `{bn}`")))?;
+                            check(s, &[kvh, bt, groups])?;
+                            check(b, &[kvh, bt, groups])?;
+                            let sa = from_kv_tensor(s)?
+                                .as_dtype(Dtype::Float32)
+                                .ctx("casting scales")?;
+                            let ba = from_kv_tensor(b)?
+                                .as_dtype(Dtype::Float32)
+                                .ctx("casting biases")?;
+                            ops::dequantize(
+                                from_kv_tensor(w)?,
+                                &sa,
+                                &ba,
+                                group_size as i32,
+                                i32::from(bits),
+                            )
+                            .ctx("dequantizing imported KV")?
+                        }
+                    };
+                    dst.push(a.expand_dims(0).ctx("reshaping imported KV")?);
+                }
+            }
+        }
+        let n = payloads.len() * bt;
+        self.reserve(self.len + n)?;
+        let start = i32_of(self.len)?;
+        let end = i32_of(self.len + n)?;
+        for ((k, v), (ks, vs)) in self.layers.iter_mut().zip(per_layer) {
+            let kn = ops::concatenate(&ks, 2).ctx("joining imported KV")?;
+            let vn = ops::concatenate(&vs, 2).ctx("joining imported KV")?;
+            k.try_index_mut((.., .., start..end, ..), &kn)
+                .ctx("writing imported K")?;
+            v.try_index_mut((.., .., start..end, ..), &vn)
+                .ctx("writing imported V")?;
+        }
+        mlx_rs::transforms::eval(self.arrays()).ctx("importing KV")?;
+        self.len += n;
+        Ok(())
+    }
+}
+
+fn check(t: &KvTensor, shape: &[usize]) -> Result<()> {
+    if t.shape != shape || !t.is_consistent() {
+        return Err(bad(format!(
+            "tensor `{}` has shape {:?} ({} bytes), expected {shape:?}",
+            t.name,
+            t.shape,
+            t.data.len()
+        )));
+    }
+    Ok(())
+}
+
+fn find<'a>(p: &'a KvPayload, name: &str, dtype: TensorDtype, shape: &[usize]) -> Result<&'a KvTensor> {
+    let t = p
+        .tensors
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| bad(format!("missing tensor `{name}`")))?;
+    if t.dtype != dtype {
+        return Err(bad(format!(
+            "tensor `{name}` has dtype {:?}, expected {dtype:?}",
+            t.dtype
+        )));
+    }
+    check(t, shape)?;
+    Ok(t)
+}
+
+/// An evaluated, contiguous array as a byte tensor.
+fn to_kv_tensor(name: String, a: &Array) -> Result<KvTensor> {
+    let shape: Vec<usize> = a.shape().iter().map(|&d| d as usize).collect();
+    let (dtype, data) = match a.dtype() {
+        Dtype::Float32 => (
+            TensorDtype::F32,
+            bytes_of(&a.to_vec_exact::<f32>().ctx("reading KV")?, f32::to_le_bytes),
+        ),
+        Dtype::Uint32 => (
+            TensorDtype::U32,
+            bytes_of(&a.to_vec_exact::<u32>().ctx("reading KV")?, u32::to_le_bytes),
+        ),
+        Dtype::Float16 => (
+            TensorDtype::F16,
+            bytes_of(&a.to_vec_exact::<half::f16>().ctx("reading KV")?, |x| {
+                x.to_le_bytes()
+            }),
+        ),
+        Dtype::Bfloat16 => (
+            TensorDtype::Bf16,
+            bytes_of(&a.to_vec_exact::<half::bf16>().ctx("reading KV")?, |x| {
+                x.to_le_bytes()
+            }),
+        ),
+        other => return Err(bad(format!("cannot export dtype {other:?}"))),
+    };
+    Ok(KvTensor {
+        name,
+        dtype,
+        shape,
+        data,
+    })
+}
+
+fn bytes_of<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * N);
+    for &x in v {
+        out.extend_from_slice(&f(x));
+    }
+    out
+}
+
+fn from_kv_tensor(t: &KvTensor) -> Result<Array> {
+    if !t.is_consistent() {
+        return Err(bad(format!("tensor `{}` length does not match its shape", t.name)));
+    }
+    let shape: Vec<i32> = t
+        .shape
+        .iter()
+        .map(|&d| i32_of(d))
+        .collect::<Result<_>>()?;
+    Ok(match t.dtype {
+        TensorDtype::F32 => {
+            let v: Vec<f32> = t
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Array::from_slice(&v, &shape)
+        }
+        TensorDtype::U32 => {
+            let v: Vec<u32> = t
+                .data
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Array::from_slice(&v, &shape)
+        }
+        TensorDtype::F16 => {
+            let v: Vec<half::f16> = t
+                .data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            Array::from_slice(&v, &shape)
+        }
+        TensorDtype::Bf16 => {
+            let v: Vec<half::bf16> = t
+                .data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            Array::from_slice(&v, &shape)
+        }
+    })
+}

@@ -1,0 +1,658 @@
+//! Weight loading: GGUF (through MLX's loader, after the Rust header check) and safetensors
+//! directories, mapped to GGUF-style canonical names (`blk.N.attn_q.weight`, ...), then
+//! converted to the compute format ([`WeightFormat`]).
+
+use crate::error::{Error, MlxContext, Result};
+use crate::gguf::GgufHeader;
+use mlx_rs::ops;
+use mlx_rs::{Array, Dtype};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How weights are kept for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Dequantize everything to f32 at load. Fastest on x86 CPU with MLX's CPU backend
+    /// (OpenBLAS GEMM; MLX's quantized CPU kernels are scalar): the Linux default.
+    #[cfg_attr(not(target_os = "macos"), default)]
+    F32,
+    /// Keep quantized weights as MLX affine triples and use `quantized_matmul`; other tensors
+    /// in f32. Smallest memory; fastest on Apple Silicon (Metal): the macOS default.
+    #[cfg_attr(target_os = "macos", default)]
+    Quantized,
+}
+
+impl WeightFormat {
+    /// Short name for logs and the model descriptor.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Quantized => "quantized",
+        }
+    }
+}
+
+/// A tensor as loaded, before conversion.
+#[derive(Debug, Clone)]
+pub enum RawTensor {
+    /// A plain array (any float dtype).
+    Dense(Array),
+    /// MLX affine quantization: packed `u32` values, scales and biases (one per group).
+    Quantized {
+        /// Packed values, `[rows, cols × bits / 32]`.
+        w: Array,
+        /// Scales, `[rows, cols / group_size]`.
+        scales: Array,
+        /// Biases, `[rows, cols / group_size]`.
+        biases: Array,
+        /// Elements per group.
+        group_size: i32,
+        /// Bits per element.
+        bits: i32,
+    },
+}
+
+impl RawTensor {
+    /// The logical (unpacked) shape.
+    pub fn logical_shape(&self) -> Vec<i64> {
+        match self {
+            RawTensor::Dense(a) => a.shape().iter().map(|&d| i64::from(d)).collect(),
+            RawTensor::Quantized { w, bits, .. } => {
+                let mut s: Vec<i64> = w.shape().iter().map(|&d| i64::from(d)).collect();
+                if let Some(last) = s.last_mut() {
+                    *last = *last * 32 / i64::from(*bits);
+                }
+                s
+            }
+        }
+    }
+
+    /// The tensor as a dense f32 array (dequantizing with f32 scales and biases, so the
+    /// values equal `scale × q + bias` computed in f32).
+    pub fn to_f32(&self) -> Result<Array> {
+        match self {
+            RawTensor::Dense(a) => a.as_dtype(Dtype::Float32).ctx("casting a weight to f32"),
+            RawTensor::Quantized {
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => {
+                let s = scales.as_dtype(Dtype::Float32).ctx("casting scales")?;
+                let b = biases.as_dtype(Dtype::Float32).ctx("casting biases")?;
+                ops::dequantize(w, &s, &b, *group_size, *bits).ctx("dequantizing a weight")
+            }
+        }
+    }
+}
+
+/// All tensors of a model under canonical (GGUF-style) names.
+#[derive(Debug, Default)]
+pub struct TensorMap {
+    /// Where they come from (for errors).
+    pub path: PathBuf,
+    /// The tensors.
+    pub tensors: HashMap<String, RawTensor>,
+}
+
+impl TensorMap {
+    /// Removes and returns a tensor, or a [`Error::MissingTensor`].
+    pub fn take(&mut self, name: &str) -> Result<RawTensor> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_owned(),
+            })
+    }
+
+    /// Removes and returns a tensor if present.
+    pub fn take_opt(&mut self, name: &str) -> Option<RawTensor> {
+        self.tensors.remove(name)
+    }
+
+    /// Whether a tensor is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Checks a tensor's logical shape.
+    pub fn check_shape(&self, name: &str, t: &RawTensor, expected: &[i64]) -> Result<()> {
+        let found = t.logical_shape();
+        if found != expected {
+            return Err(Error::TensorShape {
+                path: self.path.clone(),
+                tensor: name.to_owned(),
+                expected: expected.to_vec(),
+                found,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Loads every tensor of a GGUF file whose header was validated by [`GgufHeader::read`].
+pub fn load_gguf(header: &GgufHeader) -> Result<TensorMap> {
+    let path = &header.path;
+    let file = mlx_rs::io::GgufFile::load(path).map_err(|e| Error::Mlx {
+        context: format!("loading {}", path.display()),
+        message: e.to_string(),
+    })?;
+    let mut tensors = HashMap::with_capacity(header.tensors.len());
+    let get = |key: &str| -> Result<Array> {
+        match file.get_array(key) {
+            Ok(Some(a)) => Ok(a),
+            Ok(None) => Err(Error::MissingTensor {
+                path: path.clone(),
+                tensor: key.to_owned(),
+            }),
+            Err(e) => Err(Error::Mlx {
+                context: format!("reading tensor `{key}` of {}", path.display()),
+                message: e.to_string(),
+            }),
+        }
+    };
+    for info in &header.tensors {
+        let t = if info.ggml_type.is_quantized() {
+            let base = info.name.strip_suffix(".weight").unwrap_or(&info.name);
+            RawTensor::Quantized {
+                w: get(&info.name)?,
+                scales: get(&format!("{base}.scales"))?,
+                biases: get(&format!("{base}.biases"))?,
+                group_size: 32,
+                bits: info.ggml_type.bits().unwrap_or(4),
+            }
+        } else {
+            RawTensor::Dense(get(&info.name)?)
+        };
+        let expected: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let found = t.logical_shape();
+        if found != expected {
+            return Err(Error::TensorShape {
+                path: path.clone(),
+                tensor: info.name.clone(),
+                expected,
+                found,
+            });
+        }
+        tensors.insert(info.name.clone(), t);
+    }
+    Ok(TensorMap {
+        path: path.clone(),
+        tensors,
+    })
+}
+
+/// Maps a Hugging Face / MLX tensor name to the canonical GGUF-style name, keeping the
+/// `.weight` / `.bias` / `.scales` / `.biases` suffix. `None` for tensors the engine ignores.
+pub fn canonical_hf_name(name: &str) -> Option<String> {
+    let name = name.strip_prefix("model.").unwrap_or(name);
+    let (stem, suffix) = name.rsplit_once('.')?;
+    if !matches!(suffix, "weight" | "bias" | "scales" | "biases") {
+        return None;
+    }
+    let mapped = match stem {
+        "embed_tokens" => "token_embd".to_owned(),
+        "norm" => "output_norm".to_owned(),
+        "lm_head" => "output".to_owned(),
+        _ => {
+            let rest = stem.strip_prefix("layers.")?;
+            let (idx, part) = rest.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let p = match part {
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "self_attn.q_norm" => "attn_q_norm",
+                "self_attn.k_norm" => "attn_k_norm",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => return None,
+            };
+            format!("blk.{idx}.{p}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+/// Checks a safetensors file's header in Rust (length, JSON, offsets within the file), so a
+/// corrupt file gives a typed error before MLX reads it.
+fn check_safetensors(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let truncated = |field: &str, needed: u64| Error::Truncated {
+        path: path.to_path_buf(),
+        field: field.to_owned(),
+        needed,
+        file_size: size,
+    };
+    if size < 8 {
+        return Err(truncated("header length", 8));
+    }
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 || 8 + n > size {
+        return Err(truncated("header", 8u64.saturating_add(n)));
+    }
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact(&mut buf).map_err(io)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&buf).map_err(|e| Error::Invalid {
+            path: path.to_path_buf(),
+            field: "header".into(),
+            reason: e.to_string(),
+        })?;
+    let obj = header.as_object().ok_or_else(|| Error::Invalid {
+        path: path.to_path_buf(),
+        field: "header".into(),
+        reason: "not a JSON object".into(),
+    })?;
+    let data_len = size - 8 - n;
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        if !matches!(dtype, "F32" | "F16" | "BF16" | "U32" | "I32" | "I64" | "U8") {
+            return Err(Error::UnsupportedTensorType {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                type_name: dtype.to_owned(),
+                supported: "F32, F16, BF16, U32 (packed quantized)".into(),
+            });
+        }
+        let end = v
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+            .ok_or_else(|| Error::Invalid {
+                path: path.to_path_buf(),
+                field: format!("{name}.data_offsets"),
+                reason: "missing or not a pair of integers".into(),
+            })?;
+        if end > data_len {
+            return Err(truncated(&format!("tensor `{name}` data"), 8 + n + end));
+        }
+    }
+    Ok(())
+}
+
+/// Loads every `*.safetensors` file of a model directory (sharded or not), with MLX-style
+/// quantization (`quantization: {group_size, bits}` in `config.json`) when present.
+pub fn load_safetensors_dir(dir: &Path, config: &serde_json::Value) -> Result<TensorMap> {
+    let io = |source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::MissingTensor {
+            path: dir.to_path_buf(),
+            tensor: "*.safetensors (no weight files)".into(),
+        });
+    }
+    let quant = config
+        .get("quantization")
+        .or_else(|| config.get("quantization_config"));
+    let group_size = quant
+        .and_then(|q| q.get("group_size"))
+        .and_then(|g| g.as_i64())
+        .unwrap_or(64) as i32;
+    let bits = quant
+        .and_then(|q| q.get("bits"))
+        .and_then(|b| b.as_i64())
+        .unwrap_or(4) as i32;
+    let mut all: HashMap<String, Array> = HashMap::new();
+    for f in &files {
+        check_safetensors(f)?;
+        let arrays = Array::load_safetensors(f).map_err(|e| Error::Mlx {
+            context: format!("loading {}", f.display()),
+            message: e.to_string(),
+        })?;
+        for (name, a) in arrays {
+            if let Some(c) = canonical_hf_name(&name) {
+                all.insert(c, a);
+            }
+        }
+    }
+    let mut tensors = HashMap::new();
+    let names: Vec<String> = all.keys().cloned().collect();
+    for name in names {
+        let Some(stem) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let Some(w) = all.remove(&name) else { continue };
+        if w.dtype() == Dtype::Uint32 {
+            let scales = all
+                .remove(&format!("{stem}.scales"))
+                .ok_or_else(|| Error::MissingTensor {
+                    path: dir.to_path_buf(),
+                    tensor: format!("{stem}.scales"),
+                })?;
+            let biases = all
+                .remove(&format!("{stem}.biases"))
+                .ok_or_else(|| Error::MissingTensor {
+                    path: dir.to_path_buf(),
+                    tensor: format!("{stem}.biases"),
+                })?;
+            if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) || !matches!(group_size, 32 | 64 | 128) {
+                return Err(Error::Invalid {
+                    path: dir.join("config.json"),
+                    field: "quantization".into(),
+                    reason: format!("bits {bits} / group_size {group_size} not supported"),
+                });
+            }
+            tensors.insert(
+                name,
+                RawTensor::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                },
+            );
+        } else {
+            tensors.insert(name, RawTensor::Dense(w));
+        }
+    }
+    // Biases of projections (q/k/v bias) remain.
+    for (name, a) in all {
+        if name.ends_with(".bias") {
+            tensors.insert(name, RawTensor::Dense(a));
+        }
+    }
+    Ok(TensorMap {
+        path: dir.to_path_buf(),
+        tensors,
+    })
+}
+
+/// A linear layer `y = x Wᵀ (+ b)` in its compute format.
+#[derive(Debug)]
+pub enum Linear {
+    /// Dense: `wt` is `Wᵀ` (`[in, out]`, a transposed view of the `[out, in]` weight, so
+    /// BLAS reads it without a copy).
+    Dense {
+        /// The transposed weight.
+        wt: Array,
+        /// Optional bias `[out]`.
+        bias: Option<Array>,
+    },
+    /// Quantized: `quantized_matmul(x, w, scales, biases, transpose = true)`.
+    Quantized {
+        /// Packed values `[out, in × bits / 32]`.
+        w: Array,
+        /// Scales.
+        scales: Array,
+        /// Biases of the quantization.
+        qbiases: Array,
+        /// Group size.
+        group_size: i32,
+        /// Bits.
+        bits: i32,
+        /// Optional bias `[out]`.
+        bias: Option<Array>,
+    },
+}
+
+impl Linear {
+    /// Builds the compute form of several same-input weights concatenated along the output
+    /// axis (one matmul instead of several: q/k/v, gate/up). One part gives a plain linear.
+    pub fn fused(
+        parts: Vec<RawTensor>,
+        biases: Vec<Option<RawTensor>>,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        let bias = if biases.iter().any(Option::is_some) {
+            let mut bs = Vec::with_capacity(biases.len());
+            for (b, p) in biases.iter().zip(&parts) {
+                bs.push(match b {
+                    Some(b) => b.to_f32()?,
+                    None => {
+                        let out = p.logical_shape().first().copied().unwrap_or(0) as i32;
+                        Array::zeros::<f32>(&[out]).ctx("allocating a zero bias")?
+                    }
+                });
+            }
+            Some(ops::concatenate(&bs, 0).ctx("fusing biases")?)
+        } else {
+            None
+        };
+        let all_quant_same = parts.iter().all(|p| matches!(p, RawTensor::Quantized { .. }))
+            && parts
+                .windows(2)
+                .all(|w| match (&w[0], &w[1]) {
+                    (
+                        RawTensor::Quantized {
+                            group_size: g0,
+                            bits: b0,
+                            ..
+                        },
+                        RawTensor::Quantized {
+                            group_size: g1,
+                            bits: b1,
+                            ..
+                        },
+                    ) => g0 == g1 && b0 == b1,
+                    _ => false,
+                });
+        if format == WeightFormat::Quantized && all_quant_same {
+            let mut ws = Vec::new();
+            let mut ss = Vec::new();
+            let mut bs = Vec::new();
+            let (mut g, mut nb) = (32, 4);
+            for p in parts {
+                if let RawTensor::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                } = p
+                {
+                    ws.push(w);
+                    ss.push(scales.as_dtype(Dtype::Float32).ctx("casting scales")?);
+                    bs.push(biases.as_dtype(Dtype::Float32).ctx("casting biases")?);
+                    g = group_size;
+                    nb = bits;
+                }
+            }
+            let cat = |v: &[Array]| -> Result<Array> {
+                if v.len() == 1 {
+                    Ok(v[0].clone())
+                } else {
+                    ops::concatenate(v, 0).ctx("fusing quantized weights")
+                }
+            };
+            return Ok(Linear::Quantized {
+                w: cat(&ws)?,
+                scales: cat(&ss)?,
+                qbiases: cat(&bs)?,
+                group_size: g,
+                bits: nb,
+                bias,
+            });
+        }
+        let mut dense = Vec::with_capacity(parts.len());
+        for p in &parts {
+            dense.push(p.to_f32()?);
+        }
+        let w = if dense.len() == 1 {
+            dense.remove(0)
+        } else {
+            ops::concatenate(&dense, 0).ctx("fusing weights")?
+        };
+        Ok(Linear::Dense { wt: w.t(), bias })
+    }
+
+    /// `x Wᵀ + b` for `x` of shape `[rows, in]`.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        match self {
+            Linear::Dense { wt, bias } => match bias {
+                Some(b) => ops::addmm(b, x, wt, None, None).ctx("linear (addmm)"),
+                None => x.matmul(wt).ctx("linear (matmul)"),
+            },
+            Linear::Quantized {
+                w,
+                scales,
+                qbiases,
+                group_size,
+                bits,
+                bias,
+            } => {
+                let y = ops::quantized_matmul(x, w, scales, qbiases, true, *group_size, *bits)
+                    .ctx("linear (quantized_matmul)")?;
+                match bias {
+                    Some(b) => y.add(b).ctx("linear bias"),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// `x Wᵀ + residual` (one fused op for dense weights).
+    pub fn forward_residual(&self, x: &Array, residual: &Array) -> Result<Array> {
+        match self {
+            Linear::Dense { wt, bias: None } => {
+                ops::addmm(residual, x, wt, None, None).ctx("linear + residual (addmm)")
+            }
+            _ => self.forward(x)?.add(residual).ctx("residual add"),
+        }
+    }
+
+    /// The arrays this layer holds (to evaluate them once at load).
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Linear::Dense { wt, bias } => std::iter::once(wt).chain(bias.iter()).collect(),
+            Linear::Quantized {
+                w,
+                scales,
+                qbiases,
+                bias,
+                ..
+            } => [w, scales, qbiases].into_iter().chain(bias.iter()).collect(),
+        }
+    }
+}
+
+/// An embedding table, also usable as a tied LM head.
+#[derive(Debug)]
+pub enum Embedding {
+    /// Dense f32 `[vocab, hidden]` plus its transposed view for the LM head.
+    Dense {
+        /// The table.
+        table: Array,
+        /// `tableᵀ` (a view).
+        table_t: Array,
+    },
+    /// Quantized rows (gathered, then dequantized).
+    Quantized {
+        /// Packed values.
+        w: Array,
+        /// Scales (f32).
+        scales: Array,
+        /// Biases (f32).
+        biases: Array,
+        /// Group size.
+        group_size: i32,
+        /// Bits.
+        bits: i32,
+    },
+}
+
+impl Embedding {
+    /// Builds the embedding in the compute format.
+    pub fn new(t: RawTensor, format: WeightFormat) -> Result<Self> {
+        match (format, t) {
+            (
+                WeightFormat::Quantized,
+                RawTensor::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                },
+            ) => Ok(Embedding::Quantized {
+                w,
+                scales: scales.as_dtype(Dtype::Float32).ctx("casting scales")?,
+                biases: biases.as_dtype(Dtype::Float32).ctx("casting biases")?,
+                group_size,
+                bits,
+            }),
+            (_, t) => {
+                let table = t.to_f32()?;
+                let table_t = table.t();
+                Ok(Embedding::Dense { table, table_t })
+            }
+        }
+    }
+
+    /// Rows of `ids` (`[n]` u32) → `[n, hidden]`.
+    pub fn lookup(&self, ids: &Array) -> Result<Array> {
+        match self {
+            Embedding::Dense { table, .. } => table.take_axis(ids, 0).ctx("embedding lookup"),
+            Embedding::Quantized {
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => {
+                let w = w.take_axis(ids, 0).ctx("embedding lookup")?;
+                let s = scales.take_axis(ids, 0).ctx("embedding lookup")?;
+                let b = biases.take_axis(ids, 0).ctx("embedding lookup")?;
+                ops::dequantize(&w, &s, &b, *group_size, *bits).ctx("embedding dequantize")
+            }
+        }
+    }
+
+    /// Tied LM head: `x tableᵀ`.
+    pub fn as_head(&self, x: &Array) -> Result<Array> {
+        match self {
+            Embedding::Dense { table_t, .. } => x.matmul(table_t).ctx("lm head"),
+            Embedding::Quantized {
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => ops::quantized_matmul(x, w, scales, biases, true, *group_size, *bits)
+                .ctx("lm head (quantized)"),
+        }
+    }
+
+    /// The arrays held.
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Embedding::Dense { table, table_t } => vec![table, table_t],
+            Embedding::Quantized {
+                w, scales, biases, ..
+            } => vec![w, scales, biases],
+        }
+    }
+}
+
+/// Takes a 1-D norm weight as f32.
+pub fn norm_weight(map: &mut TensorMap, name: &str, dim: usize) -> Result<Array> {
+    let t = map.take(name)?;
+    map.check_shape(name, &t, &[dim as i64])?;
+    t.to_f32()
+}

@@ -1,0 +1,58 @@
+//! Shared helpers of the engine tests: locating the default model, loading it once.
+
+#![allow(dead_code)]
+
+use engine_mlx::{EngineConfig, MlxChatFormatter, MlxEngine};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+/// File name of the default model.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Path of the default model, or `None` when the model tests are explicitly skipped
+/// (`SEMANTIC_SKIP_MODEL_TESTS=1`). Panics with instructions when the file is missing.
+pub fn model_path() -> Option<PathBuf> {
+    if std::env::var("SEMANTIC_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("SEMANTIC_SKIP_MODEL_TESTS=1: skipping a test that needs the default model");
+        return None;
+    }
+    let candidates: Vec<PathBuf> = [
+        std::env::var_os("SEMANTIC_TEST_MODEL").map(PathBuf::from),
+        std::env::var_os("SEMANTIC_HOME").map(|h| PathBuf::from(h).join("models").join(DEFAULT_MODEL_FILE)),
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h)
+                .join(".semantic")
+                .join("models")
+                .join(DEFAULT_MODEL_FILE)
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => Some(p.clone()),
+        None => panic!(
+            "the default model {DEFAULT_MODEL_FILE} was not found (looked at {candidates:?}); \
+             run `cargo xtask setup`, set SEMANTIC_TEST_MODEL to its path, or set \
+             SEMANTIC_SKIP_MODEL_TESTS=1 to skip the tests that need it"
+        ),
+    }
+}
+
+/// Loads the default model with `config`.
+pub fn load(config: EngineConfig) -> Option<(MlxEngine, Arc<MlxChatFormatter>)> {
+    let path = model_path()?;
+    let path = path.to_str().expect("model path is UTF-8").to_owned();
+    Some(MlxEngine::load(&path, config).expect("the default model loads"))
+}
+
+/// The default model with the default configuration, loaded once per test binary.
+pub fn shared() -> Option<&'static (MlxEngine, Arc<MlxChatFormatter>)> {
+    static SHARED: OnceLock<Option<(MlxEngine, Arc<MlxChatFormatter>)>> = OnceLock::new();
+    SHARED.get_or_init(|| load(EngineConfig::default())).as_ref()
+}
+
+/// Runs a future to completion on the current thread.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}

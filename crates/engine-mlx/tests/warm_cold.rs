@@ -1,0 +1,198 @@
+//! Warm equals cold: exporting and importing KV blocks is bit-exact, and restoring the first
+//! k blocks then prefilling the rest in the same block-aligned chunks gives bit-identical
+//! logits and the same greedy continuation as a cold prefill.
+
+mod common;
+
+use agent_session::{
+    BlockMeta, ChatFormatter, InferenceEngine, KvBlock, KvEncoding, KvPayload, SamplingParams,
+    SequenceId, StepRequest, TensorDtype, TokenId,
+};
+use block_pool::BlockHash;
+use common::block_on;
+use engine_mlx::{EngineConfig, MlxEngine};
+use std::sync::Arc;
+
+const BLOCK: usize = 64;
+
+fn text_tokens(fmt: &dyn ChatFormatter, n: usize) -> Vec<TokenId> {
+    let text = "The river wound through the valley, past orchards and old stone mills. \
+                Every spring the water rose, and the villagers moved their boats higher up \
+                the bank, telling stories of floods their grandparents had seen. ";
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(fmt.encode(text).expect("encode"));
+    }
+    ids.truncate(n);
+    ids
+}
+
+/// Prefills `tokens[from..]` in chunks aligned to absolute block boundaries.
+async fn prefill_aligned(engine: &MlxEngine, seq: SequenceId, tokens: &[TokenId], from: usize) {
+    let mut pos = from;
+    while pos < tokens.len() {
+        let end = ((pos / BLOCK) + 1) * BLOCK;
+        let end = end.min(tokens.len());
+        engine
+            .prefill(seq, tokens[pos..end].to_vec())
+            .await
+            .expect("prefill");
+        pos = end;
+    }
+}
+
+async fn greedy_continue(engine: &MlxEngine, seq: SequenceId, n: u32) -> Vec<TokenId> {
+    let params = Arc::new(SamplingParams::greedy());
+    let mut out = Vec::new();
+    let mut feed = None;
+    for step in 0..n {
+        let r = engine
+            .step(vec![StepRequest {
+                seq,
+                feed,
+                params: params.clone(),
+                step,
+                generated: out.clone().into(),
+            }])
+            .await
+            .expect("step");
+        let t = r.into_iter().next().expect("one").expect("token");
+        out.push(t);
+        feed = Some(t);
+    }
+    out
+}
+
+fn blocks_of(engine: &MlxEngine, tokens: &[TokenId], payloads: Vec<KvPayload>) -> Vec<Arc<KvBlock>> {
+    let fp = engine.model().fingerprint.clone();
+    let mut parent: Option<BlockHash> = None;
+    payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, payload)| {
+            let ids = tokens[i * BLOCK..(i + 1) * BLOCK].to_vec();
+            let hash = BlockHash::chain(parent.as_ref(), &ids, &fp, "test");
+            let meta = BlockMeta {
+                hash,
+                parent,
+                token_ids: ids,
+                model_fingerprint: fp.clone(),
+            };
+            parent = Some(hash);
+            Arc::new(KvBlock { meta, payload })
+        })
+        .collect()
+}
+
+fn config(kv_bits: Option<u8>) -> EngineConfig {
+    EngineConfig {
+        block_tokens: BLOCK as u32,
+        kv_bits,
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn restore_then_prefill_equals_cold_prefill() {
+    let Some((engine, fmt)) = common::load(config(None)) else { return };
+    let n = 4 * BLOCK + 37;
+    let tokens = text_tokens(fmt.as_ref(), n);
+    block_on(async {
+        // Cold.
+        let cold = engine.open_sequence().await.expect("open");
+        prefill_aligned(&engine, cold, &tokens, 0).await;
+        let cold_logits = engine.debug_logits(cold).await.expect("logits");
+        let exported = engine.export_blocks(cold, 0, 4).await.expect("export");
+        for p in &exported {
+            assert_eq!(p.encoding, KvEncoding::Float { dtype: TensorDtype::F32 });
+            assert_eq!(p.tensors.len(), 2 * 30);
+            let k0 = &p.tensors[0];
+            assert_eq!(k0.name, "l0.k");
+            assert_eq!(k0.shape, vec![3, BLOCK, 64]);
+            assert!(k0.is_consistent());
+        }
+        let cold_next = greedy_continue(&engine, cold, 8).await;
+        let blocks = blocks_of(&engine, &tokens, exported.clone());
+
+        for k in [1usize, 2, 4] {
+            let warm = engine.open_sequence().await.expect("open");
+            engine
+                .import_blocks(warm, blocks[..k].to_vec())
+                .await
+                .expect("import");
+            assert_eq!(engine.sequence_len(warm).await.expect("len"), k * BLOCK);
+            // (a) Export of imported blocks gives the same bytes.
+            let again = engine.export_blocks(warm, 0, k).await.expect("re-export");
+            assert!(again == exported[..k], "k={k}: re-exported blocks differ");
+            // (b) Same chunks after the restored prefix → bit-identical logits.
+            prefill_aligned(&engine, warm, &tokens, k * BLOCK).await;
+            let warm_logits = engine.debug_logits(warm).await.expect("logits");
+            let same_bits = warm_logits
+                .iter()
+                .zip(&cold_logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same_bits, "k={k}: logits differ from the cold run");
+            let warm_next = greedy_continue(&engine, warm, 8).await;
+            assert_eq!(warm_next, cold_next, "k={k}: greedy continuation differs");
+            // Blocks exported after the warm prefill equal the cold ones too.
+            let all = engine.export_blocks(warm, 0, 4).await.expect("export");
+            assert!(all == exported, "k={k}: KV after the warm prefill differs");
+            engine.release(warm).await.expect("release");
+        }
+
+        // Truncate back to a block boundary and prefill again: same logits.
+        engine.truncate(cold, 2 * BLOCK).await.expect("truncate");
+        assert_eq!(engine.sequence_len(cold).await.expect("len"), 2 * BLOCK);
+        prefill_aligned(&engine, cold, &tokens, 2 * BLOCK).await;
+        let again = engine.debug_logits(cold).await.expect("logits");
+        assert!(again.iter().zip(&cold_logits).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        // Misuse is reported, not a panic.
+        assert!(engine.export_blocks(cold, 4, 1).await.is_err(), "partial block");
+        let odd = engine.open_sequence().await.expect("open");
+        engine.prefill(odd, tokens[..5].to_vec()).await.expect("prefill");
+        assert!(engine.import_blocks(odd, blocks[..1].to_vec()).await.is_err(), "unaligned");
+        let mut broken = (*blocks[0]).clone();
+        broken.payload.tensors[3].shape = vec![3, BLOCK, 32];
+        let fresh = engine.open_sequence().await.expect("open");
+        assert!(engine.import_blocks(fresh, vec![Arc::new(broken)]).await.is_err());
+        assert_eq!(engine.sequence_len(fresh).await.expect("len"), 0);
+        assert!(engine.prefill(fresh, vec![999_999]).await.is_err(), "token outside vocab");
+        assert!(engine.sequence_len(SequenceId(9_999)).await.is_err());
+    });
+}
+
+#[test]
+fn quantized_kv_export_round_trips_approximately() {
+    let Some((engine, fmt)) = common::load(config(Some(8))) else { return };
+    let tokens = text_tokens(fmt.as_ref(), 2 * BLOCK + 10);
+    block_on(async {
+        let cold = engine.open_sequence().await.expect("open");
+        prefill_aligned(&engine, cold, &tokens, 0).await;
+        let cold_logits = engine.debug_logits(cold).await.expect("logits");
+        let exported = engine.export_blocks(cold, 0, 2).await.expect("export");
+        let p = &exported[0];
+        assert_eq!(p.encoding, KvEncoding::Quantized { bits: 8, group_size: 64 });
+        let names: Vec<&str> = p.tensors.iter().take(3).map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["l0.k", "l0.k.scales", "l0.k.biases"]);
+        assert_eq!(p.tensors[0].dtype, TensorDtype::U32);
+        assert_eq!(p.tensors[0].shape, vec![3, BLOCK, 16]);
+        assert_eq!(p.tensors[1].dtype, TensorDtype::F16);
+        let float_bytes = 2 * 30 * 3 * BLOCK * 64 * 4;
+        assert!(p.byte_len() * 3 < float_bytes, "8-bit blocks are smaller");
+
+        let blocks = blocks_of(&engine, &tokens, exported);
+        let warm = engine.open_sequence().await.expect("open");
+        engine.import_blocks(warm, blocks).await.expect("import");
+        prefill_aligned(&engine, warm, &tokens, 2 * BLOCK).await;
+        let warm_logits = engine.debug_logits(warm).await.expect("logits");
+        let max_diff = warm_logits
+            .iter()
+            .zip(&cold_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max_diff < 0.5, "8-bit KV changed logits by {max_diff}");
+        let am = |v: &[f32]| engine_mlx::sampling::argmax(v);
+        assert_eq!(am(&warm_logits), am(&cold_logits));
+    });
+}

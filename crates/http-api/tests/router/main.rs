@@ -1,0 +1,8 @@
+//! Router tests over the testkit fakes: every route, field and error path, full SSE streams,
+//! usage arithmetic, tool calls, auth, overload and cancellation.
+
+mod admin;
+mod anthropic;
+mod common;
+mod openai;
+mod streaming;

@@ -1,0 +1,357 @@
+//! The one place that knows every adapter: builds the MLX engine, the disk store and the
+//! HTTP API from the settings, runs the server, and shuts it down cleanly.
+
+use crate::settings::{LogFormat, Settings};
+use agent_session::{
+    AgentId, AgentKey, AgentService, CacheStore, ChatFormatter, InferenceEngine, Namespace,
+    ServiceConfig, SystemClock,
+};
+use cache_store_disk::{DiskCacheStore, DiskStoreConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The model could not be loaded.
+    #[error("cannot load model {model}: {reason}")]
+    Model {
+        /// What was asked for.
+        model: String,
+        /// Why it failed (and how to fix it).
+        reason: String,
+    },
+    /// The cache directory could not be opened.
+    #[error("cannot open the cache directory {dir}: {reason}")]
+    Store {
+        /// The directory.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+    /// Wiring the service failed (configuration does not fit the model).
+    #[error("invalid configuration for this model: {0}")]
+    Service(String),
+    /// Binding or serving failed.
+    #[error("server error: {0}")]
+    Server(String),
+    /// An agents command failed.
+    #[error("{0}")]
+    Agents(String),
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// The model to load, with a helpful error when the default model is missing.
+fn model_location(settings: &Settings) -> Result<String, AppError> {
+    let model = settings.model_or_default();
+    if settings.model_id.is_none() && !std::path::Path::new(&model).exists() {
+        return Err(AppError::Model {
+            model,
+            reason: "the default model is not installed; run `cargo xtask setup` \
+                     (or pass --model <hf-id | dir | file.gguf>)"
+                .into(),
+        });
+    }
+    Ok(model)
+}
+
+/// Loads the engine and the chat formatter, printing progress when it takes over a second.
+fn load_engine(
+    settings: &Settings,
+) -> Result<(Arc<dyn InferenceEngine>, Arc<dyn ChatFormatter>), AppError> {
+    let model = model_location(settings)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        let model = model.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut next = 1;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if start.elapsed().as_secs() >= next {
+                    tracing::info!("loading {model}… {next}s");
+                    next += 1;
+                }
+            }
+        })
+    };
+    let config = engine_mlx::EngineConfig {
+        block_tokens: settings.block_tokens,
+        kv_bits: settings.kv_bits,
+        bind_to_weights: settings.validate_model_tag,
+        ..engine_mlx::EngineConfig::default()
+    };
+    let loaded = engine_mlx::load(&model, config);
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    let (engine, formatter) = loaded.map_err(|e| AppError::Model {
+        model: model.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((Arc::new(engine), formatter))
+}
+
+fn open_store(settings: &Settings) -> Result<DiskCacheStore, AppError> {
+    let mut cfg = DiskStoreConfig::new(&settings.cache_dir);
+    cfg.disk_budget_bytes = settings.disk_budget_bytes;
+    DiskCacheStore::open(cfg).map_err(|e| AppError::Store {
+        dir: settings.cache_dir.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn service_config(settings: &Settings, engine: &dyn InferenceEngine) -> ServiceConfig {
+    let spec = &engine.model().spec;
+    let mut c = ServiceConfig::for_block_tokens(spec.block_tokens() as usize);
+    c.prefill_step = settings.prefill_step_size;
+    c.max_batch_size = settings.max_batch_size;
+    c.max_queue = settings.max_queue;
+    c.default_max_tokens = settings.default_max_tokens;
+    c.hot_capacity_blocks = usize::try_from(spec.blocks_for_budget(settings.cache_budget_bytes))
+        .unwrap_or(usize::MAX);
+    c
+}
+
+/// `semantic serve`: load, wire, listen, and on SIGTERM / Ctrl-C drain, flush and return.
+pub fn serve(settings: Settings) -> Result<(), AppError> {
+    init_logging(&settings);
+    // Validate the cheap things before the expensive model load.
+    let store = open_store(&settings)?;
+    let (engine, formatter) = load_engine(&settings)?;
+    let model = engine.model().clone();
+    tracing::info!(
+        model = %model.id,
+        weights = %model.weight_format,
+        block_tokens = model.spec.block_tokens(),
+        bytes_per_block = model.spec.bytes_per_block(),
+        "model loaded"
+    );
+    let config = service_config(&settings, engine.as_ref());
+    let store: Arc<dyn CacheStore> = Arc::new(store);
+    let service = AgentService::new(engine, store, formatter, Arc::new(SystemClock), config)
+        .map_err(|e| AppError::Service(e.to_string()))?;
+    let service = Arc::new(service);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::Server(e.to_string()))?;
+    runtime.block_on(async {
+        let state = http_api::AppState::new(service.clone())
+            .with_api_keys(settings.api_keys.clone())
+            .with_admin_key(settings.admin_key.clone())
+            .with_max_body_bytes(settings.max_body_bytes)
+            .with_default_temperature(settings.default_temperature)
+            .with_request_timeout(
+                (settings.request_timeout_secs > 0)
+                    .then(|| Duration::from_secs(settings.request_timeout_secs)),
+            );
+        let addr = format!("{}:{}", settings.host, settings.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| AppError::Server(format!("cannot listen on {addr}: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| AppError::Server(e.to_string()))?;
+        tracing::info!("listening on http://{local}");
+        http_api::serve(listener, state, shutdown_signal())
+            .await
+            .map_err(|e| AppError::Server(e.to_string()))?;
+        tracing::info!("stopped accepting; flushing cache writes");
+        service
+            .flush()
+            .await
+            .map_err(|e| AppError::Server(format!("flushing the cache: {e}")))
+    })?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// `semantic models inspect`: the spec and capacity maths, without loading weights.
+pub fn inspect(settings: &Settings) -> Result<String, AppError> {
+    let model = model_location(settings)?;
+    let info = engine_mlx::inspect(&model, settings.block_tokens).map_err(|e| AppError::Model {
+        model: model.clone(),
+        reason: e.to_string(),
+    })?;
+    let spec = &info.spec;
+    let budget = settings.cache_budget_bytes;
+    let mut out = format!(
+        "model:               {model}\narchitecture:        {}\ncontext length:      {}\n\
+         layers:              {} ({} sliding-window)\nKV heads:            {}\n\
+         K / V head dim:      {} / {}\nblock tokens:        {}\n\n",
+        info.architecture,
+        info.context_length,
+        spec.num_layers(),
+        spec.num_sliding_layers(),
+        spec.num_kv_heads(),
+        spec.k_head_dim(),
+        spec.v_head_dim(),
+        spec.block_tokens(),
+    );
+    out.push_str(&format!(
+        "cache budget {} MiB (SEMANTIC_MLX_CACHE_BUDGET_MB):\n",
+        budget / (1024 * 1024)
+    ));
+    out.push_str("KV storage      bytes/block/layer   bytes/block     bytes/token  blocks   tokens\n");
+    for (name, storage) in [
+        ("fp32 (live)", model_cache_spec::KvStorage::FP32),
+        ("fp16", model_cache_spec::KvStorage::FP16),
+        ("8-bit g64", model_cache_spec::KvStorage::Q8),
+        ("4-bit g64", model_cache_spec::KvStorage::Q4),
+    ] {
+        match spec.clone().with_kv_storage(storage) {
+            Ok(s) => out.push_str(&format!(
+                "{name:<15} {:>17} {:>13} {:>15} {:>7} {:>8}\n",
+                s.bytes_per_block_per_layer(),
+                s.bytes_per_block(),
+                s.bytes_per_token(),
+                s.blocks_for_budget(budget),
+                s.tokens_for_budget(budget)
+            )),
+            Err(e) => out.push_str(&format!("{name:<15} not applicable: {e}\n")),
+        }
+    }
+    Ok(out)
+}
+
+/// What `semantic agents` does.
+#[derive(Debug)]
+pub enum AgentsAction {
+    /// List every agent.
+    List,
+    /// Show one agent.
+    Show(String),
+    /// Delete one agent.
+    Rm(String),
+}
+
+fn agent_key(id: &str) -> Result<AgentKey, AppError> {
+    let agent = AgentId::new(id).map_err(|e| AppError::Agents(format!("invalid agent id: {e}")))?;
+    Ok(AgentKey {
+        namespace: Namespace::default(),
+        agent,
+    })
+}
+
+/// `semantic agents …`: through a running server's admin API (`url`), else on the cache dir.
+pub fn agents(
+    settings: &Settings,
+    action: AgentsAction,
+    url: Option<&str>,
+    admin_key: Option<&str>,
+) -> Result<String, AppError> {
+    if let Some(url) = url {
+        return agents_over_http(url.trim_end_matches('/'), action, admin_key);
+    }
+    let store = open_store(settings)?;
+    let err = |e: agent_session::StoreError| AppError::Agents(e.to_string());
+    match action {
+        AgentsAction::List => {
+            let list = futures_lite_block_on(store.list_manifests(None)).map_err(err)?;
+            let mut out = format!("{:<32} {:>8} {:>7} {:>6}  last used (unix ms)\n", "agent", "tokens", "blocks", "pinned");
+            for m in list {
+                out.push_str(&format!(
+                    "{:<32} {:>8} {:>7} {:>6}  {}\n",
+                    if m.namespace.0.is_empty() { m.agent.to_string() } else { format!("{}/{}", m.namespace.0, m.agent) },
+                    m.token_ids.len(),
+                    m.block_hashes.len(),
+                    m.pinned,
+                    m.last_used_at_ms
+                ));
+            }
+            Ok(out)
+        }
+        AgentsAction::Show(id) => {
+            let key = agent_key(&id)?;
+            let m = futures_lite_block_on(store.load_manifest(&key))
+                .map_err(err)?
+                .ok_or_else(|| AppError::Agents(format!("no agent {id} in {}", settings.cache_dir.display())))?;
+            Ok(format!(
+                "agent:        {}\ntokens:       {}\nblocks:       {}\ntail tokens:  {}\npinned:       {}\nmodel:        {}\ncreated (ms): {}\nlast used:    {}\n",
+                m.agent,
+                m.token_ids.len(),
+                m.block_hashes.len(),
+                m.tail_tokens().len(),
+                m.pinned,
+                m.model_fingerprint,
+                m.created_at_ms,
+                m.last_used_at_ms
+            ))
+        }
+        AgentsAction::Rm(id) => {
+            let key = agent_key(&id)?;
+            let existed = futures_lite_block_on(store.delete_manifest(&key)).map_err(err)?;
+            futures_lite_block_on(store.flush()).map_err(err)?;
+            if existed {
+                Ok(format!("deleted agent {id}\n"))
+            } else {
+                Err(AppError::Agents(format!("no agent {id}")))
+            }
+        }
+    }
+}
+
+/// The store's async methods do blocking file I/O inside, so a plain executor completes them.
+fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+fn agents_over_http(
+    base: &str,
+    action: AgentsAction,
+    admin_key: Option<&str>,
+) -> Result<String, AppError> {
+    let (method, path) = match &action {
+        AgentsAction::List => ("GET", "/v1/agents".to_string()),
+        AgentsAction::Show(id) => ("GET", format!("/v1/agents/{}", agent_key(id)?.agent)),
+        AgentsAction::Rm(id) => ("DELETE", format!("/v1/agents/{}", agent_key(id)?.agent)),
+    };
+    let mut req = ureq::request(method, &format!("{base}{path}")).timeout(Duration::from_secs(30));
+    if let Some(k) = admin_key {
+        req = req.set("authorization", &format!("Bearer {k}"));
+    }
+    match req.call() {
+        Ok(r) => Ok(r.into_string().unwrap_or_default() + "\n"),
+        Err(ureq::Error::Status(code, r)) => Err(AppError::Agents(format!(
+            "{method} {path}: HTTP {code}: {}",
+            r.into_string().unwrap_or_default()
+        ))),
+        Err(e) => Err(AppError::Agents(format!("{method} {base}{path}: {e}"))),
+    }
+}
