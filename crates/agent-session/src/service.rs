@@ -3,6 +3,7 @@
 //! is prefilled, and committing the turn's new blocks afterwards.
 
 mod admission;
+mod batcher;
 mod hot;
 
 use crate::agent::{AgentId, AgentKey, Namespace};
@@ -18,6 +19,7 @@ use crate::sampling::SamplingParams;
 use crate::text::{IncrementalDecoder, StopMatcher, StopScan};
 use crate::TokenId;
 use admission::Admission;
+use batcher::StepBatcher;
 use block_pool::BlockHash;
 use futures::lock::Mutex as AsyncMutex;
 use hot::{HotSession, HotTier};
@@ -207,6 +209,10 @@ pub struct ServiceStats {
     pub hot_blocks_used: u64,
     /// Hot-tier capacity in blocks.
     pub hot_blocks_total: u64,
+    /// Largest decode batch so far.
+    pub max_decode_batch: u64,
+    /// Batched decode steps so far (one engine call each).
+    pub decode_steps: u64,
     /// Agents with KV in RAM.
     pub hot_agents: u64,
     /// The store's own counters.
@@ -235,6 +241,7 @@ pub struct AgentService {
     hot: Arc<Mutex<HotTier>>,
     agent_locks: Mutex<HashMap<AgentKey, Arc<AsyncMutex<()>>>>,
     admission: Admission,
+    batcher: StepBatcher,
     counters: Counters,
 }
 
@@ -277,6 +284,7 @@ impl AgentService {
         Ok(Self {
             hot: Arc::new(Mutex::new(HotTier::new(config.hot_capacity_blocks))),
             admission: Admission::new(config.max_batch_size, config.max_queue),
+            batcher: StepBatcher::new(config.max_batch_size),
             engine,
             store,
             formatter,
@@ -567,22 +575,21 @@ impl AgentService {
         let mut text = String::new();
         let mut feed = None;
         let mut finish = FinishReason::Length;
+        let _slot = self.batcher.register();
         for i in 0..max_tokens {
-            let out = self
-                .engine
-                .step(vec![StepRequest {
-                    seq,
-                    feed,
-                    params: params.clone(),
-                    step: i as u32,
-                    generated: generated.clone().into(),
-                }])
+            let tok = self
+                .batcher
+                .step(
+                    self.engine.as_ref(),
+                    StepRequest {
+                        seq,
+                        feed,
+                        params: params.clone(),
+                        step: i as u32,
+                        generated: generated.clone().into(),
+                    },
+                )
                 .await?;
-            let tok = out.into_iter().next().ok_or_else(|| {
-                ServiceError::Engine(crate::EngineError::Backend(
-                    "decode step returned no token".into(),
-                ))
-            })??;
             if stop_ids.contains(&tok) {
                 finish = FinishReason::Stop;
                 break;
@@ -811,6 +818,7 @@ impl AgentService {
         let c = &self.counters;
         let (used, total, agents, evictions) = lock(&self.hot).usage();
         let (active, queued) = self.admission.usage();
+        let (max_batch, steps) = self.batcher.usage();
         ServiceStats {
             requests: c.requests.load(Ordering::Relaxed),
             hits_hot: c.hits_hot.load(Ordering::Relaxed),
@@ -825,6 +833,8 @@ impl AgentService {
             queued: queued as u64,
             hot_blocks_used: used as u64,
             hot_blocks_total: total as u64,
+            max_decode_batch: max_batch as u64,
+            decode_steps: steps,
             hot_agents: agents as u64,
             store: self.store.stats().await.unwrap_or_default(),
         }

@@ -97,6 +97,12 @@ pub enum ApiError {
         /// Seconds the client should wait.
         retry_after_secs: u64,
     },
+    /// The request ran past the configured time limit (504); its generation was cancelled.
+    #[error("the request took longer than the limit of {limit_secs} s")]
+    Timeout {
+        /// The limit in seconds.
+        limit_secs: u64,
+    },
     /// A failure of the server itself (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -132,6 +138,7 @@ impl ApiError {
                     .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             },
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) | ApiError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,6 +171,7 @@ impl ApiError {
             }
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("server_overloaded")),
             ApiError::Unavailable { .. } => ("server_error", Some("service_unavailable")),
+            ApiError::Timeout { .. } => ("server_error", Some("timeout")),
             ApiError::Internal(_) | ApiError::Io(_) => ("server_error", Some("internal_error")),
         }
     }
@@ -181,6 +189,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found_error",
             ApiError::PayloadTooLarge { .. } => "request_too_large",
             ApiError::Overloaded { .. } => "overloaded_error",
+            ApiError::Timeout { .. } => "timeout_error",
             ApiError::Unavailable { .. } | ApiError::Internal(_) | ApiError::Io(_) => "api_error",
         }
     }

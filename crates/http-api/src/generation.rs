@@ -44,6 +44,29 @@ pub(crate) struct Running {
     pub(crate) report: CacheReport,
     rx: mpsc::UnboundedReceiver<Msg>,
     observer: Observer,
+    deadline: Option<Deadline>,
+}
+
+/// The request's time limit.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    limit_secs: u64,
+}
+
+/// The next message, or `Err(limit)` when the deadline passed first.
+async fn recv(
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+    deadline: Option<Deadline>,
+) -> Result<Option<Msg>, ApiError> {
+    match deadline {
+        None => Ok(rx.recv().await),
+        Some(d) => tokio::time::timeout_at(d.at, rx.recv())
+            .await
+            .map_err(|_| ApiError::Timeout {
+                limit_secs: d.limit_secs,
+            }),
+    }
 }
 
 /// Records TTFT, decode speed and errors of one generation.
@@ -131,6 +154,10 @@ pub(crate) async fn start(
             let _ = failed_tx.send(Msg::Failed(e));
         }
     });
+    let deadline = ctx.limits.request_timeout.map(|t| Deadline {
+        at: tokio::time::Instant::from_std(start) + t,
+        limit_secs: t.as_secs().max(1),
+    });
     let mut observer = Observer {
         metrics: ctx.metrics.clone(),
         api,
@@ -138,7 +165,11 @@ pub(crate) async fn start(
         start,
         first_token: None,
     };
-    match rx.recv().await {
+    // On any early return `rx` is dropped, which cancels the generation.
+    let first = recv(&mut rx, deadline)
+        .await
+        .inspect_err(|_| observer.failed("timeout"))?;
+    match first {
         Some(Msg::Started(report)) => {
             observer.tier = report.tier.as_str();
             ctx.metrics
@@ -154,6 +185,7 @@ pub(crate) async fn start(
                 report,
                 rx,
                 observer,
+                deadline,
             })
         }
         Some(Msg::Failed(e)) => {
@@ -172,7 +204,16 @@ pub(crate) async fn start(
 impl Running {
     /// The next delta, the end, or a failure.
     pub(crate) async fn next(&mut self) -> Next {
-        match self.rx.recv().await {
+        let msg = match recv(&mut self.rx, self.deadline).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.observer.failed("timeout");
+                // Stop listening: the generation is cancelled at its next event.
+                self.rx.close();
+                return Next::Failed(e);
+            }
+        };
+        match msg {
             Some(Msg::Delta(t)) => {
                 self.observer.first_token();
                 Next::Delta(t)

@@ -57,6 +57,10 @@ pub struct Limits {
     /// How long [`serve`] waits, after the listener closed, for running generations to end
     /// before flushing the cache store.
     pub shutdown_drain: Duration,
+    /// Longest time a generation request may take, queueing included (`None`: no limit).
+    /// Past it the generation is cancelled: a 504 before the answer starts, an error event
+    /// ending a stream.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -66,6 +70,7 @@ impl Default for Limits {
             ready_max_pool_utilization: 0.95,
             sse_keep_alive: Duration::from_secs(15),
             shutdown_drain: Duration::from_secs(30),
+            request_timeout: None,
         }
     }
 }
@@ -123,6 +128,36 @@ impl AppState {
     /// The same state with these limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The same state with these API keys (empty: no API auth).
+    pub fn with_api_keys(mut self, keys: Vec<String>) -> Self {
+        self.auth.api_keys = keys;
+        self
+    }
+
+    /// The same state with this admin key (`None`: admin routes follow the API-key rule).
+    pub fn with_admin_key(mut self, key: Option<String>) -> Self {
+        self.auth.admin_key = key;
+        self
+    }
+
+    /// The same state with this request body limit in bytes.
+    pub fn with_max_body_bytes(mut self, bytes: usize) -> Self {
+        self.limits.max_body_bytes = bytes;
+        self
+    }
+
+    /// The same state with this default temperature.
+    pub fn with_default_temperature(mut self, temperature: f32) -> Self {
+        self.defaults.temperature = temperature;
+        self
+    }
+
+    /// The same state with this per-request time limit (`None`: no limit).
+    pub fn with_request_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.limits.request_timeout = timeout;
         self
     }
 }

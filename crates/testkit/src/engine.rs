@@ -23,6 +23,8 @@ pub struct FakeEngineStats {
     pub decoded_tokens: u64,
     /// Sequences open now.
     pub open_sequences: usize,
+    /// The size of every `step` batch, in order.
+    pub step_batches: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +50,26 @@ pub struct FakeEngine {
     model: ModelDescriptor,
     inner: Mutex<Inner>,
     next_id: AtomicU64,
+    yielding: bool,
+}
+
+/// A future that is pending once (and wakes itself), like a call that crosses a channel.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            std::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
 }
 
 const LAYERS: usize = 2;
@@ -83,6 +105,20 @@ impl FakeEngine {
             },
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
+            yielding: false,
+        }
+    }
+
+    /// The same fake, but every call yields to the executor once first, as a real engine
+    /// behind a channel does: concurrent generations then interleave and batch.
+    pub fn yielding(mut self) -> Self {
+        self.yielding = true;
+        self
+    }
+
+    async fn pause(&self) {
+        if self.yielding {
+            YieldOnce(false).await;
         }
     }
 
@@ -148,6 +184,7 @@ impl InferenceEngine for FakeEngine {
     }
 
     async fn open_sequence(&self) -> Result<SequenceId, EngineError> {
+        self.pause().await;
         let id = SequenceId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.lock().seqs.insert(id, Seq::default());
         Ok(id)
@@ -158,6 +195,7 @@ impl InferenceEngine for FakeEngine {
         seq: SequenceId,
         blocks: Vec<Arc<KvBlock>>,
     ) -> Result<(), EngineError> {
+        self.pause().await;
         let b = self.model.spec.block_tokens() as usize;
         let mut g = self.lock();
         let n = blocks.len() as u64;
@@ -206,6 +244,7 @@ impl InferenceEngine for FakeEngine {
     }
 
     async fn prefill(&self, seq: SequenceId, tokens: Vec<TokenId>) -> Result<(), EngineError> {
+        self.pause().await;
         let mut g = self.lock();
         let s = g
             .seqs
@@ -225,7 +264,9 @@ impl InferenceEngine for FakeEngine {
         &self,
         batch: Vec<StepRequest>,
     ) -> Result<Vec<Result<TokenId, EngineError>>, EngineError> {
+        self.pause().await;
         let mut g = self.lock();
+        g.stats.step_batches.push(batch.len());
         let mut out = Vec::with_capacity(batch.len());
         for req in batch {
             let Some(s) = g.seqs.get_mut(&req.seq) else {

@@ -248,3 +248,48 @@ async fn serve_answers_and_shuts_down_gracefully() {
         "listener closed"
     );
 }
+
+#[tokio::test]
+async fn request_timeout_cancels_and_answers_504() {
+    let engine = Arc::new(
+        ScriptedEngine::new("la ")
+            .endless()
+            .slow(Duration::from_millis(2)),
+    );
+    let service = scripted_service(engine.clone(), None);
+    let app = http_api::router(
+        http_api::AppState::new(service.clone())
+            .with_request_timeout(Some(Duration::from_millis(150))),
+    );
+    let mut body = chat(chat_messages("talk"));
+    body["max_tokens"] = json!(4000);
+    let r = post(&app, "/v1/chat/completions", &[], body.clone()).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    let r = post(&app, "/v1/messages", &[], messages_body("talk", 4000)).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["type"], "timeout_error");
+
+    body["stream"] = json!(true);
+    let events = post(&app, "/v1/chat/completions", &[], body).await.events();
+    assert_eq!(
+        events.last().expect("events").json()["error"]["code"],
+        "timeout"
+    );
+    let mut idle = false;
+    for _ in 0..500 {
+        let s = service.stats().await;
+        if s.active == 0 && s.requests == 3 {
+            idle = true;
+            assert!(
+                s.generated_tokens < 3000,
+                "cancelled: {}",
+                s.generated_tokens
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(idle, "every timed-out generation was cancelled");
+    assert_eq!(engine.open_sequences(), 0);
+}
