@@ -242,7 +242,43 @@ pub struct AgentService {
     agent_locks: Mutex<HashMap<AgentKey, Arc<AsyncMutex<()>>>>,
     admission: Admission,
     batcher: StepBatcher,
+    /// Sequences of generations that were dropped mid-way; released by the next request.
+    orphans: Arc<Mutex<Vec<SequenceId>>>,
     counters: Counters,
+}
+
+/// Cleans up after a generation future that is dropped before it finishes (client gone,
+/// timeout): frees its hot-tier reservation and queues its sequence for release.
+struct TurnGuard {
+    hot: Arc<Mutex<HotTier>>,
+    orphans: Arc<Mutex<Vec<SequenceId>>>,
+    owner: hot::Owner,
+    seq: Mutex<Option<SequenceId>>,
+    done: bool,
+    committed: std::sync::atomic::AtomicBool,
+}
+
+impl TurnGuard {
+    fn set_seq(&self, seq: SequenceId) {
+        *lock(&self.seq) = Some(seq);
+    }
+
+    /// The session now belongs to the hot tier: nothing to clean up any more.
+    fn mark_committed(&self) {
+        self.committed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        if self.done || self.committed.load(Ordering::Relaxed) {
+            return;
+        }
+        lock(&self.hot).release_owner(&self.owner);
+        if let Some(seq) = lock(&self.seq).take() {
+            lock(&self.orphans).push(seq);
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentService {
@@ -285,6 +321,7 @@ impl AgentService {
             hot: Arc::new(Mutex::new(HotTier::new(config.hot_capacity_blocks))),
             admission: Admission::new(config.max_batch_size, config.max_queue),
             batcher: StepBatcher::new(config.max_batch_size),
+            orphans: Arc::new(Mutex::new(Vec::new())),
             engine,
             store,
             formatter,
@@ -345,6 +382,10 @@ impl AgentService {
     where
         F: FnMut(GenerationEvent) -> bool + Send,
     {
+        let orphans: Vec<SequenceId> = std::mem::take(&mut *lock(&self.orphans));
+        for seq in orphans {
+            let _ = self.engine.release(seq).await;
+        }
         let model = self.engine.model();
         let tokens = self.tokenize(&req.conversation)?;
         let len = tokens.len();
@@ -392,11 +433,19 @@ impl AgentService {
             let _ = self.engine.release(seq).await;
         }
 
+        let mut guard = TurnGuard {
+            hot: self.hot.clone(),
+            orphans: self.orphans.clone(),
+            owner: owner.clone(),
+            seq: Mutex::new(None),
+            done: false,
+            committed: std::sync::atomic::AtomicBool::new(false),
+        };
         let result = self
             .run_turn(
                 &req,
                 key.as_ref(),
-                &owner,
+                &guard,
                 &tokens,
                 max_tokens,
                 b,
@@ -404,6 +453,7 @@ impl AgentService {
                 &mut on_event,
             )
             .await;
+        guard.done = true;
         if result.is_err() {
             lock(&self.hot).release_owner(&owner);
         }
@@ -416,7 +466,7 @@ impl AgentService {
         &self,
         req: &GenerateRequest,
         key: Option<&AgentKey>,
-        owner: &hot::Owner,
+        guard: &TurnGuard,
         tokens: &[TokenId],
         max_tokens: usize,
         b: usize,
@@ -439,6 +489,7 @@ impl AgentService {
             let taken = lock(&self.hot).take_session(key);
             if let Some(hot) = taken {
                 let r = reusable_len(common_prefix_len(&hot.tokens, tokens), len, step);
+                guard.set_seq(hot.seq);
                 if r > 0 {
                     self.engine.truncate(hot.seq, r).await?;
                     seq = Some(hot.seq);
@@ -464,6 +515,7 @@ impl AgentService {
                     Some(s) => s,
                     None => self.engine.open_sequence().await?,
                 };
+                guard.set_seq(s);
                 seq = Some(s);
                 let blocks: Vec<Arc<KvBlock>> = blocks.into_iter().take(usable).collect();
                 restored_bytes = blocks.iter().map(|x| x.payload.byte_len()).sum();
@@ -487,6 +539,7 @@ impl AgentService {
             Some(s) => s,
             None => self.engine.open_sequence().await?,
         };
+        guard.set_seq(seq);
 
         // 3. Prefill the rest in aligned chunks.
         for chunk in prefill_chunks(reused, len, step) {
@@ -540,7 +593,7 @@ impl AgentService {
             .fetch_add(generated.len() as u64, Ordering::Relaxed);
 
         // 5. Commit: drop decode-made KV, persist new whole chunks, keep the session hot.
-        self.commit(req, key, owner, seq, tokens, &hashes, reused, persist_len)
+        self.commit(req, key, guard, seq, tokens, &hashes, reused, persist_len)
             .await?;
 
         if cancelled {
@@ -646,13 +699,14 @@ impl AgentService {
         &self,
         req: &GenerateRequest,
         key: Option<&AgentKey>,
-        owner: &hot::Owner,
+        guard: &TurnGuard,
         seq: SequenceId,
         tokens: &[TokenId],
         hashes: &[BlockHash],
         reused: usize,
         persist_len: usize,
     ) -> Result<(), ServiceError> {
+        let owner = &guard.owner;
         let b = self.block_tokens();
         self.engine.truncate(seq, persist_len).await?;
         let first = reused / b;
@@ -709,12 +763,14 @@ impl AgentService {
                     },
                     persist_len / b,
                 );
+                guard.mark_committed();
                 for s in evicted {
                     let _ = self.engine.release(s).await;
                 }
             }
             None => {
                 lock(&self.hot).release_owner(owner);
+                guard.mark_committed();
                 self.engine.release(seq).await?;
                 let _ = req;
             }

@@ -124,3 +124,21 @@ fn overload_gets_a_clear_refusal_and_accepted_requests_complete() {
     // Healthy afterwards.
     assert!(block_on(s.service.generate(req(9, 5, 8), |_| true)).is_ok());
 }
+
+#[test]
+fn a_dropped_generation_frees_its_reservation_and_sequence() {
+    use futures::FutureExt;
+    let s = stack(2, 8);
+    {
+        let mut fut = Box::pin(s.service.generate(req(1, 20, 50), |_| true));
+        // Poll a few times (it is mid-prefill or mid-decode), then drop it.
+        for _ in 0..5 {
+            let _ = (&mut fut).now_or_never();
+        }
+    }
+    // The next request releases the orphan; only its own session stays open.
+    block_on(s.service.generate(req(2, 5, 5), |_| true)).expect("works");
+    let stats = block_on(s.service.stats());
+    assert_eq!(s.engine.stats().open_sequences, stats.hot_agents as usize);
+    assert_eq!(stats.active, 0);
+}

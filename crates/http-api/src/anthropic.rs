@@ -527,7 +527,7 @@ impl Translator for StreamTranslator {
         let mut events = Vec::new();
         let mut calls = Vec::new();
         if let Some(f) = self.filter.take() {
-            let parsed = split_answer(&f.finish(), &self.tool_names);
+            let parsed = f.finish(&self.tool_names);
             self.text(parsed.text, &mut events);
             calls = parsed.calls;
         }

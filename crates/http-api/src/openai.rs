@@ -582,8 +582,7 @@ impl Translator for StreamTranslator {
         let mut events = Vec::new();
         let mut has_calls = false;
         if let Some(f) = self.filter.take() {
-            let held = f.finish();
-            let parsed = split_answer(&held, &self.tool_names);
+            let parsed = f.finish(&self.tool_names);
             has_calls = !parsed.calls.is_empty();
             if !parsed.text.is_empty() {
                 events.push(self.chunk(json!({"content": parsed.text}), None));

@@ -40,6 +40,12 @@ const TAG_CLOSE: &str = "</tool_call>";
 /// Splits `text` into tool calls and remaining text. `tool_names` are the offered tools; a
 /// call naming another tool stays text (an empty list accepts any name).
 pub fn parse_tool_calls(text: &str, tool_names: &[String]) -> ParsedOutput {
+    parse_after(text, tool_names, 0)
+}
+
+/// [`parse_tool_calls`] for text that follows `fences_before` Markdown fences (```` ``` ````)
+/// already sent.
+fn parse_after(text: &str, tool_names: &[String], fences_before: usize) -> ParsedOutput {
     let mut spans: Vec<(usize, usize)> = Vec::new();
     let mut calls = Vec::new();
     let mut i = 0;
@@ -58,11 +64,14 @@ pub fn parse_tool_calls(text: &str, tool_names: &[String]) -> ParsedOutput {
                 i = end;
                 continue;
             }
-        } else if bytes[i] == b'{' || bytes[i] == b'[' {
+        } else if bytes[i] == b'{'
+            || (bytes[i] == b'[' && text[i + 1..].trim_start().starts_with('{'))
+        {
             if let Some(end) = balanced_end(text, i) {
                 if let Ok(value) = serde_json::from_str::<Value>(&text[i..end]) {
                     if let Some(found) = calls_from_value(&value, tool_names) {
-                        let (s, e) = with_fence(text, i, end, spans.last().map_or(0, |x| x.1));
+                        let floor = spans.last().map_or(0, |x| x.1);
+                        let (s, e) = with_fence(text, i, end, floor, fences_before);
                         spans.push((s, e));
                         calls.extend(found);
                         i = e;
@@ -97,7 +106,17 @@ pub fn parse_tool_calls(text: &str, tool_names: &[String]) -> ParsedOutput {
 }
 
 /// Extends a call's span over a Markdown code fence around it (```` ```json ... ``` ````).
-fn with_fence(text: &str, start: usize, end: usize, floor: usize) -> (usize, usize) {
+fn with_fence(
+    text: &str,
+    start: usize,
+    end: usize,
+    floor: usize,
+    fences_before: usize,
+) -> (usize, usize) {
+    // Only inside an open fence: an odd number of fences before the call.
+    if (fences_before + text[..start].matches("```").count()) % 2 == 0 {
+        return (start, end);
+    }
     let before = text[floor..start].trim_end();
     let open = ["```json", "```JSON", "```"]
         .iter()
@@ -262,6 +281,8 @@ fn classify(s: &str) -> Hold {
 pub struct ToolStreamFilter {
     pending: String,
     holding: bool,
+    /// Markdown fences in the text already released.
+    fences_sent: usize,
 }
 
 impl ToolStreamFilter {
@@ -295,12 +316,20 @@ impl ToolStreamFilter {
             }
         }
         let rest = self.pending.split_off(cut);
-        std::mem::replace(&mut self.pending, rest)
+        let sent = std::mem::replace(&mut self.pending, rest);
+        self.fences_sent += sent.matches("```").count();
+        sent
     }
 
-    /// The held text (to be parsed) at the end of generation.
-    pub fn finish(self) -> String {
-        self.pending
+    /// At the end of generation: the held text split into text and tool calls, exactly as
+    /// [`parse_tool_calls`] splits the whole answer.
+    pub fn finish(self, tool_names: &[String]) -> ParsedOutput {
+        parse_after(&self.pending, tool_names, self.fences_sent)
+    }
+
+    /// The held text, unparsed.
+    pub fn held(&self) -> &str {
+        &self.pending
     }
 }
 
@@ -378,6 +407,12 @@ mod tests {
             one("Sure:\n```json\n{\"name\": \"search\", \"arguments\": {\"q\": \"f\"}}\n```\n");
         assert_eq!(out.calls.len(), 1);
         assert_eq!(out.text, "Sure:");
+        // A closing fence before the call is not its opener.
+        let text =
+            "```rust\nfn x() {}\n```\n{\"name\": \"search\", \"arguments\": {}}\n```py\nx\n```";
+        let out = one(text);
+        assert_eq!(out.calls.len(), 1);
+        assert_eq!(out.text, "```rust\nfn x() {}\n```\n\n```py\nx\n```");
     }
 
     #[test]
@@ -415,7 +450,7 @@ mod tests {
         for p in pieces {
             sent.push_str(&f.push(p));
         }
-        (sent, f.finish())
+        (sent, f.held().to_string())
     }
 
     #[test]
@@ -443,7 +478,15 @@ mod tests {
 
     #[test]
     fn streaming_equals_whole_parse() {
-        let text = "I will look. ```json\n{\"name\": \"search\", \"arguments\": {\"q\": \"é\"}}\n``` <tool_call>{\"name\":\"get_weather\",\"arguments\":{}}</tool_call> bye";
+        for text in [
+            "I will look. ```json\n{\"name\": \"search\", \"arguments\": {\"q\": \"é\"}}\n``` <tool_call>{\"name\":\"get_weather\",\"arguments\":{}}</tool_call> bye",
+            "```rust\nfn x() {}\n```\n{\"name\": \"search\", \"arguments\": {}}\n```py\nx\n``` and <tool_call>{\"name\":\"get_weather\",\"arguments\":{}}</tool_call>",
+        ] {
+            check_stream(text);
+        }
+    }
+
+    fn check_stream(text: &str) {
         let whole = one(text);
         // Feed it one character at a time.
         let mut f = ToolStreamFilter::new();
@@ -451,7 +494,7 @@ mod tests {
         for c in text.chars() {
             sent.push_str(&f.push(&c.to_string()));
         }
-        let tail = one(&f.finish());
+        let tail = f.finish(&names());
         assert_eq!(tail.calls, whole.calls);
         assert_eq!(whole.calls.len(), 2);
         let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -459,5 +502,56 @@ mod tests {
             words(&format!("{} {}", sent, tail.text)),
             words(&whole.text)
         );
+    }
+
+    use proptest::prelude::*;
+
+    const FRAGMENTS: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"",
+        "```",
+        "json",
+        "<tool_call>",
+        "</tool_call>",
+        "<",
+        "`",
+        "name",
+        ":",
+        ",",
+        " ",
+        "\n",
+        "é",
+        "a",
+        "\\",
+        "{\"name\": \"search\", \"arguments\": {}}",
+        "{\"tool_use\": {\"name\": \"get_weather\", \"input\": {\"c\": 1}}}",
+    ];
+
+    proptest! {
+        /// Never panics, never drops text, and streaming (any split) finds the same calls as
+        /// parsing the whole answer.
+        #[test]
+        fn parse_and_stream_agree(parts in proptest::collection::vec(0..FRAGMENTS.len(), 0..24), split in 1usize..5) {
+            let text: String = parts.iter().map(|&i| FRAGMENTS[i]).collect();
+            let whole = one(&text);
+            if whole.calls.is_empty() {
+                prop_assert_eq!(&whole.text, &text);
+            }
+            let mut f = ToolStreamFilter::new();
+            let mut sent = String::new();
+            let chars: Vec<char> = text.chars().collect();
+            for chunk in chars.chunks(split) {
+                sent.push_str(&f.push(&chunk.iter().collect::<String>()));
+            }
+            prop_assert!(text.starts_with(&sent));
+            let tail = f.finish(&names());
+            prop_assert_eq!(&tail.calls, &whole.calls);
+            if tail.calls.is_empty() {
+                prop_assert_eq!(format!("{sent}{}", tail.text), text);
+            }
+        }
     }
 }

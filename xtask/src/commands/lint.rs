@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> Result<()> {
     let deny = step(
         "lint",
         "cargo deny check",
-        "fix the findings above, or change the policy in xtask/deny.toml with a reason",
+        "fix the findings above, or change the policy in deny.toml with a reason",
         || deny(args.advisories),
     );
     for (name, result) in [("fmt", fmt), ("clippy", clippy), ("cargo deny", deny)] {
@@ -66,7 +66,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `cargo deny check licenses bans sources [advisories]` with `xtask/deny.toml`.
+/// `cargo deny check licenses bans sources [advisories]` with the root `deny.toml`.
 fn deny(advisories: bool) -> Result<()> {
     let tools_bin = util::build_dir().join("tools").join("bin");
     let path = with_tools_on_path(&tools_bin)?;
@@ -98,12 +98,10 @@ fn deny(advisories: bool) -> Result<()> {
             )
         })?;
     }
-    let config = util::workspace_root().join("xtask").join("deny.toml");
+    // The policy is `deny.toml` at the workspace root (cargo-deny's default).
     let mut cmd = util::cargo_command();
     cmd.env("PATH", &path)
-        .args(["deny", "--workspace", "check", "--config"])
-        .arg(&config)
-        .args(["licenses", "bans", "sources"]);
+        .args(["deny", "--workspace", "check", "licenses", "bans", "sources"]);
     if advisories {
         cmd.arg("advisories");
     }

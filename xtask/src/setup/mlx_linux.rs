@@ -162,8 +162,8 @@ impl MlxSys {
 }
 
 /// Make sure the Linux MLX artefacts and the cargo config exist and are current;
-/// returns the config's path.
-pub fn ensure(args: &SetupArgs, build_dir: &Path) -> Result<PathBuf> {
+/// returns the config's path and the directory of libmlx.so.
+pub fn ensure(args: &SetupArgs, build_dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let arch = Arch::current()?;
     let layout = Layout::at(build_dir);
     let blas = args.blas;
@@ -220,7 +220,7 @@ pub fn ensure(args: &SetupArgs, build_dir: &Path) -> Result<PathBuf> {
                 blas.name()
             ),
         );
-        return Ok(layout.config());
+        return Ok((layout.config(), layout.mlx_lib(MLX_VERSION)));
     }
     if args.force {
         log("setup", "MLX for Linux: --force, rebuilding");
@@ -250,7 +250,7 @@ pub fn ensure(args: &SetupArgs, build_dir: &Path) -> Result<PathBuf> {
     util::remove_path(&layout.stamp())?;
     build(args, arch, &layout, &mlx_sys)?;
     stamp.write(&layout.stamp())?;
-    Ok(layout.config())
+    Ok((layout.config(), layout.mlx_lib(MLX_VERSION)))
 }
 
 /// Every step of the build, in order.

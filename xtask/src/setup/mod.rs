@@ -67,6 +67,9 @@ impl Blas {
 pub struct Prepared {
     /// The generated cargo config to pass with `--config` (Linux only).
     pub cargo_config: Option<PathBuf>,
+    /// The directory of the wheel's libmlx.so (Linux only), for LD_LIBRARY_PATH when an
+    /// environment RUSTFLAGS hides the config's rpath.
+    pub mlx_lib_dir: Option<PathBuf>,
     /// The installed default model, when it was asked for.
     pub model: Option<PathBuf>,
 }
@@ -82,9 +85,24 @@ impl Prepared {
 
     /// Export the set-up's results to a child process: `SEMANTIC_MLX_CARGO_CONFIG` and,
     /// with `for_tests`, `SEMANTIC_TEST_MODEL`. `SEMANTIC_HOME` is inherited as is.
+    ///
+    /// An environment RUSTFLAGS replaces the config's rustflags (and so its rpath); then
+    /// libmlx.so's directory is added to LD_LIBRARY_PATH instead.
     pub fn apply_env(&self, cmd: &mut Command, for_tests: bool) {
         if let Some(config) = &self.cargo_config {
             cmd.env("SEMANTIC_MLX_CARGO_CONFIG", config);
+        }
+        let env_rustflags = ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTDOCFLAGS"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some());
+        if let (true, Some(dir)) = (env_rustflags, &self.mlx_lib_dir) {
+            let mut dirs = vec![dir.clone()];
+            if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+                dirs.extend(std::env::split_paths(&old));
+            }
+            if let Ok(joined) = std::env::join_paths(dirs) {
+                cmd.env("LD_LIBRARY_PATH", joined);
+            }
         }
         if let (true, Some(model)) = (for_tests, &self.model) {
             cmd.env("SEMANTIC_TEST_MODEL", model);
@@ -105,7 +123,7 @@ pub fn prepare(args: &SetupArgs, with_model: bool) -> Result<Prepared> {
         .with_context(|| format!("cannot create {}", build_dir.display()))?;
     let _lock = lock(&build_dir.join("setup.lock"))?;
 
-    let cargo_config = mlx(args, &build_dir)?;
+    let (cargo_config, mlx_lib_dir) = mlx(args, &build_dir)?.unzip();
     let model = if with_model {
         Some(model::ensure(&build_dir)?)
     } else {
@@ -124,6 +142,7 @@ pub fn prepare(args: &SetupArgs, with_model: bool) -> Result<Prepared> {
     );
     Ok(Prepared {
         cargo_config,
+        mlx_lib_dir,
         model,
     })
 }
@@ -154,12 +173,22 @@ fn lock(path: &std::path::Path) -> Result<File> {
 }
 
 #[cfg(target_os = "linux")]
-fn mlx(args: &SetupArgs, build_dir: &std::path::Path) -> Result<Option<PathBuf>> {
+fn mlx(args: &SetupArgs, build_dir: &std::path::Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some())
+    {
+        log(
+            "setup",
+            "warning: RUSTFLAGS is set, which replaces the generated config's rpath; \
+             child processes get LD_LIBRARY_PATH instead",
+        );
+    }
     mlx_linux::ensure(args, build_dir).map(Some)
 }
 
 #[cfg(target_os = "macos")]
-fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<PathBuf>> {
+fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<(PathBuf, PathBuf)>> {
     log(
         "setup",
         "macOS: nothing to build for MLX (mlx-sys builds MLX with Metal itself); \
@@ -169,7 +198,7 @@ fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<PathBuf
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
-fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<PathBuf>> {
+fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<(PathBuf, PathBuf)>> {
     anyhow::bail!(
         "MLX is supported on macOS and Linux only; this is {}",
         std::env::consts::OS

@@ -143,6 +143,12 @@ impl StepBatcher {
             batch.into_iter().map(|p| (p.req, p.tx)).unzip();
         let seqs: Vec<SequenceId> = reqs.iter().map(|r| r.seq).collect();
         let n = reqs.len();
+        // If this future is dropped mid-call, the batch's other waiters see their channels
+        // close (an engine error) and the next batch can still run: no deadlock.
+        let mut running = RunningBatch {
+            batcher: self,
+            finished: false,
+        };
         let results: Vec<Result<TokenId, EngineError>> = match engine.step(reqs).await {
             Ok(rs) if rs.len() == n => rs,
             Ok(rs) => {
@@ -161,12 +167,28 @@ impl StepBatcher {
                 None => {}
             }
         }
+        running.finished = true;
         let mut s = self.lock();
         s.in_flight = false;
         s.max_seen = s.max_seen.max(n);
         s.steps += 1;
         self.hand_over(&mut s);
         own
+    }
+}
+
+struct RunningBatch<'a> {
+    batcher: &'a StepBatcher,
+    finished: bool,
+}
+
+impl Drop for RunningBatch<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut s = self.batcher.lock();
+            s.in_flight = false;
+            self.batcher.hand_over(&mut s);
+        }
     }
 }
 

@@ -56,3 +56,5 @@ pub fn shared() -> Option<&'static (MlxEngine, Arc<MlxChatFormatter>)> {
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     futures::executor::block_on(f)
 }
+
+pub mod tiny;

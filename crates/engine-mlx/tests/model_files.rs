@@ -1,0 +1,215 @@
+//! Loading model files: a tiny written GGUF in every supported tensor type (dequantization
+//! checked against a Rust reference), and bad files giving typed errors, never a panic.
+
+mod common;
+
+use agent_session::{
+    ChatFormatter, Conversation, InferenceEngine, Message, Role, SamplingParams, StepRequest,
+};
+use common::tiny::{self, Quant, Variant};
+use common::block_on;
+use engine_mlx::gguf::GgufHeader;
+use engine_mlx::{EngineConfig, Error, MlxEngine, WeightFormat};
+use std::path::Path;
+use std::sync::Arc;
+
+fn load(path: &Path, format: WeightFormat) -> Result<(MlxEngine, Arc<engine_mlx::MlxChatFormatter>), Error> {
+    let config = EngineConfig {
+        block_tokens: 64,
+        weight_format: format,
+        ..EngineConfig::default()
+    };
+    MlxEngine::load(path.to_str().expect("utf-8 path"), config)
+}
+
+fn last_logits(engine: &MlxEngine, tokens: Vec<u32>) -> Vec<f32> {
+    block_on(async {
+        let seq = engine.open_sequence().await.expect("open");
+        engine.prefill(seq, tokens).await.expect("prefill");
+        let l = engine.debug_logits(seq).await.expect("logits");
+        engine.release(seq).await.expect("release");
+        l
+    })
+}
+
+#[test]
+fn tiny_gguf_loads_renders_and_generates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    tiny::write(&path, Variant::default());
+    let (engine, fmt) = load(&path, WeightFormat::F32).expect("load");
+    let m = engine.model();
+    assert_eq!(m.id, "tiny");
+    assert_eq!(m.architecture, "llama");
+    assert_eq!(m.vocab_size, 259);
+    assert_eq!(m.context_length, 512);
+    assert_eq!(m.spec.num_layers(), 2);
+    assert_eq!(m.spec.block_tokens(), 64);
+    assert_eq!(m.fingerprint.len(), 64);
+
+    let conv = Conversation {
+        messages: vec![Message::text(Role::User, "hi")],
+        tools: vec![],
+    };
+    let text = fmt.render(&conv, true).expect("render");
+    assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let ids = fmt.encode(&text).expect("encode");
+    assert_eq!(ids[0], 257, "special token recognised");
+    assert_eq!(fmt.decode(&ids).expect("decode"), "user\nhi\nassistant\n");
+    assert_eq!(fmt.stop_token_ids(), vec![256, 258]);
+
+    block_on(async {
+        let seq = engine.open_sequence().await.expect("open");
+        engine.prefill(seq, ids.clone()).await.expect("prefill");
+        let params = Arc::new(SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 20,
+            min_p: 0.01,
+            seed: Some(7),
+            repetition_penalty: 1.1,
+            presence_penalty: 0.1,
+            frequency_penalty: 0.1,
+        });
+        let mut out = Vec::new();
+        let mut feed = None;
+        for step in 0..5 {
+            let r = engine
+                .step(vec![StepRequest {
+                    seq,
+                    feed,
+                    params: params.clone(),
+                    step,
+                    generated: out.clone().into(),
+                }])
+                .await
+                .expect("step");
+            let t = r.into_iter().next().expect("one").expect("token");
+            assert!((t as usize) < 259);
+            out.push(t);
+            feed = Some(t);
+        }
+        assert_eq!(engine.sequence_len(seq).await.expect("len"), ids.len() + 4);
+    });
+}
+
+#[test]
+fn gguf_quant_types_dequantize_exactly_and_run_quantized() {
+    for q in [Quant::Q4_0, Quant::Q4_1, Quant::Q8_0] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.gguf");
+        let reference = tiny::write(&path, Variant { linear: Some(q), ..Variant::default() });
+        // MLX's GGUF loader (quantized triple) dequantized in f32 equals the Rust reference.
+        let header = GgufHeader::read(&path).expect("header");
+        let mut map = engine_mlx::weights::load_gguf(&header).expect("load tensors");
+        let t = map.take("blk.0.attn_q.weight").expect("attn_q");
+        let got = t.to_f32().expect("f32").to_vec_exact::<f32>().expect("vec");
+        assert_eq!(got.len(), reference.len());
+        let err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-6, "{q:?}: max error {err}");
+
+        // quantized_matmul path ≈ dequantized f32 path.
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 13 % 256) as u32).collect();
+        let (f, _) = load(&path, WeightFormat::F32).expect("load f32");
+        let (qe, _) = load(&path, WeightFormat::Quantized).expect("load quantized");
+        assert!(qe.model().weight_format.starts_with("quantized"), "{}", qe.model().weight_format);
+        assert_ne!(f.model().fingerprint, qe.model().fingerprint);
+        let a = last_logits(&f, tokens.clone());
+        let b = last_logits(&qe, tokens);
+        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-3, "{q:?}: quantized vs f32 logits differ by {d}");
+    }
+}
+
+#[test]
+fn unfused_projections_match_fused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    tiny::write(&path, Variant::default());
+    let tokens: Vec<u32> = (0..30).map(|i| (i * 7 % 256) as u32).collect();
+    let (fused, _) = load(&path, WeightFormat::F32).expect("load");
+    let config = EngineConfig {
+        block_tokens: 64,
+        fuse_projections: false,
+        ..EngineConfig::default()
+    };
+    let (split, _) = MlxEngine::load(path.to_str().expect("utf-8"), config).expect("load");
+    let a = last_logits(&fused, tokens.clone());
+    let b = last_logits(&split, tokens);
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-4, "fused vs split differ by {d}");
+}
+
+fn expect_err(path: &Path) -> Error {
+    match load(path, WeightFormat::F32) {
+        Ok(_) => panic!("{} loaded but should not", path.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn bad_model_files_give_typed_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.gguf");
+    tiny::write(&good, Variant::default());
+    let bytes = std::fs::read(&good).expect("read");
+    let header = GgufHeader::read(&good).expect("header");
+
+    // Wrong magic.
+    let p = dir.path().join("magic.gguf");
+    let mut b = bytes.clone();
+    b[..4].copy_from_slice(b"GGML");
+    std::fs::write(&p, &b).expect("write");
+    let e = expect_err(&p);
+    assert!(matches!(e, Error::BadMagic { .. }), "{e}");
+    assert!(e.to_string().contains("magic.gguf"), "error names the file: {e}");
+
+    // Unsupported version.
+    let p = dir.path().join("version.gguf");
+    let mut b = bytes.clone();
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&p, &b).expect("write");
+    assert!(matches!(expect_err(&p), Error::UnsupportedVersion { version: 1, .. }));
+
+    // Truncated: empty, inside the header, inside the metadata, inside the tensor table,
+    // inside the tensor data.
+    for cut in [0usize, 6, 40, 3000, header.data_offset as usize - 8, bytes.len() - 100] {
+        let p = dir.path().join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &bytes[..cut]).expect("write");
+        let e = expect_err(&p);
+        assert!(matches!(e, Error::Truncated { .. }), "cut at {cut}: {e}");
+    }
+
+    // Missing tensor.
+    let p = dir.path().join("missing.gguf");
+    tiny::write(&p, Variant { drop_tensor: true, ..Variant::default() });
+    let e = expect_err(&p);
+    assert!(
+        matches!(&e, Error::MissingTensor { tensor, .. } if tensor == "blk.1.ffn_down.weight"),
+        "{e}"
+    );
+
+    // Unknown quantization type.
+    let p = dir.path().join("qtype.gguf");
+    tiny::write(&p, Variant { unknown_type: true, ..Variant::default() });
+    let e = expect_err(&p);
+    assert!(
+        matches!(&e, Error::UnsupportedTensorType { tensor, .. } if tensor == "blk.0.attn_v.weight"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("Q4_K"), "{e}");
+
+    // Unsupported architecture lists the supported ones.
+    let p = dir.path().join("arch.gguf");
+    tiny::write(&p, Variant { arch_gpt2: true, ..Variant::default() });
+    let e = expect_err(&p);
+    assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
+    assert!(e.to_string().contains("llama, mistral, qwen2, qwen3"), "{e}");
+
+    // Garbage and missing paths.
+    let p = dir.path().join("garbage.gguf");
+    std::fs::write(&p, vec![0xAB; 4096]).expect("write");
+    assert!(matches!(expect_err(&p), Error::BadMagic { .. }));
+    let e = expect_err(&dir.path().join("nope.gguf"));
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+}
