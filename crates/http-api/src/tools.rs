@@ -114,7 +114,7 @@ fn with_fence(
     fences_before: usize,
 ) -> (usize, usize) {
     // Only inside an open fence: an odd number of fences before the call.
-    if (fences_before + text[..start].matches("```").count()) % 2 == 0 {
+    if (fences_before + text[..start].matches("```").count()).is_multiple_of(2) {
         return (start, end);
     }
     let before = text[floor..start].trim_end();
