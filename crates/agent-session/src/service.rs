@@ -117,6 +117,8 @@ pub struct CacheReport {
     pub restored_tokens: usize,
     /// Bytes restored from the store.
     pub restored_bytes: usize,
+    /// Time spent loading and importing blocks from the store, in microseconds.
+    pub restore_micros: u64,
 }
 
 impl CacheReport {
@@ -209,6 +211,9 @@ pub struct ServiceStats {
     pub hot_blocks_used: u64,
     /// Hot-tier capacity in blocks.
     pub hot_blocks_total: u64,
+    /// Hot-tier blocks reserved by running requests (the rest of `hot_blocks_used` is idle
+    /// agents' KV, which can be evicted).
+    pub hot_blocks_active: u64,
     /// Largest decode batch so far.
     pub max_decode_batch: u64,
     /// Batched decode steps so far (one engine call each).
@@ -504,6 +509,7 @@ impl AgentService {
         // 2. Warm: content-addressed blocks in the store (this agent's, or shared prefixes).
         let mut restored_tokens = 0usize;
         let mut restored_bytes = 0usize;
+        let restore_start = std::time::Instant::now();
         if reused < max_reuse {
             let want = &hashes[reused / b..max_reuse / b];
             let fp = &self.engine.model().fingerprint;
@@ -535,6 +541,7 @@ impl AgentService {
                 }
             }
         }
+        let restore_elapsed = restore_start.elapsed();
         let seq = match seq {
             Some(s) => s,
             None => self.engine.open_sequence().await?,
@@ -556,6 +563,11 @@ impl AgentService {
             created_tokens: persist_len.saturating_sub(reused),
             restored_tokens,
             restored_bytes,
+            restore_micros: if restored_tokens > 0 {
+                u64::try_from(restore_elapsed.as_micros()).unwrap_or(u64::MAX)
+            } else {
+                0
+            },
         };
         match tier {
             CacheTier::Hot => &self.counters.hits_hot,
@@ -873,6 +885,7 @@ impl AgentService {
     pub async fn stats(&self) -> ServiceStats {
         let c = &self.counters;
         let (used, total, agents, evictions) = lock(&self.hot).usage();
+        let active_blocks = lock(&self.hot).active_blocks();
         let (active, queued) = self.admission.usage();
         let (max_batch, steps) = self.batcher.usage();
         ServiceStats {
@@ -889,6 +902,7 @@ impl AgentService {
             queued: queued as u64,
             hot_blocks_used: used as u64,
             hot_blocks_total: total as u64,
+            hot_blocks_active: active_blocks as u64,
             max_decode_batch: max_batch as u64,
             decode_steps: steps,
             hot_agents: agents as u64,

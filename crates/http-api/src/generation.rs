@@ -181,6 +181,11 @@ pub(crate) async fn start(
             ctx.metrics
                 .histogram("semantic_prompt_seconds", &[("tier", observer.tier)])
                 .record(start.elapsed().as_secs_f64());
+            if report.restore_micros > 0 {
+                ctx.metrics
+                    .histogram("semantic_restore_seconds", &[])
+                    .record(report.restore_micros as f64 / 1e6);
+            }
             Ok(Running {
                 report,
                 rx,

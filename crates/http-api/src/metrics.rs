@@ -32,6 +32,7 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("semantic_prefilled_tokens_total", 'c', None, "Prompt tokens computed."),
     ("semantic_generated_tokens_total", 'c', None, "Answer tokens generated."),
     ("semantic_cache_restored_bytes_total", 'c', Some(Unit::Bytes), "Bytes of KV restored from the store."),
+    ("semantic_restore_seconds", 'h', Some(Unit::Seconds), "Time to load and import a warm prefix from the store."),
     ("semantic_hot_evictions_total", 'c', None, "Agents' KV evicted from RAM to make room."),
     ("semantic_service_requests_total", 'c', None, "Generations finished or cancelled by the service."),
     ("semantic_decode_steps_total", 'c', None, "Batched decode steps (one engine call each)."),
@@ -40,7 +41,8 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("semantic_requests_queued", 'g', None, "Generations waiting for a slot."),
     ("semantic_hot_pool_blocks_used", 'g', None, "Hot-tier KV blocks in use (idle sessions and running requests)."),
     ("semantic_hot_pool_blocks_total", 'g', None, "Hot-tier capacity in KV blocks."),
-    ("semantic_hot_pool_utilization_ratio", 'g', None, "Hot-tier blocks used / capacity."),
+    ("semantic_hot_pool_blocks_active", 'g', None, "Hot-tier KV blocks reserved by running requests."),
+    ("semantic_hot_pool_utilization_ratio", 'g', None, "Hot-tier blocks reserved by running requests / capacity."),
     ("semantic_hot_agents", 'g', None, "Agents with KV in RAM."),
     ("semantic_store_blocks", 'g', None, "KV blocks in the store."),
     ("semantic_store_bytes", 'g', Some(Unit::Bytes), "Bytes of KV blocks in the store."),
@@ -166,6 +168,10 @@ impl Metrics {
                 stats.hot_blocks_total as f64,
             ),
             (
+                "semantic_hot_pool_blocks_active",
+                stats.hot_blocks_active as f64,
+            ),
+            (
                 "semantic_hot_pool_utilization_ratio",
                 pool_utilization(stats),
             ),
@@ -182,11 +188,12 @@ impl Metrics {
     }
 }
 
-/// Hot-tier blocks used / capacity (0 when there is no capacity).
+/// Hot-tier blocks reserved by running requests / capacity (0 when there is no capacity).
+/// Idle agents' blocks do not count: they are evicted whenever a request needs room.
 pub(crate) fn pool_utilization(stats: &ServiceStats) -> f64 {
     if stats.hot_blocks_total == 0 {
         0.0
     } else {
-        stats.hot_blocks_used as f64 / stats.hot_blocks_total as f64
+        stats.hot_blocks_active as f64 / stats.hot_blocks_total as f64
     }
 }

@@ -47,6 +47,8 @@ struct Entry {
 pub(crate) struct HotTier {
     pool: BlockPool<Owner>,
     sessions: HashMap<AgentKey, Entry>,
+    /// Owners of running turns.
+    active: HashSet<Owner>,
     tick: u64,
     evictions: u64,
 }
@@ -56,6 +58,7 @@ impl HotTier {
         Self {
             pool: BlockPool::new(u32::try_from(capacity).unwrap_or(u32::MAX)),
             sessions: HashMap::new(),
+            active: HashSet::new(),
             tick: 0,
             evictions: 0,
         }
@@ -111,6 +114,7 @@ impl HotTier {
             }
         }
         self.reacquire(owner, blocks);
+        self.active.insert(owner.clone());
         Ok(evicted)
     }
 
@@ -132,6 +136,7 @@ impl HotTier {
         blocks: usize,
     ) -> Vec<SequenceId> {
         self.tick += 1;
+        self.active.remove(owner);
         let mine = self.pool.blocks_of(owner);
         for b in mine.iter().skip(blocks) {
             let _ = self.pool.free(*b, owner);
@@ -163,6 +168,7 @@ impl HotTier {
 
     /// Drops a turn's reservation (the turn failed, or an anonymous turn ended).
     pub(crate) fn release_owner(&mut self, owner: &Owner) {
+        self.active.remove(owner);
         self.pool.release_all(owner);
         if let Some(k) = &owner.key {
             if self
@@ -190,6 +196,14 @@ impl HotTier {
             .filter(|(_, e)| e.session.is_some())
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Blocks reserved by running turns (idle sessions excluded).
+    pub(crate) fn active_blocks(&self) -> usize {
+        self.active
+            .iter()
+            .map(|o| self.pool.blocks_of(o).len())
+            .sum()
     }
 
     /// (blocks used, capacity, hot agents, evictions so far).

@@ -142,7 +142,7 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
         ("tokenizer.ggml.token_type".into(), GgufValue::Array(types)),
         (
             "tokenizer.ggml.merges".into(),
-            GgufValue::Array(vec![GgufValue::String("a b".into())]),
+            GgufValue::Array(Vec::new()),
         ),
         ("tokenizer.ggml.bos_token_id".into(), GgufValue::UInt(n_vocab - 2)),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::UInt(n_vocab - 1)),

@@ -137,9 +137,9 @@ async fn stats_route() {
     assert_eq!(v["requests"], 1);
     assert_eq!(v["misses"], 1);
     assert_eq!(v["hot_agents"], 1);
-    assert!(v["pool_utilization"]
-        .as_f64()
-        .is_some_and(|u| u > 0.0 && u <= 1.0));
+    // The idle agent's blocks are evictable: they do not count as utilization.
+    assert!(v["hot_blocks_used"].as_u64().is_some_and(|u| u > 0));
+    assert_eq!(v["pool_utilization"].as_f64(), Some(0.0));
     assert!(v["store"]["blocks"].as_u64().is_some_and(|b| b > 0));
     assert_eq!(v["ready"], true);
 }
@@ -191,9 +191,9 @@ async fn health_routes_and_readiness() {
         chat(chat_messages("x")),
     )
     .await;
+    // An idle agent's blocks can always be evicted: still ready at a 0.0 threshold.
     let r = get(&app, "/health/ready", &[]).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.json()["reason"], "pool_near_exhaustion");
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[tokio::test]
