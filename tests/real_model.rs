@@ -21,7 +21,9 @@ fn system_prompt() -> String {
         "Document every public item in one or two sentences.",
         "Use the project's error types; do not panic on user input.",
     ];
-    let mut s = String::from("You are Atlas, a senior software engineer agent working in a large Rust repository. ");
+    let mut s = String::from(
+        "You are Atlas, a senior software engineer agent working in a large Rust repository. ",
+    );
     for i in 0..9 {
         for (j, r) in rules.iter().enumerate() {
             s.push_str(&format!("Rule {}.{}: {} ", i + 1, j + 1, r));
@@ -69,7 +71,10 @@ fn send(server: &Server, headers: &[(&str, &str)], body: &Value) -> Turn {
         })
         .unwrap_or_default();
     let u = &v["usage"];
-    let tier = resp.header("x-semantic-cache").unwrap_or_default().to_string();
+    let tier = resp
+        .header("x-semantic-cache")
+        .unwrap_or_default()
+        .to_string();
     Turn {
         text,
         read: u["cache_read_input_tokens"].as_u64().unwrap_or(0),
@@ -154,7 +159,11 @@ fn warm_turns_reuse_the_cache_and_equal_cold_even_after_a_restart() {
         "header {:?} should report {prefilled} prefilled tokens",
         t2.tier
     );
-    assert_eq!(t2.text, cold.answer(&b2).text, "warm answer equals cold answer");
+    assert_eq!(
+        t2.text,
+        cold.answer(&b2).text,
+        "warm answer equals cold answer"
+    );
 
     // Agent B with A's system prompt reuses its blocks; the disk holds them once.
     let bb = anthropic(&system, &[], "Summarise the rules in one sentence.");
@@ -201,7 +210,9 @@ fn capital_of_france_over_openai() {
     );
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
-    let text = v["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
     assert!(text.contains("Paris"), "{text}");
     let u = &v["usage"];
     assert!(u["prompt_tokens_details"]["cached_tokens"].as_u64() <= u["prompt_tokens"].as_u64());
@@ -219,14 +230,21 @@ fn refuses(args: &[&str], env: &[(&str, &str)], needle: &str) {
     let out = cmd.output().expect("run semantic");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should refuse to start");
-    assert!(stderr.contains(needle), "stderr should mention {needle}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "stderr should mention {needle}: {stderr}"
+    );
 }
 
 #[test]
 fn bad_configuration_refuses_to_start() {
     let model = require_model();
     let m = model.to_string_lossy();
-    refuses(&["serve", "--model", &m], &[("SEMANTIC_MLX_KV_BITS", "3")], "SEMANTIC_MLX_KV_BITS");
+    refuses(
+        &["serve", "--model", &m],
+        &[("SEMANTIC_MLX_KV_BITS", "3")],
+        "SEMANTIC_MLX_KV_BITS",
+    );
     refuses(
         &["serve", "--model", "/nonexistent/model.gguf"],
         &[],
