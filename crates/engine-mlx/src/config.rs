@@ -117,7 +117,10 @@ fn unsupported(path: &Path, arch: &str) -> Error {
     Error::UnsupportedArchitecture {
         path: path.to_path_buf(),
         architecture: arch.to_owned(),
-        supported: SUPPORTED_ARCHITECTURES.iter().map(|s| s.to_string()).collect(),
+        supported: SUPPORTED_ARCHITECTURES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     }
 }
 
@@ -188,7 +191,7 @@ impl ModelConfig {
         let head_dim = match uint("attention.key_length")? {
             Some(d) => count(path, &key("attention.key_length"), Some(d))?,
             None => {
-                if hidden_size % num_heads != 0 {
+                if !hidden_size.is_multiple_of(num_heads) {
                     return Err(invalid(
                         path,
                         &key("embedding_length"),
@@ -306,7 +309,7 @@ impl ModelConfig {
         let head_dim = match uint("head_dim")? {
             Some(d) => count(path, "head_dim", Some(d))?,
             None => {
-                if hidden_size % num_heads != 0 {
+                if !hidden_size.is_multiple_of(num_heads) {
                     return Err(invalid(
                         path,
                         "hidden_size",
@@ -380,7 +383,7 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(
                 path,
                 "num_key_value_heads",
@@ -390,7 +393,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+        if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return Err(invalid(
                 path,
                 "rope.dimension_count",

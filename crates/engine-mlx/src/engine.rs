@@ -218,12 +218,11 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                 path: cpath.clone(),
                 source,
             })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::Invalid {
-                    path: cpath.clone(),
-                    field: "(file)".into(),
-                    reason: e.to_string(),
-                })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Invalid {
+                path: cpath.clone(),
+                field: "(file)".into(),
+                reason: e.to_string(),
+            })?;
             let config = ModelConfig::from_hf_config(&cpath, &v)?;
             let formatter = MlxChatFormatter::from_dir(dir)?;
             let spec = ModelCacheSpec::from_config(&v, cfg.block_tokens)
@@ -269,9 +268,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     fp.update(b"\0spec\0");
     fp.update(spec.canonical_string().as_bytes());
     fp.update(b"\0tokenizer\0");
-    fp.update(
-        agent_session::ChatFormatter::fingerprint(&formatter).as_bytes(),
-    );
+    fp.update(agent_session::ChatFormatter::fingerprint(&formatter).as_bytes());
     // KV computed with another weight format differs in the last bits: never mixed.
     fp.update(b"\0weights\0");
     fp.update(cfg.weight_format.name().as_bytes());
@@ -301,10 +298,7 @@ impl MlxEngine {
     ///
     /// Returns the engine and the model's chat formatter (tokenizer + template). Blocks until
     /// the weights are loaded.
-    pub fn load(
-        model: &str,
-        config: EngineConfig,
-    ) -> Result<(MlxEngine, Arc<MlxChatFormatter>)> {
+    pub fn load(model: &str, config: EngineConfig) -> Result<(MlxEngine, Arc<MlxChatFormatter>)> {
         let started = std::time::Instant::now();
         let prepared = prepare(model, &config)?;
         let Prepared {
@@ -424,7 +418,10 @@ impl InferenceEngine for MlxEngine {
         batch: Vec<StepRequest>,
     ) -> Result<Vec<Result<TokenId, EngineError>>, EngineError> {
         let out = self.call(|r| Command::Step(batch, r)).await?;
-        Ok(out.into_iter().map(|r| r.map_err(EngineError::from)).collect())
+        Ok(out
+            .into_iter()
+            .map(|r| r.map_err(EngineError::from))
+            .collect())
     }
 
     async fn export_blocks(
@@ -497,9 +494,9 @@ impl Worker {
                     let _ = r.send(Ok(self.step(&batch)));
                 }
                 Command::Export(id, first, count, r) => {
-                    let res = self.seq(id).and_then(|s| {
-                        s.kv.export_blocks(first, count, self.kv_bits)
-                    });
+                    let res = self
+                        .seq(id)
+                        .and_then(|s| s.kv.export_blocks(first, count, self.kv_bits));
                     let _ = r.send(res);
                 }
                 Command::Truncate(id, n, r) => {
@@ -579,7 +576,9 @@ impl Worker {
                 )));
             }
             if b.meta.token_ids.iter().any(|&t| t as usize >= vocab) {
-                return Err(Error::KvPayload("block token id outside the vocabulary".into()));
+                return Err(Error::KvPayload(
+                    "block token id outside the vocabulary".into(),
+                ));
             }
         }
         let s = self.seq_mut(id)?;

@@ -110,7 +110,10 @@ pub fn tokenizer_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<u64> = match h.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+    let types: Vec<u64> = match h
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+    {
         Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
@@ -122,7 +125,10 @@ pub fn tokenizer_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
     let mut pairs = Vec::with_capacity(merges.len());
     for (i, m) in merges.iter().enumerate() {
         let (a, b) = m.split_once(' ').ok_or_else(|| {
-            tok_err(path, format!("tokenizer.ggml.merges[{i}] `{m}` has no space"))
+            tok_err(
+                path,
+                format!("tokenizer.ggml.merges[{i}] `{m}` has no space"),
+            )
         })?;
         pairs.push((a.to_owned(), b.to_owned()));
     }
@@ -221,7 +227,10 @@ impl SpecialTokens {
         let (_, bos_token) = text("tokenizer.ggml.bos_token_id");
         let (eos_id, eos_token) = text("tokenizer.ggml.eos_token_id");
         let mut eos_ids: Vec<TokenId> = eos_id.map(|i| i as TokenId).into_iter().collect();
-        if let Some(i) = h.get("tokenizer.ggml.eot_token_id").and_then(|v| v.as_u64()) {
+        if let Some(i) = h
+            .get("tokenizer.ggml.eot_token_id")
+            .and_then(|v| v.as_u64())
+        {
             eos_ids.push(i as TokenId);
         }
         Self {
@@ -325,7 +334,8 @@ pub fn tool_instruction(conversation: &Conversation) -> String {
          Available tools:\n",
     );
     for t in &conversation.tools {
-        let line = json!({"name": t.name, "description": t.description, "parameters": t.parameters});
+        let line =
+            json!({"name": t.name, "description": t.description, "parameters": t.parameters});
         s.push_str(&line.to_string());
         s.push('\n');
     }
@@ -348,9 +358,15 @@ impl MlxChatFormatter {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| strftime_utc(&fmt));
         env.add_template_owned("chat", template_source.clone())
             .map_err(|e| Error::Template {
@@ -606,12 +622,121 @@ impl ChatFormatter for MlxChatFormatter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_session::{Message, ToolCall, ToolDefinition};
+
+    fn formatter(template: &str) -> MlxChatFormatter {
+        let tok = Tokenizer::new(BPE::default());
+        MlxChatFormatter::new(
+            tok,
+            Some(template.to_owned()),
+            SpecialTokens {
+                bos_token: "<s>".into(),
+                eos_token: "</s>".into(),
+                eos_ids: vec![2],
+            },
+            Path::new("test"),
+        )
+        .expect("formatter")
+    }
+
+    fn conversation() -> Conversation {
+        let mut assistant = Message::text(Role::Assistant, "");
+        assistant.tool_calls = vec![ToolCall {
+            id: "c1".into(),
+            name: "get_weather".into(),
+            arguments: json!({"city": "Paris"}),
+        }];
+        let mut tool = Message::text(Role::Tool, "sunny");
+        tool.tool_call_id = Some("c1".into());
+        Conversation {
+            messages: vec![
+                Message::text(Role::System, "Be brief."),
+                Message::text(Role::User, "Weather?"),
+                assistant,
+                tool,
+            ],
+            tools: vec![ToolDefinition {
+                name: "get_weather".into(),
+                description: "Current weather".into(),
+                parameters: json!({"type": "object"}),
+            }],
+        }
+    }
 
     #[test]
     fn strftime_formats_known_directives() {
-        let s = strftime_utc("%Y-%m-%d %B %% %Q");
-        assert_eq!(s.len(), "2026-01-01 ".len() + s.split(' ').nth(1).map_or(0, str::len) + " % %Q".len());
-        assert!(s.ends_with(" % %Q"));
-        assert!(s.starts_with("20"));
+        let s = strftime_utc("%Y-%m-%d|%B|%%|%Q");
+        let parts: Vec<&str> = s.split('|').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts[0].len(), 10);
+        assert!(parts[0].starts_with("20"));
+        assert_eq!(parts[2], "%");
+        assert_eq!(parts[3], "%Q");
+    }
+
+    #[test]
+    fn templates_with_tools_get_them_in_hf_shape() {
+        let f = formatter(
+            "{{ bos_token }}{% if tools %}{% for t in tools %}[{{ t.function.name }}:{{ t.function.parameters | tojson }}]{% endfor %}{% endif %}\
+             {% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\
+             {% if m.tool_calls %}{% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments | tojson }}){% endfor %}{% endif %}\
+             {% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}\
+             {% if add_generation_prompt %}<assistant>{% endif %}{{ strftime_now('%Y')[:2] }}",
+        );
+        assert!(f.supports_tools());
+        let out = f.render(&conversation(), true).expect("render");
+        assert_eq!(
+            out,
+            "<s>[get_weather:{\"type\":\"object\"}]<system>Be brief.<user>Weather?\
+             <assistant>get_weather({\"city\":\"Paris\"})<tool>sunny#c1<assistant>20"
+        );
+    }
+
+    #[test]
+    fn templates_without_tools_get_an_instruction_in_the_system_prompt() {
+        let f = formatter("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}");
+        assert!(!f.supports_tools());
+        let out = f.render(&conversation(), false).expect("render");
+        assert!(
+            out.starts_with("<system>Be brief.\n\nYou can call tools."),
+            "{out}"
+        );
+        assert!(out.contains("\"name\":\"get_weather\""), "{out}");
+        let mut no_system = conversation();
+        no_system.messages.remove(0);
+        let out = f.render(&no_system, false).expect("render");
+        assert!(out.starts_with("<system>You can call tools."), "{out}");
+    }
+
+    #[test]
+    fn raise_exception_and_python_methods() {
+        let f = formatter(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}\
+             {{ messages[0].content.strip().upper() }}",
+        );
+        let c = Conversation {
+            messages: vec![Message::text(Role::User, "  hi ")],
+            tools: vec![],
+        };
+        assert_eq!(f.render(&c, false).expect("render"), "HI");
+        let c = Conversation {
+            messages: vec![Message::text(Role::Assistant, "x")],
+            tools: vec![],
+        };
+        let e = f.render(&c, false).expect_err("raises");
+        assert!(e.to_string().contains("first must be user"), "{e}");
+    }
+
+    #[test]
+    fn bad_template_is_a_typed_error() {
+        let tok = Tokenizer::new(BPE::default());
+        let e = MlxChatFormatter::new(
+            tok,
+            Some("{% for %}".into()),
+            SpecialTokens::default(),
+            Path::new("m.gguf"),
+        )
+        .expect_err("does not compile");
+        assert!(matches!(e, Error::Template { .. }), "{e}");
     }
 }

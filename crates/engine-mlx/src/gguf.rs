@@ -426,10 +426,12 @@ impl Reader<'_> {
     fn bytes_array<const N: usize>(&mut self, field: &str) -> Result<[u8; N]> {
         self.need(field, N as u64)?;
         let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf).map_err(|source| Error::Io {
-            path: self.path.to_path_buf(),
-            source,
-        })?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|source| Error::Io {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
         self.pos += N as u64;
         Ok(buf)
     }
@@ -449,10 +451,12 @@ impl Reader<'_> {
         }
         self.need(field, len)?;
         let mut buf = vec![0u8; len as usize];
-        self.inner.read_exact(&mut buf).map_err(|source| Error::Io {
-            path: self.path.to_path_buf(),
-            source,
-        })?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|source| Error::Io {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
         self.pos += len;
         Ok(match String::from_utf8(buf) {
             Ok(s) => s,
@@ -482,7 +486,9 @@ impl Reader<'_> {
                     2 | 3 => 2,
                     4..=6 => 4,
                     8 | 10..=12 => 8,
-                    _ => return Err(self.invalid(key, format!("unknown array item type {item_ty}"))),
+                    _ => {
+                        return Err(self.invalid(key, format!("unknown array item type {item_ty}")))
+                    }
                 };
                 self.check_count(key, n, min)?;
                 let mut items = Vec::with_capacity(n as usize);

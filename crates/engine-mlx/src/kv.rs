@@ -168,9 +168,7 @@ impl SequenceKv {
             let mut named: Vec<(String, Array)> = Vec::new();
             for (i, (k, v)) in self.layers.iter().enumerate() {
                 for (kind, buf) in [("k", k), ("v", v)] {
-                    let slice = buf
-                        .try_index((0, .., s..e, ..))
-                        .ctx("slicing a KV block")?;
+                    let slice = buf.try_index((0, .., s..e, ..)).ctx("slicing a KV block")?;
                     match kv_bits {
                         None => named.push((
                             format!("l{i}.{kind}"),
@@ -215,7 +213,7 @@ impl SequenceKv {
     /// Appends whole blocks (the sequence length must be a multiple of the block size).
     pub fn import_blocks(&mut self, payloads: &[&KvPayload]) -> Result<()> {
         let bt = self.layout.block_tokens;
-        if self.len % bt != 0 {
+        if !self.len.is_multiple_of(bt) {
             return Err(Error::Request(format!(
                 "import needs a block-aligned sequence, it has {} tokens",
                 self.len
@@ -227,8 +225,9 @@ impl SequenceKv {
         let kvh = self.layout.kv_heads;
         let hd = self.layout.head_dim;
         // Decode every block first, so a bad payload leaves the sequence unchanged.
-        let mut per_layer: Vec<(Vec<Array>, Vec<Array>)> =
-            (0..self.layout.num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut per_layer: Vec<(Vec<Array>, Vec<Array>)> = (0..self.layout.num_layers)
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
         for p in payloads {
             for (i, (ks, vs)) in per_layer.iter_mut().enumerate() {
                 for (kind, dst) in [("k", &mut *ks), ("v", &mut *vs)] {
@@ -243,7 +242,7 @@ impl SequenceKv {
                         KvEncoding::Quantized { bits, group_size } => {
                             if !matches!(bits, 4 | 8)
                                 || group_size == 0
-                                || hd % group_size as usize != 0
+                                || !hd.is_multiple_of(group_size as usize)
                             {
                                 return Err(bad(format!(
                                     "unsupported KV quantization: {bits} bits, group {group_size}"
@@ -316,7 +315,12 @@ fn check(t: &KvTensor, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
-fn find<'a>(p: &'a KvPayload, name: &str, dtype: TensorDtype, shape: &[usize]) -> Result<&'a KvTensor> {
+fn find<'a>(
+    p: &'a KvPayload,
+    name: &str,
+    dtype: TensorDtype,
+    shape: &[usize],
+) -> Result<&'a KvTensor> {
     let t = p
         .tensors
         .iter()
@@ -338,11 +342,17 @@ fn to_kv_tensor(name: String, a: &Array) -> Result<KvTensor> {
     let (dtype, data) = match a.dtype() {
         Dtype::Float32 => (
             TensorDtype::F32,
-            bytes_of(&a.to_vec_exact::<f32>().ctx("reading KV")?, f32::to_le_bytes),
+            bytes_of(
+                &a.to_vec_exact::<f32>().ctx("reading KV")?,
+                f32::to_le_bytes,
+            ),
         ),
         Dtype::Uint32 => (
             TensorDtype::U32,
-            bytes_of(&a.to_vec_exact::<u32>().ctx("reading KV")?, u32::to_le_bytes),
+            bytes_of(
+                &a.to_vec_exact::<u32>().ctx("reading KV")?,
+                u32::to_le_bytes,
+            ),
         ),
         Dtype::Float16 => (
             TensorDtype::F16,
@@ -376,13 +386,12 @@ fn bytes_of<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u
 
 fn from_kv_tensor(t: &KvTensor) -> Result<Array> {
     if !t.is_consistent() {
-        return Err(bad(format!("tensor `{}` length does not match its shape", t.name)));
+        return Err(bad(format!(
+            "tensor `{}` length does not match its shape",
+            t.name
+        )));
     }
-    let shape: Vec<i32> = t
-        .shape
-        .iter()
-        .map(|&d| i32_of(d))
-        .collect::<Result<_>>()?;
+    let shape: Vec<i32> = t.shape.iter().map(|&d| i32_of(d)).collect::<Result<_>>()?;
     Ok(match t.dtype {
         TensorDtype::F32 => {
             let v: Vec<f32> = t

@@ -247,12 +247,11 @@ fn check_safetensors(path: &Path) -> Result<()> {
     }
     let mut buf = vec![0u8; n as usize];
     f.read_exact(&mut buf).map_err(io)?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&buf).map_err(|e| Error::Invalid {
-            path: path.to_path_buf(),
-            field: "header".into(),
-            reason: e.to_string(),
-        })?;
+    let header: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| Error::Invalid {
+        path: path.to_path_buf(),
+        field: "header".into(),
+        reason: e.to_string(),
+    })?;
     let obj = header.as_object().ok_or_else(|| Error::Invalid {
         path: path.to_path_buf(),
         field: "header".into(),
@@ -339,18 +338,18 @@ pub fn load_safetensors_dir(dir: &Path, config: &serde_json::Value) -> Result<Te
         };
         let Some(w) = all.remove(&name) else { continue };
         if w.dtype() == Dtype::Uint32 {
-            let scales = all
-                .remove(&format!("{stem}.scales"))
-                .ok_or_else(|| Error::MissingTensor {
-                    path: dir.to_path_buf(),
-                    tensor: format!("{stem}.scales"),
-                })?;
-            let biases = all
-                .remove(&format!("{stem}.biases"))
-                .ok_or_else(|| Error::MissingTensor {
-                    path: dir.to_path_buf(),
-                    tensor: format!("{stem}.biases"),
-                })?;
+            let scales =
+                all.remove(&format!("{stem}.scales"))
+                    .ok_or_else(|| Error::MissingTensor {
+                        path: dir.to_path_buf(),
+                        tensor: format!("{stem}.scales"),
+                    })?;
+            let biases =
+                all.remove(&format!("{stem}.biases"))
+                    .ok_or_else(|| Error::MissingTensor {
+                        path: dir.to_path_buf(),
+                        tensor: format!("{stem}.biases"),
+                    })?;
             if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) || !matches!(group_size, 32 | 64 | 128) {
                 return Err(Error::Invalid {
                     path: dir.join("config.json"),
@@ -435,24 +434,24 @@ impl Linear {
         } else {
             None
         };
-        let all_quant_same = parts.iter().all(|p| matches!(p, RawTensor::Quantized { .. }))
-            && parts
-                .windows(2)
-                .all(|w| match (&w[0], &w[1]) {
-                    (
-                        RawTensor::Quantized {
-                            group_size: g0,
-                            bits: b0,
-                            ..
-                        },
-                        RawTensor::Quantized {
-                            group_size: g1,
-                            bits: b1,
-                            ..
-                        },
-                    ) => g0 == g1 && b0 == b1,
-                    _ => false,
-                });
+        let all_quant_same = parts
+            .iter()
+            .all(|p| matches!(p, RawTensor::Quantized { .. }))
+            && parts.windows(2).all(|w| match (&w[0], &w[1]) {
+                (
+                    RawTensor::Quantized {
+                        group_size: g0,
+                        bits: b0,
+                        ..
+                    },
+                    RawTensor::Quantized {
+                        group_size: g1,
+                        bits: b1,
+                        ..
+                    },
+                ) => g0 == g1 && b0 == b1,
+                _ => false,
+            });
         if format == WeightFormat::Quantized && all_quant_same {
             let mut ws = Vec::new();
             let mut ss = Vec::new();
@@ -547,7 +546,10 @@ impl Linear {
                 qbiases,
                 bias,
                 ..
-            } => [w, scales, qbiases].into_iter().chain(bias.iter()).collect(),
+            } => [w, scales, qbiases]
+                .into_iter()
+                .chain(bias.iter())
+                .collect(),
         }
     }
 }

@@ -43,7 +43,9 @@ fn greedy(engine: &MlxEngine, prompt: &[TokenId], max: usize, stop: &[TokenId]) 
 
 #[test]
 fn capital_of_france_is_paris() {
-    let Some((engine, fmt)) = common::shared() else { return };
+    let Some((engine, fmt)) = common::shared() else {
+        return;
+    };
     let conv = Conversation {
         messages: vec![Message::text(Role::User, "What is the capital of France?")],
         tools: vec![],
@@ -69,30 +71,39 @@ fn capital_of_france_is_paris() {
 //   STORY: "Once upon a time, in a small village by the sea,"
 const SKY_PROMPT_IDS: &[TokenId] = &[
     1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
-    19712, 8182, 2, 198, 1, 4093, 198, 36971, 1701, 260, 6376, 314, 4461, 30, 2, 198, 1, 520,
-    9531, 198,
+    19712, 8182, 2, 198, 1, 4093, 198, 36971, 1701, 260, 6376, 314, 4461, 30, 2, 198, 1, 520, 9531,
+    198,
 ];
 const SKY_REFERENCE: &[TokenId] = &[
-    504, 6376, 314, 4461, 30, 657, 506, 253, 4959, 1909, 281, 2092, 284, 984, 338, 553, 32525,
-    701, 327, 5034, 30, 378, 7718, 314, 3100, 2232, 2408, 7156, 30, 198, 198, 504, 1205, 3323,
-    314, 2724, 288, 13461, 2380, 30,
+    504, 6376, 314, 4461, 30, 657, 506, 253, 4959, 1909, 281, 2092, 284, 984, 338, 553, 32525, 701,
+    327, 5034, 30, 378, 7718, 314, 3100, 2232, 2408, 7156, 30, 198, 198, 504, 1205, 3323, 314,
+    2724, 288, 13461, 2380, 30,
 ];
-const STORY_PROMPT_IDS: &[TokenId] = &[6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28];
+const STORY_PROMPT_IDS: &[TokenId] = &[
+    6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28,
+];
 const STORY_REFERENCE: &[TokenId] = &[
-    665, 436, 253, 9357, 1573, 267, 19341, 3365, 17644, 793, 30, 909, 4161, 281, 253, 11637,
-    10000, 411, 253, 3953, 4480, 4412, 351, 511, 11695, 282, 9077, 6734, 30, 198, 198, 1082, 270,
-    793, 436, 1343, 327, 650, 11347, 284,
+    665, 436, 253, 9357, 1573, 267, 19341, 3365, 17644, 793, 30, 909, 4161, 281, 253, 11637, 10000,
+    411, 253, 3953, 4480, 4412, 351, 511, 11695, 282, 9077, 6734, 30, 198, 198, 1082, 270, 793,
+    436, 1343, 327, 650, 11347, 284,
 ];
 
 #[test]
 fn greedy_matches_float_reference() {
-    let Some((engine, fmt)) = common::shared() else { return };
+    let Some((engine, fmt)) = common::shared() else {
+        return;
+    };
     let conv = Conversation {
         messages: vec![Message::text(Role::User, "Explain why the sky is blue.")],
         tools: vec![],
     };
-    let sky = fmt.encode(&fmt.render(&conv, true).expect("render")).expect("encode");
-    assert_eq!(sky, SKY_PROMPT_IDS, "tokenizer/template differ from the reference");
+    let sky = fmt
+        .encode(&fmt.render(&conv, true).expect("render"))
+        .expect("encode");
+    assert_eq!(
+        sky, SKY_PROMPT_IDS,
+        "tokenizer/template differ from the reference"
+    );
     let story = fmt
         .encode("Once upon a time, in a small village by the sea,")
         .expect("encode");
@@ -102,7 +113,11 @@ fn greedy_matches_float_reference() {
         ("story", STORY_PROMPT_IDS, STORY_REFERENCE),
     ] {
         let out = greedy(engine, prompt, 40, &[]);
-        let same = out.iter().zip(reference).take_while(|(a, b)| a == b).count();
+        let same = out
+            .iter()
+            .zip(reference)
+            .take_while(|(a, b)| a == b)
+            .count();
         assert!(
             same >= 32,
             "{name}: only the first {same} tokens match the reference\n ours: {out:?}\n  ref: {reference:?}"

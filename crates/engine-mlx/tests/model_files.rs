@@ -6,14 +6,17 @@ mod common;
 use agent_session::{
     ChatFormatter, Conversation, InferenceEngine, Message, Role, SamplingParams, StepRequest,
 };
-use common::tiny::{self, Quant, Variant};
 use common::block_on;
+use common::tiny::{self, Quant, Variant};
 use engine_mlx::gguf::GgufHeader;
 use engine_mlx::{EngineConfig, Error, MlxEngine, WeightFormat};
 use std::path::Path;
 use std::sync::Arc;
 
-fn load(path: &Path, format: WeightFormat) -> Result<(MlxEngine, Arc<engine_mlx::MlxChatFormatter>), Error> {
+fn load(
+    path: &Path,
+    format: WeightFormat,
+) -> Result<(MlxEngine, Arc<engine_mlx::MlxChatFormatter>), Error> {
     let config = EngineConfig {
         block_tokens: 64,
         weight_format: format,
@@ -52,7 +55,10 @@ fn tiny_gguf_loads_renders_and_generates() {
         tools: vec![],
     };
     let text = fmt.render(&conv, true).expect("render");
-    assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        text,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = fmt.encode(&text).expect("encode");
     assert_eq!(ids[0], 257, "special token recognised");
     assert_eq!(fmt.decode(&ids).expect("decode"), "user\nhi\nassistant\n");
@@ -98,25 +104,35 @@ fn gguf_quant_types_dequantize_exactly_and_run_quantized() {
     for q in [Quant::Q4_0, Quant::Q4_1, Quant::Q8_0] {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tiny.gguf");
-        let reference = tiny::write(&path, Variant { linear: Some(q), ..Variant::default() });
+        let reference = tiny::write(
+            &path,
+            Variant {
+                linear: Some(q),
+                ..Variant::default()
+            },
+        );
         // MLX's GGUF loader (quantized triple) dequantized in f32 equals the Rust reference.
         let header = GgufHeader::read(&path).expect("header");
         let mut map = engine_mlx::weights::load_gguf(&header).expect("load tensors");
         let t = map.take("blk.0.attn_q.weight").expect("attn_q");
         let got = t.to_f32().expect("f32").to_vec_exact::<f32>().expect("vec");
         assert_eq!(got.len(), reference.len());
-        let err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let err = common::max_abs_diff(&got, &reference);
         assert!(err < 1e-6, "{q:?}: max error {err}");
 
         // quantized_matmul path ≈ dequantized f32 path.
         let tokens: Vec<u32> = (0..20).map(|i| (i * 13 % 256) as u32).collect();
         let (f, _) = load(&path, WeightFormat::F32).expect("load f32");
         let (qe, _) = load(&path, WeightFormat::Quantized).expect("load quantized");
-        assert!(qe.model().weight_format.starts_with("quantized"), "{}", qe.model().weight_format);
+        assert!(
+            qe.model().weight_format.starts_with("quantized"),
+            "{}",
+            qe.model().weight_format
+        );
         assert_ne!(f.model().fingerprint, qe.model().fingerprint);
         let a = last_logits(&f, tokens.clone());
         let b = last_logits(&qe, tokens);
-        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = common::max_abs_diff(&a, &b);
         assert!(d < 1e-3, "{q:?}: quantized vs f32 logits differ by {d}");
     }
 }
@@ -136,7 +152,7 @@ fn unfused_projections_match_fused() {
     let (split, _) = MlxEngine::load(path.to_str().expect("utf-8"), config).expect("load");
     let a = last_logits(&fused, tokens.clone());
     let b = last_logits(&split, tokens);
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = common::max_abs_diff(&a, &b);
     assert!(d < 1e-4, "fused vs split differ by {d}");
 }
 
@@ -162,18 +178,31 @@ fn bad_model_files_give_typed_errors() {
     std::fs::write(&p, &b).expect("write");
     let e = expect_err(&p);
     assert!(matches!(e, Error::BadMagic { .. }), "{e}");
-    assert!(e.to_string().contains("magic.gguf"), "error names the file: {e}");
+    assert!(
+        e.to_string().contains("magic.gguf"),
+        "error names the file: {e}"
+    );
 
     // Unsupported version.
     let p = dir.path().join("version.gguf");
     let mut b = bytes.clone();
     b[4..8].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(&p, &b).expect("write");
-    assert!(matches!(expect_err(&p), Error::UnsupportedVersion { version: 1, .. }));
+    assert!(matches!(
+        expect_err(&p),
+        Error::UnsupportedVersion { version: 1, .. }
+    ));
 
     // Truncated: empty, inside the header, inside the metadata, inside the tensor table,
     // inside the tensor data.
-    for cut in [0usize, 6, 40, 3000, header.data_offset as usize - 8, bytes.len() - 100] {
+    for cut in [
+        0usize,
+        6,
+        40,
+        3000,
+        header.data_offset as usize - 8,
+        bytes.len() - 100,
+    ] {
         let p = dir.path().join(format!("cut{cut}.gguf"));
         std::fs::write(&p, &bytes[..cut]).expect("write");
         let e = expect_err(&p);
@@ -182,7 +211,13 @@ fn bad_model_files_give_typed_errors() {
 
     // Missing tensor.
     let p = dir.path().join("missing.gguf");
-    tiny::write(&p, Variant { drop_tensor: true, ..Variant::default() });
+    tiny::write(
+        &p,
+        Variant {
+            drop_tensor: true,
+            ..Variant::default()
+        },
+    );
     let e = expect_err(&p);
     assert!(
         matches!(&e, Error::MissingTensor { tensor, .. } if tensor == "blk.1.ffn_down.weight"),
@@ -191,7 +226,13 @@ fn bad_model_files_give_typed_errors() {
 
     // Unknown quantization type.
     let p = dir.path().join("qtype.gguf");
-    tiny::write(&p, Variant { unknown_type: true, ..Variant::default() });
+    tiny::write(
+        &p,
+        Variant {
+            unknown_type: true,
+            ..Variant::default()
+        },
+    );
     let e = expect_err(&p);
     assert!(
         matches!(&e, Error::UnsupportedTensorType { tensor, .. } if tensor == "blk.0.attn_v.weight"),
@@ -201,10 +242,19 @@ fn bad_model_files_give_typed_errors() {
 
     // Unsupported architecture lists the supported ones.
     let p = dir.path().join("arch.gguf");
-    tiny::write(&p, Variant { arch_gpt2: true, ..Variant::default() });
+    tiny::write(
+        &p,
+        Variant {
+            arch_gpt2: true,
+            ..Variant::default()
+        },
+    );
     let e = expect_err(&p);
     assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
-    assert!(e.to_string().contains("llama, mistral, qwen2, qwen3"), "{e}");
+    assert!(
+        e.to_string().contains("llama, mistral, qwen2, qwen3"),
+        "{e}"
+    );
 
     // Garbage and missing paths.
     let p = dir.path().join("garbage.gguf");
@@ -212,4 +262,22 @@ fn bad_model_files_give_typed_errors() {
     assert!(matches!(expect_err(&p), Error::BadMagic { .. }));
     let e = expect_err(&dir.path().join("nope.gguf"));
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
+}
+
+#[test]
+fn unknown_hub_id_is_a_clear_error() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let config = EngineConfig {
+        hf_cache_dir: Some(cache.path().to_path_buf()),
+        ..EngineConfig::default()
+    };
+    let e = MlxEngine::load("semantic-tests/no-such-model-7f3a", config)
+        .err()
+        .expect("no such model");
+    eprintln!("{e}");
+    assert!(matches!(e, Error::Hub { .. }), "{e}");
+    assert!(
+        e.to_string().contains("semantic-tests/no-such-model-7f3a"),
+        "{e}"
+    );
 }

@@ -63,7 +63,11 @@ async fn greedy_continue(engine: &MlxEngine, seq: SequenceId, n: u32) -> Vec<Tok
     out
 }
 
-fn blocks_of(engine: &MlxEngine, tokens: &[TokenId], payloads: Vec<KvPayload>) -> Vec<Arc<KvBlock>> {
+fn blocks_of(
+    engine: &MlxEngine,
+    tokens: &[TokenId],
+    payloads: Vec<KvPayload>,
+) -> Vec<Arc<KvBlock>> {
     let fp = engine.model().fingerprint.clone();
     let mut parent: Option<BlockHash> = None;
     payloads
@@ -94,7 +98,9 @@ fn config(kv_bits: Option<u8>) -> EngineConfig {
 
 #[test]
 fn restore_then_prefill_equals_cold_prefill() {
-    let Some((engine, fmt)) = common::load(config(None)) else { return };
+    let Some((engine, fmt)) = common::load(config(None)) else {
+        return;
+    };
     let n = 4 * BLOCK + 37;
     let tokens = text_tokens(fmt.as_ref(), n);
     block_on(async {
@@ -104,7 +110,12 @@ fn restore_then_prefill_equals_cold_prefill() {
         let cold_logits = engine.debug_logits(cold).await.expect("logits");
         let exported = engine.export_blocks(cold, 0, 4).await.expect("export");
         for p in &exported {
-            assert_eq!(p.encoding, KvEncoding::Float { dtype: TensorDtype::F32 });
+            assert_eq!(
+                p.encoding,
+                KvEncoding::Float {
+                    dtype: TensorDtype::F32
+                }
+            );
             assert_eq!(p.tensors.len(), 2 * 30);
             let k0 = &p.tensors[0];
             assert_eq!(k0.name, "l0.k");
@@ -145,26 +156,49 @@ fn restore_then_prefill_equals_cold_prefill() {
         assert_eq!(engine.sequence_len(cold).await.expect("len"), 2 * BLOCK);
         prefill_aligned(&engine, cold, &tokens, 2 * BLOCK).await;
         let again = engine.debug_logits(cold).await.expect("logits");
-        assert!(again.iter().zip(&cold_logits).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(again
+            .iter()
+            .zip(&cold_logits)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
 
         // Misuse is reported, not a panic.
-        assert!(engine.export_blocks(cold, 4, 1).await.is_err(), "partial block");
+        assert!(
+            engine.export_blocks(cold, 4, 1).await.is_err(),
+            "partial block"
+        );
         let odd = engine.open_sequence().await.expect("open");
-        engine.prefill(odd, tokens[..5].to_vec()).await.expect("prefill");
-        assert!(engine.import_blocks(odd, blocks[..1].to_vec()).await.is_err(), "unaligned");
+        engine
+            .prefill(odd, tokens[..5].to_vec())
+            .await
+            .expect("prefill");
+        assert!(
+            engine
+                .import_blocks(odd, blocks[..1].to_vec())
+                .await
+                .is_err(),
+            "unaligned"
+        );
         let mut broken = (*blocks[0]).clone();
         broken.payload.tensors[3].shape = vec![3, BLOCK, 32];
         let fresh = engine.open_sequence().await.expect("open");
-        assert!(engine.import_blocks(fresh, vec![Arc::new(broken)]).await.is_err());
+        assert!(engine
+            .import_blocks(fresh, vec![Arc::new(broken)])
+            .await
+            .is_err());
         assert_eq!(engine.sequence_len(fresh).await.expect("len"), 0);
-        assert!(engine.prefill(fresh, vec![999_999]).await.is_err(), "token outside vocab");
+        assert!(
+            engine.prefill(fresh, vec![999_999]).await.is_err(),
+            "token outside vocab"
+        );
         assert!(engine.sequence_len(SequenceId(9_999)).await.is_err());
     });
 }
 
 #[test]
 fn quantized_kv_export_round_trips_approximately() {
-    let Some((engine, fmt)) = common::load(config(Some(8))) else { return };
+    let Some((engine, fmt)) = common::load(config(Some(8))) else {
+        return;
+    };
     let tokens = text_tokens(fmt.as_ref(), 2 * BLOCK + 10);
     block_on(async {
         let cold = engine.open_sequence().await.expect("open");
@@ -172,7 +206,13 @@ fn quantized_kv_export_round_trips_approximately() {
         let cold_logits = engine.debug_logits(cold).await.expect("logits");
         let exported = engine.export_blocks(cold, 0, 2).await.expect("export");
         let p = &exported[0];
-        assert_eq!(p.encoding, KvEncoding::Quantized { bits: 8, group_size: 64 });
+        assert_eq!(
+            p.encoding,
+            KvEncoding::Quantized {
+                bits: 8,
+                group_size: 64
+            }
+        );
         let names: Vec<&str> = p.tensors.iter().take(3).map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["l0.k", "l0.k.scales", "l0.k.biases"]);
         assert_eq!(p.tensors[0].dtype, TensorDtype::U32);
@@ -186,11 +226,7 @@ fn quantized_kv_export_round_trips_approximately() {
         engine.import_blocks(warm, blocks).await.expect("import");
         prefill_aligned(&engine, warm, &tokens, 2 * BLOCK).await;
         let warm_logits = engine.debug_logits(warm).await.expect("logits");
-        let max_diff = warm_logits
-            .iter()
-            .zip(&cold_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = common::max_abs_diff(&warm_logits, &cold_logits);
         assert!(max_diff < 0.5, "8-bit KV changed logits by {max_diff}");
         let am = |v: &[f32]| engine_mlx::sampling::argmax(v);
         assert_eq!(am(&warm_logits), am(&cold_logits));

@@ -82,7 +82,9 @@ pub struct SettingDef {
 impl SettingDef {
     /// The key in the TOML file.
     pub fn key(&self) -> String {
-        self.var.trim_start_matches("SEMANTIC_").to_ascii_lowercase()
+        self.var
+            .trim_start_matches("SEMANTIC_")
+            .to_ascii_lowercase()
     }
 }
 
@@ -332,11 +334,25 @@ impl Settings {
             (!v.is_empty()).then_some(v)
         };
 
-        let block_tokens: u32 = parse_range("SEMANTIC_MLX_BLOCK_TOKENS", &get("SEMANTIC_MLX_BLOCK_TOKENS"), 64, 4096)?;
+        let block_tokens: u32 = parse_range(
+            "SEMANTIC_MLX_BLOCK_TOKENS",
+            &get("SEMANTIC_MLX_BLOCK_TOKENS"),
+            64,
+            4096,
+        )?;
         if block_tokens % 64 != 0 {
-            return Err(invalid("SEMANTIC_MLX_BLOCK_TOKENS", &get("SEMANTIC_MLX_BLOCK_TOKENS"), "a positive multiple of 64"));
+            return Err(invalid(
+                "SEMANTIC_MLX_BLOCK_TOKENS",
+                &get("SEMANTIC_MLX_BLOCK_TOKENS"),
+                "a positive multiple of 64",
+            ));
         }
-        let prefill_step_size: usize = parse_range("SEMANTIC_MLX_PREFILL_STEP_SIZE", &get("SEMANTIC_MLX_PREFILL_STEP_SIZE"), 64, 16384)?;
+        let prefill_step_size: usize = parse_range(
+            "SEMANTIC_MLX_PREFILL_STEP_SIZE",
+            &get("SEMANTIC_MLX_PREFILL_STEP_SIZE"),
+            64,
+            16384,
+        )?;
         if prefill_step_size % block_tokens as usize != 0 {
             return Err(invalid(
                 "SEMANTIC_MLX_PREFILL_STEP_SIZE",
@@ -350,37 +366,88 @@ impl Settings {
             "4" => Some(4),
             other => return Err(invalid("SEMANTIC_MLX_KV_BITS", other, "null, 8 or 4")),
         };
-        let log_format = match get("SEMANTIC_SERVER_LOG_FORMAT").to_ascii_lowercase().as_str() {
+        let log_format = match get("SEMANTIC_SERVER_LOG_FORMAT")
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "human" | "text" => LogFormat::Human,
             "json" => LogFormat::Json,
-            other => return Err(invalid("SEMANTIC_SERVER_LOG_FORMAT", other, "human or json")),
+            other => {
+                return Err(invalid(
+                    "SEMANTIC_SERVER_LOG_FORMAT",
+                    other,
+                    "human or json",
+                ))
+            }
         };
         let log_level = get("SEMANTIC_SERVER_LOG_LEVEL").to_ascii_lowercase();
         if log_level.is_empty() {
-            return Err(invalid("SEMANTIC_SERVER_LOG_LEVEL", "", "trace, debug, info, warn or error"));
+            return Err(invalid(
+                "SEMANTIC_SERVER_LOG_LEVEL",
+                "",
+                "trace, debug, info, warn or error",
+            ));
         }
-        let cache_budget_mb: u64 = parse_range("SEMANTIC_MLX_CACHE_BUDGET_MB", &get("SEMANTIC_MLX_CACHE_BUDGET_MB"), 16, 1 << 24)?;
-        let disk_budget_mb: u64 = parse_range("SEMANTIC_AGENT_DISK_BUDGET_MB", &get("SEMANTIC_AGENT_DISK_BUDGET_MB"), 0, 1 << 30)?;
+        let cache_budget_mb: u64 = parse_range(
+            "SEMANTIC_MLX_CACHE_BUDGET_MB",
+            &get("SEMANTIC_MLX_CACHE_BUDGET_MB"),
+            16,
+            1 << 24,
+        )?;
+        let disk_budget_mb: u64 = parse_range(
+            "SEMANTIC_AGENT_DISK_BUDGET_MB",
+            &get("SEMANTIC_AGENT_DISK_BUDGET_MB"),
+            0,
+            1 << 30,
+        )?;
         let cache_dir = match opt("SEMANTIC_AGENT_CACHE_DIR") {
             Some(d) => expand_tilde(&d),
             None => semantic_home().join("caches"),
         };
-        let default_temperature: f32 = parse_range("SEMANTIC_MLX_DEFAULT_TEMPERATURE", &get("SEMANTIC_MLX_DEFAULT_TEMPERATURE"), 0.0, 2.0)?;
+        let default_temperature: f32 = parse_range(
+            "SEMANTIC_MLX_DEFAULT_TEMPERATURE",
+            &get("SEMANTIC_MLX_DEFAULT_TEMPERATURE"),
+            0.0,
+            2.0,
+        )?;
         Ok(Self {
             model_id: opt("SEMANTIC_MLX_MODEL_ID"),
             cache_budget_bytes: cache_budget_mb * 1024 * 1024,
-            max_batch_size: parse_range("SEMANTIC_MLX_MAX_BATCH_SIZE", &get("SEMANTIC_MLX_MAX_BATCH_SIZE"), 1, 64)?,
-            max_queue: parse_range("SEMANTIC_MLX_MAX_QUEUE", &get("SEMANTIC_MLX_MAX_QUEUE"), 0, 10_000)?,
+            max_batch_size: parse_range(
+                "SEMANTIC_MLX_MAX_BATCH_SIZE",
+                &get("SEMANTIC_MLX_MAX_BATCH_SIZE"),
+                1,
+                64,
+            )?,
+            max_queue: parse_range(
+                "SEMANTIC_MLX_MAX_QUEUE",
+                &get("SEMANTIC_MLX_MAX_QUEUE"),
+                0,
+                10_000,
+            )?,
             prefill_step_size,
             block_tokens,
             kv_bits,
-            default_max_tokens: parse_range("SEMANTIC_MLX_DEFAULT_MAX_TOKENS", &get("SEMANTIC_MLX_DEFAULT_MAX_TOKENS"), 1, 65_536)?,
+            default_max_tokens: parse_range(
+                "SEMANTIC_MLX_DEFAULT_MAX_TOKENS",
+                &get("SEMANTIC_MLX_DEFAULT_MAX_TOKENS"),
+                1,
+                65_536,
+            )?,
             default_temperature,
             cache_dir,
             disk_budget_bytes: (disk_budget_mb > 0).then_some(disk_budget_mb * 1024 * 1024),
-            validate_model_tag: parse_bool("SEMANTIC_AGENT_VALIDATE_MODEL_TAG", &get("SEMANTIC_AGENT_VALIDATE_MODEL_TAG"))?,
+            validate_model_tag: parse_bool(
+                "SEMANTIC_AGENT_VALIDATE_MODEL_TAG",
+                &get("SEMANTIC_AGENT_VALIDATE_MODEL_TAG"),
+            )?,
             host: get("SEMANTIC_SERVER_HOST"),
-            port: parse_range("SEMANTIC_SERVER_PORT", &get("SEMANTIC_SERVER_PORT"), 0, 65_535)?,
+            port: parse_range(
+                "SEMANTIC_SERVER_PORT",
+                &get("SEMANTIC_SERVER_PORT"),
+                0,
+                65_535,
+            )?,
             api_keys: get("SEMANTIC_API_KEYS")
                 .split(',')
                 .map(str::trim)
@@ -390,8 +457,19 @@ impl Settings {
             admin_key: opt("SEMANTIC_ADMIN_KEY"),
             log_level,
             log_format,
-            max_body_bytes: parse_range::<usize>("SEMANTIC_SERVER_MAX_BODY_MB", &get("SEMANTIC_SERVER_MAX_BODY_MB"), 1, 4096)? * 1024 * 1024,
-            request_timeout_secs: parse_range("SEMANTIC_SERVER_REQUEST_TIMEOUT_SECS", &get("SEMANTIC_SERVER_REQUEST_TIMEOUT_SECS"), 0, 86_400)?,
+            max_body_bytes: parse_range::<usize>(
+                "SEMANTIC_SERVER_MAX_BODY_MB",
+                &get("SEMANTIC_SERVER_MAX_BODY_MB"),
+                1,
+                4096,
+            )? * 1024
+                * 1024,
+            request_timeout_secs: parse_range(
+                "SEMANTIC_SERVER_REQUEST_TIMEOUT_SECS",
+                &get("SEMANTIC_SERVER_REQUEST_TIMEOUT_SECS"),
+                0,
+                86_400,
+            )?,
             sources,
         })
     }
@@ -431,7 +509,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -448,9 +529,17 @@ mod tests {
     fn layering_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let toml = dir.path().join("semantic.toml");
-        std::fs::write(&toml, "server_port = 7001\nmlx_max_batch_size = 3\nmlx_kv_bits = 8\n").expect("write");
+        std::fs::write(
+            &toml,
+            "server_port = 7001\nmlx_max_batch_size = 3\nmlx_kv_bits = 8\n",
+        )
+        .expect("write");
         let dotenv = dir.path().join(".env");
-        std::fs::write(&dotenv, "SEMANTIC_SERVER_PORT=7002\nSEMANTIC_MLX_MAX_QUEUE=5\n").expect("write");
+        std::fs::write(
+            &dotenv,
+            "SEMANTIC_SERVER_PORT=7002\nSEMANTIC_MLX_MAX_QUEUE=5\n",
+        )
+        .expect("write");
         let mut layers = Layers {
             config_file: Some(toml),
             dotenv_file: Some(dotenv),
@@ -475,10 +564,18 @@ mod tests {
         for (var, value, needle) in [
             ("SEMANTIC_MLX_KV_BITS", "3", "null, 8 or 4"),
             ("SEMANTIC_MLX_MAX_BATCH_SIZE", "0", "1 to 64"),
-            ("SEMANTIC_MLX_PREFILL_STEP_SIZE", "300", "multiple of the block size"),
+            (
+                "SEMANTIC_MLX_PREFILL_STEP_SIZE",
+                "300",
+                "multiple of the block size",
+            ),
             ("SEMANTIC_MLX_BLOCK_TOKENS", "100", "multiple of 64"),
             ("SEMANTIC_SERVER_LOG_FORMAT", "xml", "human or json"),
-            ("SEMANTIC_AGENT_VALIDATE_MODEL_TAG", "maybe", "true or false"),
+            (
+                "SEMANTIC_AGENT_VALIDATE_MODEL_TAG",
+                "maybe",
+                "true or false",
+            ),
             ("SEMANTIC_MLX_DEFAULT_TEMPERATURE", "9", "0 to 2"),
         ] {
             let err = Settings::load_with_env(&Layers::default(), &env(&[(var, value)]))
@@ -511,7 +608,11 @@ mod doc_tests {
     fn configuration_doc_is_complete() {
         let doc = include_str!("../../../docs/configuration.md");
         for def in SETTINGS {
-            let default = if def.default.is_empty() { "(unset)" } else { def.default };
+            let default = if def.default.is_empty() {
+                "(unset)"
+            } else {
+                def.default
+            };
             let row = format!("| `{}` | `{}` | `{}` |", def.var, def.key(), default);
             assert!(doc.contains(&row), "docs/configuration.md lacks {row}");
         }

@@ -120,8 +120,8 @@ fn service_config(settings: &Settings, engine: &dyn InferenceEngine) -> ServiceC
     c.max_batch_size = settings.max_batch_size;
     c.max_queue = settings.max_queue;
     c.default_max_tokens = settings.default_max_tokens;
-    c.hot_capacity_blocks = usize::try_from(spec.blocks_for_budget(settings.cache_budget_bytes))
-        .unwrap_or(usize::MAX);
+    c.hot_capacity_blocks =
+        usize::try_from(spec.blocks_for_budget(settings.cache_budget_bytes)).unwrap_or(usize::MAX);
     c
 }
 
@@ -228,7 +228,9 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
         "cache budget {} MiB (SEMANTIC_MLX_CACHE_BUDGET_MB):\n",
         budget / (1024 * 1024)
     ));
-    out.push_str("KV storage      bytes/block/layer   bytes/block     bytes/token  blocks   tokens\n");
+    out.push_str(
+        "KV storage      bytes/block/layer   bytes/block     bytes/token  blocks   tokens\n",
+    );
     for (name, storage) in [
         ("fp32 (live)", model_cache_spec::KvStorage::FP32),
         ("fp16", model_cache_spec::KvStorage::FP16),
@@ -284,11 +286,18 @@ pub fn agents(
     match action {
         AgentsAction::List => {
             let list = futures_lite_block_on(store.list_manifests(None)).map_err(err)?;
-            let mut out = format!("{:<32} {:>8} {:>7} {:>6}  last used (unix ms)\n", "agent", "tokens", "blocks", "pinned");
+            let mut out = format!(
+                "{:<32} {:>8} {:>7} {:>6}  last used (unix ms)\n",
+                "agent", "tokens", "blocks", "pinned"
+            );
             for m in list {
                 out.push_str(&format!(
                     "{:<32} {:>8} {:>7} {:>6}  {}\n",
-                    if m.namespace.0.is_empty() { m.agent.to_string() } else { format!("{}/{}", m.namespace.0, m.agent) },
+                    if m.namespace.0.is_empty() {
+                        m.agent.to_string()
+                    } else {
+                        format!("{}/{}", m.namespace.0, m.agent)
+                    },
                     m.token_ids.len(),
                     m.block_hashes.len(),
                     m.pinned,
@@ -301,7 +310,9 @@ pub fn agents(
             let key = agent_key(&id)?;
             let m = futures_lite_block_on(store.load_manifest(&key))
                 .map_err(err)?
-                .ok_or_else(|| AppError::Agents(format!("no agent {id} in {}", settings.cache_dir.display())))?;
+                .ok_or_else(|| {
+                    AppError::Agents(format!("no agent {id} in {}", settings.cache_dir.display()))
+                })?;
             Ok(format!(
                 "agent:        {}\ntokens:       {}\nblocks:       {}\ntail tokens:  {}\npinned:       {}\nmodel:        {}\ncreated (ms): {}\nlast used:    {}\n",
                 m.agent,

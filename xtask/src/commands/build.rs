@@ -29,7 +29,8 @@ pub fn run(args: &Args) -> Result<()> {
         || {
             let mut cmd = util::cargo_command();
             cmd.arg("build");
-            if args.cargo_args.is_empty() {
+            // `--workspace` unless packages were chosen (cargo build's default targets).
+            if super::test::default_selection(&args.cargo_args).contains(&"--workspace") {
                 cmd.arg("--workspace");
             }
             if args.release {

@@ -100,8 +100,14 @@ fn deny(advisories: bool) -> Result<()> {
     }
     // The policy is `deny.toml` at the workspace root (cargo-deny's default).
     let mut cmd = util::cargo_command();
-    cmd.env("PATH", &path)
-        .args(["deny", "--workspace", "check", "licenses", "bans", "sources"]);
+    cmd.env("PATH", &path).args([
+        "deny",
+        "--workspace",
+        "check",
+        "licenses",
+        "bans",
+        "sources",
+    ]);
     if advisories {
         cmd.arg("advisories");
     }

@@ -12,6 +12,8 @@ pub struct Args {
     #[command(flatten)]
     pub setup: SetupArgs,
     /// Extra arguments for `cargo test` (after `--`); the doc-test run is then skipped.
+    /// Package flags (`-p`) replace `--workspace`; target flags (`--lib`, `--test x`...)
+    /// replace `--all-targets`.
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
 }
@@ -19,13 +21,20 @@ pub struct Args {
 /// Run the set-up, then `cargo test --workspace --all-targets` and the doc tests.
 pub fn run(args: &Args) -> Result<()> {
     let prepared = setup::run(&args.setup)?;
+    let selection = default_selection(&args.cargo_args);
+    let name = ["cargo test"]
+        .into_iter()
+        .chain(selection.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
     step(
         "test",
-        "cargo test --workspace --all-targets",
-        "the failing tests are listed above",
+        &name,
+        "the compile errors or failing tests are above",
         || {
             let mut cmd = util::cargo_command();
-            cmd.args(["test", "--workspace", "--all-targets"])
+            cmd.arg("test")
+                .args(&selection)
                 .args(prepared.cargo_config_args())
                 .args(&args.cargo_args);
             prepared.apply_env(&mut cmd, true);
@@ -39,7 +48,7 @@ pub fn run(args: &Args) -> Result<()> {
     step(
         "test",
         "cargo test --workspace --doc",
-        "the failing doc tests are listed above",
+        "the compile errors or failing doc tests are above",
         || {
             let mut cmd = util::cargo_command();
             cmd.args(["test", "--workspace", "--doc"])
@@ -48,4 +57,71 @@ pub fn run(args: &Args) -> Result<()> {
             util::run(&mut cmd)
         },
     )
+}
+
+/// `--workspace` and `--all-targets`, unless the extra arguments choose packages or
+/// targets themselves (only arguments before a `--` count).
+pub fn default_selection(extra: &[String]) -> Vec<&'static str> {
+    let ours = extra.iter().take_while(|a| a.as_str() != "--");
+    let mut packages = false;
+    let mut targets = false;
+    for arg in ours {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        packages |= flag == "--workspace"
+            || flag == "--package"
+            || (flag.starts_with("-p") && !flag.starts_with("--"));
+        targets |= matches!(
+            flag,
+            "--lib"
+                | "--bin"
+                | "--bins"
+                | "--test"
+                | "--tests"
+                | "--example"
+                | "--examples"
+                | "--bench"
+                | "--benches"
+                | "--doc"
+                | "--all-targets"
+        );
+    }
+    let mut selection = Vec::new();
+    if !packages {
+        selection.push("--workspace");
+    }
+    if !targets {
+        selection.push("--all-targets");
+    }
+    selection
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selection(args: &[&str]) -> Vec<&'static str> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        default_selection(&args)
+    }
+
+    #[test]
+    fn no_arguments_test_everything() {
+        assert_eq!(selection(&[]), ["--workspace", "--all-targets"]);
+        assert_eq!(
+            selection(&["--", "--nocapture"]),
+            ["--workspace", "--all-targets"]
+        );
+        assert_eq!(
+            selection(&["--exclude", "semantic"]),
+            ["--workspace", "--all-targets"]
+        );
+    }
+
+    #[test]
+    fn chosen_packages_and_targets_replace_the_defaults() {
+        assert_eq!(selection(&["-p", "xtask"]), ["--all-targets"]);
+        assert_eq!(selection(&["--package=xtask", "--lib"]), Vec::<&str>::new());
+        assert_eq!(selection(&["--test", "real_model"]), ["--workspace"]);
+        assert_eq!(selection(&["--", "-p"]), ["--workspace", "--all-targets"]);
+    }
 }

@@ -15,10 +15,10 @@
 //! Generating it per machine, next to the artefacts it points at, keeps one ignored
 //! folder as the single place to delete for a clean slate.
 
-#[cfg(target_os = "linux")]
+// Compiled on every OS (and chosen at run time) so that every platform's build checks
+// all of the code, with no dead-code warnings on any of them.
 mod mlx_linux;
 pub mod model;
-#[cfg(target_os = "linux")]
 mod packages;
 
 use std::ffi::OsString;
@@ -172,35 +172,30 @@ fn lock(path: &std::path::Path) -> Result<File> {
     Ok(file)
 }
 
-#[cfg(target_os = "linux")]
+/// The MLX part of the set-up for this OS: the cargo config and libmlx.so's directory.
 fn mlx(args: &SetupArgs, build_dir: &std::path::Path) -> Result<Option<(PathBuf, PathBuf)>> {
-    if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
-        .iter()
-        .any(|var| std::env::var_os(var).is_some())
-    {
-        log(
-            "setup",
-            "warning: RUSTFLAGS is set, which replaces the generated config's rpath; \
-             child processes get LD_LIBRARY_PATH instead",
-        );
+    match std::env::consts::OS {
+        "linux" => {
+            if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
+                .iter()
+                .any(|var| std::env::var_os(var).is_some())
+            {
+                log(
+                    "setup",
+                    "warning: RUSTFLAGS is set, which replaces the generated config's rpath; \
+                     child processes get LD_LIBRARY_PATH instead",
+                );
+            }
+            mlx_linux::ensure(args, build_dir).map(Some)
+        }
+        "macos" => {
+            log(
+                "setup",
+                "macOS: nothing to build for MLX (mlx-sys builds MLX with Metal itself); \
+                 no cargo config override is written",
+            );
+            Ok(None)
+        }
+        other => anyhow::bail!("MLX is supported on macOS and Linux only; this is {other}"),
     }
-    mlx_linux::ensure(args, build_dir).map(Some)
-}
-
-#[cfg(target_os = "macos")]
-fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<(PathBuf, PathBuf)>> {
-    log(
-        "setup",
-        "macOS: nothing to build for MLX (mlx-sys builds MLX with Metal itself); \
-         no cargo config override is written",
-    );
-    Ok(None)
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "macos")))]
-fn mlx(_args: &SetupArgs, _build_dir: &std::path::Path) -> Result<Option<(PathBuf, PathBuf)>> {
-    anyhow::bail!(
-        "MLX is supported on macOS and Linux only; this is {}",
-        std::env::consts::OS
-    )
 }

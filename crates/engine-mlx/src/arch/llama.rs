@@ -91,7 +91,11 @@ impl LlamaModel {
         let fmt = options.format;
 
         let embed_raw = w.take("token_embd.weight")?;
-        w.check_shape("token_embd.weight", &embed_raw, &[c.vocab_size as i64, hidden])?;
+        w.check_shape(
+            "token_embd.weight",
+            &embed_raw,
+            &[c.vocab_size as i64, hidden],
+        )?;
         let head = if c.tie_word_embeddings {
             None
         } else {
@@ -118,15 +122,28 @@ impl LlamaModel {
             let gate = take("ffn_gate.weight", &[inter, hidden])?;
             let up = take("ffn_up.weight", &[inter, hidden])?;
             let down = take("ffn_down.weight", &[hidden, inter])?;
-            let (qb, kb, vb) = if c.attention_bias {
-                (
-                    Some(take("attn_q.bias", &[nh * hd])?),
-                    Some(take("attn_k.bias", &[nkv * hd])?),
-                    Some(take("attn_v.bias", &[nkv * hd])?),
-                )
-            } else {
-                (None, None, None)
+            // q/k/v biases are required when the config says so (Qwen2); any other bias
+            // present in the file (Llama with `attention_bias`/`mlp_bias`) is used too.
+            let mut bias = |s: &str, n: i64, required: bool| -> Result<Option<RawTensor>> {
+                let name = p(s);
+                let t = if required {
+                    Some(w.take(&name)?)
+                } else {
+                    w.take_opt(&name)
+                };
+                if let Some(t) = &t {
+                    w.check_shape(&name, t, &[n])?;
+                }
+                Ok(t)
             };
+            let req = c.attention_bias;
+            let qb = bias("attn_q.bias", nh * hd, req)?;
+            let kb = bias("attn_k.bias", nkv * hd, req)?;
+            let vb = bias("attn_v.bias", nkv * hd, req)?;
+            let ob = bias("attn_output.bias", hidden, false)?;
+            let gb = bias("ffn_gate.bias", inter, false)?;
+            let ub = bias("ffn_up.bias", inter, false)?;
+            let db = bias("ffn_down.bias", hidden, false)?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
                     Some(norm_weight(&mut w, &p("attn_q_norm.weight"), c.head_dim)?),
@@ -145,11 +162,11 @@ impl LlamaModel {
                 }
             };
             let gate_up = if options.fuse_projections {
-                GateUp::Fused(Linear::fused(vec![gate, up], vec![None, None], fmt)?)
+                GateUp::Fused(Linear::fused(vec![gate, up], vec![gb, ub], fmt)?)
             } else {
                 GateUp::Split {
-                    gate: Linear::fused(vec![gate], vec![None], fmt)?,
-                    up: Linear::fused(vec![up], vec![None], fmt)?,
+                    gate: Linear::fused(vec![gate], vec![gb], fmt)?,
+                    up: Linear::fused(vec![up], vec![ub], fmt)?,
                 }
             };
             let layer = Layer {
@@ -158,9 +175,9 @@ impl LlamaModel {
                 qkv,
                 q_norm,
                 k_norm,
-                o: Linear::fused(vec![o], vec![None], fmt)?,
+                o: Linear::fused(vec![o], vec![ob], fmt)?,
                 gate_up,
-                down: Linear::fused(vec![down], vec![None], fmt)?,
+                down: Linear::fused(vec![down], vec![db], fmt)?,
             };
             // Materialize layer by layer: the dequantized, unfused copies are freed at once,
             // which keeps the load's peak memory near the final size.
@@ -270,11 +287,7 @@ impl CausalLm for LlamaModel {
         let offset = i32::try_from(kv.len())
             .map_err(|_| crate::error::Error::Request("sequence too long".into()))?;
         kv.reserve(kv.len() + tokens.len())?;
-        let (nh, nkv, hd) = (
-            c.num_heads as i32,
-            c.num_kv_heads as i32,
-            c.head_dim as i32,
-        );
+        let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         let inter = c.intermediate_size as i32;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let eps = c.rms_norm_eps;

@@ -18,7 +18,8 @@ pub fn model_path() -> Option<PathBuf> {
     }
     let candidates: Vec<PathBuf> = [
         std::env::var_os("SEMANTIC_TEST_MODEL").map(PathBuf::from),
-        std::env::var_os("SEMANTIC_HOME").map(|h| PathBuf::from(h).join("models").join(DEFAULT_MODEL_FILE)),
+        std::env::var_os("SEMANTIC_HOME")
+            .map(|h| PathBuf::from(h).join("models").join(DEFAULT_MODEL_FILE)),
         std::env::var_os("HOME").map(|h| {
             PathBuf::from(h)
                 .join(".semantic")
@@ -49,7 +50,9 @@ pub fn load(config: EngineConfig) -> Option<(MlxEngine, Arc<MlxChatFormatter>)> 
 /// The default model with the default configuration, loaded once per test binary.
 pub fn shared() -> Option<&'static (MlxEngine, Arc<MlxChatFormatter>)> {
     static SHARED: OnceLock<Option<(MlxEngine, Arc<MlxChatFormatter>)>> = OnceLock::new();
-    SHARED.get_or_init(|| load(EngineConfig::default())).as_ref()
+    SHARED
+        .get_or_init(|| load(EngineConfig::default()))
+        .as_ref()
 }
 
 /// Runs a future to completion on the current thread.
@@ -58,3 +61,18 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 pub mod tiny;
+
+/// Largest absolute difference; infinite when a value is NaN or the lengths differ.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
+}

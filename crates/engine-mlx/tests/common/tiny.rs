@@ -12,10 +12,14 @@ pub const LAYERS: u64 = 2;
 
 /// Deterministic pseudo-random values in [-scale, scale).
 pub fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -161,12 +165,27 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
     let mut dense = |name: String, shape: Vec<u64>, scale: f32, tensors: &mut Vec<_>| {
         seed += 1;
         let n: u64 = shape.iter().product();
-        tensors.push((name, shape, 0u32, f32_bytes(&values(seed, n as usize, scale))));
+        tensors.push((
+            name,
+            shape,
+            0u32,
+            f32_bytes(&values(seed, n as usize, scale)),
+        ));
     };
-    dense("token_embd.weight".into(), vec![n_vocab, HIDDEN], 1.0, &mut tensors);
+    dense(
+        "token_embd.weight".into(),
+        vec![n_vocab, HIDDEN],
+        1.0,
+        &mut tensors,
+    );
     let mut ones = vec![1.0f32; HIDDEN as usize];
     ones[0] = 1.5;
-    tensors.push(("output_norm.weight".into(), vec![HIDDEN], 0, f32_bytes(&ones)));
+    tensors.push((
+        "output_norm.weight".into(),
+        vec![HIDDEN],
+        0,
+        f32_bytes(&ones),
+    ));
     let mut attn_q_ref = Vec::new();
     for l in 0..LAYERS {
         let p = |s: &str| format!("blk.{l}.{s}");

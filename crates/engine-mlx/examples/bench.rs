@@ -1,0 +1,116 @@
+//! Engine throughput on a model (default: the default model).
+//!
+//! ```text
+//! cargo run --release -p engine-mlx --example bench --config <mlx cargo config> -- \
+//!     [MODEL] [--quantized] [--no-fuse] [--runs N] [--long]
+//! ```
+//! Prints prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s for 64
+//! greedy tokens after it (batch 1), and with `--long` the same for a 2048-token prompt, as
+//! one pass and in 256-token block-aligned chunks. Medians of `--runs` (default 3).
+
+use agent_session::{InferenceEngine, SamplingParams, StepRequest};
+use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let model = args
+        .iter()
+        .find(|a| !a.starts_with("--") && a.parse::<usize>().is_err())
+        .cloned()
+        .unwrap_or_else(|| {
+            let home = std::env::var("SEMANTIC_HOME").unwrap_or_else(|_| {
+                format!("{}/.semantic", std::env::var("HOME").unwrap_or_default())
+            });
+            format!("{home}/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    let config = EngineConfig {
+        weight_format: if flag("--quantized") {
+            WeightFormat::Quantized
+        } else {
+            WeightFormat::F32
+        },
+        fuse_projections: !flag("--no-fuse"),
+        ..EngineConfig::default()
+    };
+    let t = Instant::now();
+    let (engine, _fmt) = MlxEngine::load(&model, config.clone())?;
+    println!(
+        "model {} ({}), weights {}, fused {}, load {:.2}s",
+        engine.model().id,
+        engine.model().architecture,
+        engine.model().weight_format,
+        config.fuse_projections,
+        t.elapsed().as_secs_f64()
+    );
+    let vocab = engine.model().vocab_size as u32;
+    let prompt = |n: u32| -> Vec<u32> { (0..n).map(|i| (i * 7919 + 13) % vocab).collect() };
+    let greedy = Arc::new(SamplingParams::greedy());
+
+    futures::executor::block_on(async {
+        // Warm-up.
+        let s = engine.open_sequence().await?;
+        engine.prefill(s, prompt(32)).await?;
+        engine.release(s).await?;
+
+        let mut cases = vec![(512u32, 512usize)];
+        if flag("--long") {
+            cases.push((2048, 2048));
+            cases.push((2048, 256));
+        }
+        for (n, chunk) in cases {
+            let (mut pre, mut dec) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                let s = engine.open_sequence().await?;
+                let p = prompt(n);
+                let t = Instant::now();
+                for c in p.chunks(chunk) {
+                    engine.prefill(s, c.to_vec()).await?;
+                }
+                pre.push(f64::from(n) / t.elapsed().as_secs_f64());
+                if chunk == n as usize {
+                    let t = Instant::now();
+                    let mut feed = None;
+                    for step in 0..64u32 {
+                        let r = engine
+                            .step(vec![StepRequest {
+                                seq: s,
+                                feed,
+                                params: greedy.clone(),
+                                step,
+                                generated: Arc::from(Vec::new()),
+                            }])
+                            .await?;
+                        feed = r.into_iter().next().transpose()?;
+                    }
+                    // 63 forward passes (the first token comes from the prefill's logits).
+                    dec.push(63.0 / t.elapsed().as_secs_f64());
+                }
+                engine.release(s).await?;
+            }
+            print!(
+                "prompt {n} (chunks of {chunk}): prefill {:.1} tok/s",
+                median(pre)
+            );
+            if !dec.is_empty() {
+                print!(", decode @{n} {:.1} tok/s", median(dec));
+            }
+            println!(" (median of {runs})");
+        }
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })?;
+    Ok(())
+}
