@@ -2,16 +2,29 @@
 //!
 //! ```text
 //! cargo run --release -p engine-mlx --example bench --config <mlx cargo config> -- \
-//!     [MODEL] [--quantized] [--no-fuse] [--runs N] [--long]
+//!     [MODEL] [--quantized] [--no-fuse] [--runs N] [--long] [--cpu]
 //! ```
 //! Prints prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s for 64
 //! greedy tokens after it (batch 1), and with `--long` the same for a 2048-token prompt, as
-//! one pass and in 256-token block-aligned chunks. Medians of `--runs` (default 3).
+//! one pass and in 256-token block-aligned chunks. Medians of `--runs` (default 3). `--cpu`
+//! also prints tokens per CPU-second of the process (useful on a busy machine).
 
 use agent_session::{InferenceEngine, SamplingParams, StepRequest};
 use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// CPU seconds used by the whole process so far (all threads), from /proc (Linux); 0 elsewhere.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -73,16 +86,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         for (n, chunk) in cases {
             let (mut pre, mut dec) = (Vec::new(), Vec::new());
+            let (mut pre_cpu, mut dec_cpu) = (Vec::new(), Vec::new());
             for _ in 0..runs {
                 let s = engine.open_sequence().await?;
                 let p = prompt(n);
                 let t = Instant::now();
+                let c0 = cpu_seconds();
                 for c in p.chunks(chunk) {
                     engine.prefill(s, c.to_vec()).await?;
                 }
                 pre.push(f64::from(n) / t.elapsed().as_secs_f64());
+                pre_cpu.push(f64::from(n) / (cpu_seconds() - c0));
                 if chunk == n as usize {
                     let t = Instant::now();
+                    let c0 = cpu_seconds();
                     let mut feed = None;
                     for step in 0..64u32 {
                         let r = engine
@@ -98,6 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                     // 63 forward passes (the first token comes from the prefill's logits).
                     dec.push(63.0 / t.elapsed().as_secs_f64());
+                    dec_cpu.push(63.0 / (cpu_seconds() - c0));
                 }
                 engine.release(s).await?;
             }
@@ -109,6 +127,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 print!(", decode @{n} {:.1} tok/s", median(dec));
             }
             println!(" (median of {runs})");
+            if flag("--cpu") {
+                print!("  per CPU-second: prefill {:.1} tok", median(pre_cpu));
+                if !dec_cpu.is_empty() {
+                    print!(", decode {:.1} tok", median(dec_cpu));
+                }
+                println!();
+            }
         }
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;

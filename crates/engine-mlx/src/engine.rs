@@ -36,6 +36,11 @@ pub struct EngineConfig {
     pub fuse_projections: bool,
     /// Hugging Face hub cache directory (default: `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
     pub hf_cache_dir: Option<PathBuf>,
+    /// Bind cached KV to these exact weights (the model fingerprint includes the weight
+    /// files' identity). Off: only architecture, cache spec, tokenizer and weight format, so
+    /// caches survive swapping between builds of the same model (outputs may then differ
+    /// from a cold run). `SEMANTIC_AGENT_VALIDATE_MODEL_TAG`.
+    pub bind_to_weights: bool,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +51,7 @@ impl Default for EngineConfig {
             kv_bits: None,
             fuse_projections: true,
             hf_cache_dir: None,
+            bind_to_weights: true,
         }
     }
 }
@@ -158,6 +164,9 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     let source = resolve(model, cfg)?;
     let mut fp = blake3::Hasher::new();
     fp.update(b"semantic-model-v1\0");
+    // The weights' identity (file name, size, header / config and shard hashes): part of the
+    // fingerprint unless `bind_to_weights` is off.
+    let mut ident = blake3::Hasher::new();
     let (config, header, hf_config, formatter, spec, id, weight_desc, path) = match &source {
         Resolved::Gguf(path) => {
             let header = GgufHeader::read(path)?;
@@ -174,9 +183,9 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            fp.update(name.as_bytes());
-            fp.update(&header.file_size.to_le_bytes());
-            fp.update(hash_prefix(path, header.data_offset)?.as_bytes());
+            ident.update(name.as_bytes());
+            ident.update(&header.file_size.to_le_bytes());
+            ident.update(hash_prefix(path, header.data_offset)?.as_bytes());
             let id = path
                 .file_stem()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -231,7 +240,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                     path: cpath.clone(),
                     source,
                 })?;
-            fp.update(text.as_bytes());
+            ident.update(text.as_bytes());
             let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map_err(|source| Error::Io {
                     path: dir.clone(),
@@ -248,9 +257,9 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                         source,
                     })?
                     .len();
-                fp.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
-                fp.update(&size.to_le_bytes());
-                fp.update(hash_prefix(f, 1 << 20)?.as_bytes());
+                ident.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+                ident.update(&size.to_le_bytes());
+                ident.update(hash_prefix(f, 1 << 20)?.as_bytes());
             }
             let id = dir
                 .file_name()
@@ -265,6 +274,13 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
             (config, None, Some(v), formatter, spec, id, desc, cpath)
         }
     };
+    if cfg.bind_to_weights {
+        fp.update(b"\0weights-identity\0");
+        fp.update(ident.finalize().as_bytes());
+    } else {
+        fp.update(b"\0architecture\0");
+        fp.update(config.architecture.as_bytes());
+    }
     fp.update(b"\0spec\0");
     fp.update(spec.canonical_string().as_bytes());
     fp.update(b"\0tokenizer\0");
@@ -290,6 +306,12 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
         descriptor,
         formatter,
     })
+}
+
+/// Describes a model (architecture, cache spec, context length, fingerprint) from its
+/// metadata and tokenizer, without loading the weights: `semantic models inspect`.
+pub fn inspect(model: &str, config: &EngineConfig) -> Result<ModelDescriptor> {
+    Ok(prepare(model, config)?.descriptor)
 }
 
 impl MlxEngine {

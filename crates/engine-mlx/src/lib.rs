@@ -28,7 +28,7 @@ pub mod sampling;
 pub mod weights;
 
 pub use config::{Family, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
-pub use engine::{EngineConfig, MlxEngine};
+pub use engine::{inspect, EngineConfig, MlxEngine};
 pub use error::{Error, Result};
 pub use formatter::MlxChatFormatter;
 pub use weights::WeightFormat;

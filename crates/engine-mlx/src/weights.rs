@@ -498,7 +498,8 @@ impl Linear {
         } else {
             ops::concatenate(&dense, 0).ctx("fusing weights")?
         };
-        Ok(Linear::Dense { wt: w.t(), bias })
+        let wt = if std::env::var("EXP_CONTIG").is_ok() { w.t().contiguous().ctx("contig")? } else { w.t() };
+        Ok(Linear::Dense { wt, bias })
     }
 
     /// `x Wᵀ + b` for `x` of shape `[rows, in]`.

@@ -499,6 +499,7 @@ impl Settings {
                 value
             };
             out.push_str(&format!("{:<40} {:<28} [{}]\n", def.var, shown, source));
+            out.push_str(&format!("    {}\n", def.help));
         }
         out
     }

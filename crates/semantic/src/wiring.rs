@@ -94,13 +94,14 @@ fn load_engine(
         bind_to_weights: settings.validate_model_tag,
         ..engine_mlx::EngineConfig::default()
     };
-    let loaded = engine_mlx::load(&model, config);
+    let loaded = engine_mlx::MlxEngine::load(&model, config);
     done.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     let (engine, formatter) = loaded.map_err(|e| AppError::Model {
         model: model.clone(),
         reason: e.to_string(),
     })?;
+    let formatter: Arc<dyn ChatFormatter> = formatter;
     Ok((Arc::new(engine), formatter))
 }
 
@@ -205,7 +206,12 @@ async fn shutdown_signal() {
 /// `semantic models inspect`: the spec and capacity maths, without loading weights.
 pub fn inspect(settings: &Settings) -> Result<String, AppError> {
     let model = model_location(settings)?;
-    let info = engine_mlx::inspect(&model, settings.block_tokens).map_err(|e| AppError::Model {
+    let config = engine_mlx::EngineConfig {
+        block_tokens: settings.block_tokens,
+        bind_to_weights: settings.validate_model_tag,
+        ..engine_mlx::EngineConfig::default()
+    };
+    let info = engine_mlx::inspect(&model, &config).map_err(|e| AppError::Model {
         model: model.clone(),
         reason: e.to_string(),
     })?;
