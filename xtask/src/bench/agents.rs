@@ -130,7 +130,9 @@ fn measure(ctx: &Ctx, target: Target) -> Result<TargetResult> {
             }
             peer => Server::start(ctx.peer(peer, "agents")?)?,
         };
-        let mut histories: Vec<Vec<Message>> = (0..AGENTS).map(|a| vec![Message::system(system_prompt(a))]).collect();
+        let mut histories: Vec<Vec<Message>> = (0..AGENTS)
+            .map(|a| vec![Message::system(system_prompt(a))])
+            .collect();
         let mut turns = Vec::new();
         let mut wall = 0.0;
         let mut restart_s = 0.0;
@@ -138,9 +140,19 @@ fn measure(ctx: &Ctx, target: Target) -> Result<TargetResult> {
             let started = Instant::now();
             for (agent, history) in histories.iter_mut().enumerate() {
                 history.push(Message::user(user_text(run, agent, turn)));
-                let id = format!("agent-{}-{}-r{run}-a{agent}", target.label().replace('.', ""), ctx.stamp);
-                let extra = (target == Target::LlamaCpp).then(|| json!({ "id_slot": agent, "cache_prompt": true }));
-                let s = server.client().chat(&Chat { messages: history, max_tokens: MAX_TOKENS, agent: Some(&id), extra })?;
+                let id = format!(
+                    "agent-{}-{}-r{run}-a{agent}",
+                    target.label().replace('.', ""),
+                    ctx.stamp
+                );
+                let extra = (target == Target::LlamaCpp)
+                    .then(|| json!({ "id_slot": agent, "cache_prompt": true }));
+                let s = server.client().chat(&Chat {
+                    messages: history,
+                    max_tokens: MAX_TOKENS,
+                    agent: Some(&id),
+                    extra,
+                })?;
                 history.push(Message::assistant(s.content.clone()));
                 turns.push(Turn {
                     agent,
@@ -190,18 +202,31 @@ fn render(results: &[TargetResult]) -> String {
     for r in results {
         header.push(r.target.label().to_owned());
     }
-    let peers: Vec<&TargetResult> = results.iter().filter(|r| r.target != Target::Ours).collect();
+    let peers: Vec<&TargetResult> = results
+        .iter()
+        .filter(|r| r.target != Target::Ours)
+        .collect();
     for p in &peers {
         header.push(format!("{} / semantic", p.target.label()));
     }
     let mut t = Table::new(header);
     type Fig = (&'static str, usize, fn(&TargetResult) -> Option<Summary>);
     let figures: [Fig; 5] = [
-        ("total wall time, s (24 turns)", 1, |r| r.summary(|x| Some(x.wall_s))),
-        ("TTFT p50, ms", 0, |r| r.summary(|x| Some(x.ttft_p50_s * 1e3))),
-        ("TTFT p95, ms", 0, |r| r.summary(|x| Some(x.ttft_p95_s * 1e3))),
-        ("prompt tokens reused (sum of 24 turns)", 0, |r| r.summary(|x| x.reused.map(|v| v as f64))),
-        ("prompt tokens prefilled (sum of 24 turns)", 0, |r| r.summary(|x| x.prefilled.map(|v| v as f64))),
+        ("total wall time, s (24 turns)", 1, |r| {
+            r.summary(|x| Some(x.wall_s))
+        }),
+        ("TTFT p50, ms", 0, |r| {
+            r.summary(|x| Some(x.ttft_p50_s * 1e3))
+        }),
+        ("TTFT p95, ms", 0, |r| {
+            r.summary(|x| Some(x.ttft_p95_s * 1e3))
+        }),
+        ("prompt tokens reused (sum of 24 turns)", 0, |r| {
+            r.summary(|x| x.reused.map(|v| v as f64))
+        }),
+        ("prompt tokens prefilled (sum of 24 turns)", 0, |r| {
+            r.summary(|x| x.prefilled.map(|v| v as f64))
+        }),
     ];
     let ours = results.iter().find(|r| r.target == Target::Ours);
     for (name, decimals, get) in figures {
@@ -211,7 +236,11 @@ fn render(results: &[TargetResult]) -> String {
         }
         let mine = ours.and_then(get).map(|s| s.median);
         for p in &peers {
-            let ratio = if name.starts_with("prompt tokens") { "".to_owned() } else { fmt_ratio(get(p).map(|s| s.median), mine) };
+            let ratio = if name.starts_with("prompt tokens") {
+                "".to_owned()
+            } else {
+                fmt_ratio(get(p).map(|s| s.median), mine)
+            };
             row.push(ratio);
         }
         t.row(row);
@@ -225,7 +254,10 @@ fn render(results: &[TargetResult]) -> String {
     for (name, turns) in phases {
         let mut row = vec![format!("TTFT median, {name}, ms")];
         for r in results {
-            row.push(r.turns_median_ms(turns).map_or("–".to_owned(), |v| format!("{v:.0}")));
+            row.push(
+                r.turns_median_ms(turns)
+                    .map_or("–".to_owned(), |v| format!("{v:.0}")),
+            );
         }
         let mine = ours.and_then(|o| o.turns_median_ms(turns));
         for p in &peers {

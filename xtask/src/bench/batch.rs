@@ -69,7 +69,12 @@ fn concurrent(client: &Client, n: usize, offset: usize) -> Result<Vec<Streamed>>
                 let msgs = count_prompt(offset + i);
                 let agent = format!("batch-{}", offset + i);
                 barrier.wait();
-                client.chat(&Chat { messages: &msgs, max_tokens: DECODE_TOKENS, agent: Some(&agent), extra: None })
+                client.chat(&Chat {
+                    messages: &msgs,
+                    max_tokens: DECODE_TOKENS,
+                    agent: Some(&agent),
+                    extra: None,
+                })
             })
         })
         .collect();
@@ -85,7 +90,9 @@ fn rates(streams: &[Streamed]) -> Option<(f64, f64, f64)> {
     let abs: Vec<Vec<f64>> = streams
         .iter()
         .map(|s| {
-            let off = s.sent_at.map_or(0.0, |t| t.duration_since(origin).as_secs_f64());
+            let off = s
+                .sent_at
+                .map_or(0.0, |t| t.duration_since(origin).as_secs_f64());
             s.pieces_s.iter().map(|p| p + off).collect()
         })
         .collect();
@@ -102,7 +109,11 @@ fn rates(streams: &[Streamed]) -> Option<(f64, f64, f64)> {
     let overall = after_first as f64 / (last_any - first_any);
     let window = end - start;
     let steady = if window > 0.2 {
-        abs.iter().flatten().filter(|&&t| t > start && t <= end).count() as f64 / window
+        abs.iter()
+            .flatten()
+            .filter(|&&t| t > start && t <= end)
+            .count() as f64
+            / window
     } else {
         overall
     };
@@ -112,7 +123,8 @@ fn rates(streams: &[Streamed]) -> Option<(f64, f64, f64)> {
 /// Run the scenario.
 pub fn run(ctx: &Ctx) -> Result<()> {
     let cache = ctx.fresh_dir("batch-cache")?;
-    let server = Server::start(ctx.ours(&cache, "batch", &[("SEMANTIC_MLX_MAX_BATCH_SIZE", "8")])?)?;
+    let server =
+        Server::start(ctx.ours(&cache, "batch", &[("SEMANTIC_MLX_MAX_BATCH_SIZE", "8")])?)?;
     let client = server.client();
     let mut levels = Vec::new();
     let mut offset = 0;
@@ -120,7 +132,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         for run in 0..ctx.runs {
             let streams = concurrent(&client, n, offset)?;
             offset += n;
-            let (steady, overall, window) = rates(&streams).ok_or_else(|| anyhow!("a stream of the batch of {n} produced no content"))?;
+            let (steady, overall, window) = rates(&streams)
+                .ok_or_else(|| anyhow!("a stream of the batch of {n} produced no content"))?;
             log("bench", format_args!("batch {n} run {run}: {steady:.1} tok/s (window {window:.2} s), overall {overall:.1}"));
             levels.push(Level {
                 concurrency: n,
@@ -137,12 +150,19 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let short = |i: usize| {
         vec![
             Message::system("You are a helpful assistant."),
-            Message::user(format!("Request {i}: what is {i} plus {i}? Answer with the number.")),
+            Message::user(format!(
+                "Request {i}: what is {i} plus {i}? Answer with the number."
+            )),
         ]
     };
     let mut inter = Vec::new();
     for run in 0..ctx.runs {
-        let idle = client.chat(&Chat { messages: &short(1000 + run), max_tokens: 8, agent: Some(&format!("idle-{run}")), extra: None })?;
+        let idle = client.chat(&Chat {
+            messages: &short(1000 + run),
+            max_tokens: 8,
+            agent: Some(&format!("idle-{run}")),
+            extra: None,
+        })?;
         let (long_msgs, _) = prompts::fit(
             &client,
             &[Message::system("You are a careful assistant.")],
@@ -152,15 +172,29 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         )?;
         let long_client = client.clone();
         let long = thread::spawn(move || {
-            long_client.chat(&Chat { messages: &long_msgs, max_tokens: 1, agent: Some("long"), extra: None })
+            long_client.chat(&Chat {
+                messages: &long_msgs,
+                max_tokens: 1,
+                agent: Some("long"),
+                extra: None,
+            })
         });
         // Let the long prefill start (a few chunks in).
         thread::sleep(Duration::from_millis(1500));
         let busy_sent = Instant::now();
-        let busy = client.chat(&Chat { messages: &short(2000 + run), max_tokens: 8, agent: Some(&format!("busy-{run}")), extra: None })?;
+        let busy = client.chat(&Chat {
+            messages: &short(2000 + run),
+            max_tokens: 8,
+            agent: Some(&format!("busy-{run}")),
+            extra: None,
+        })?;
         let busy_first = busy_sent + Duration::from_secs_f64(busy.ttft_s);
-        let long = long.join().map_err(|_| anyhow!("the long request's thread panicked"))??;
-        let long_first = long.sent_at.map(|t| t + Duration::from_secs_f64(long.ttft_s));
+        let long = long
+            .join()
+            .map_err(|_| anyhow!("the long request's thread panicked"))??;
+        let long_first = long
+            .sent_at
+            .map(|t| t + Duration::from_secs_f64(long.ttft_s));
         let i = Interference {
             run,
             idle_ttft_s: idle.ttft_s,
@@ -174,10 +208,22 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     drop(server);
 
     let by = |n: usize, f: fn(&Level) -> f64| -> Option<Summary> {
-        Summary::of(&levels.iter().filter(|l| l.concurrency == n).map(f).collect::<Vec<_>>())
+        Summary::of(
+            &levels
+                .iter()
+                .filter(|l| l.concurrency == n)
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
     };
     let base = by(1, |l| l.steady_tok_s).map(|s| s.median);
-    let mut t = Table::new(["concurrent requests", "aggregate decode tok/s", "vs 1 request", "per request tok/s", "overall tok/s (incl. ramp)"]);
+    let mut t = Table::new([
+        "concurrent requests",
+        "aggregate decode tok/s",
+        "vs 1 request",
+        "per request tok/s",
+        "overall tok/s (incl. ramp)",
+    ]);
     for &n in &LEVELS {
         let s = by(n, |l| l.steady_tok_s);
         t.row([
@@ -190,11 +236,32 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     }
     let mut md = String::from("Aggregate decode throughput (`SEMANTIC_MLX_MAX_BATCH_SIZE=8`, 64 answer tokens per request; goal: 4 requests ≥ 2.5× one):\n\n");
     md.push_str(&t.render());
-    let idle = Summary::of(&inter.iter().map(|i| i.idle_ttft_s * 1e3).collect::<Vec<_>>());
-    let busy = Summary::of(&inter.iter().map(|i| i.busy_ttft_s * 1e3).collect::<Vec<_>>());
-    let long = Summary::of(&inter.iter().map(|i| i.long_ttft_s * 1e3).collect::<Vec<_>>());
+    let idle = Summary::of(
+        &inter
+            .iter()
+            .map(|i| i.idle_ttft_s * 1e3)
+            .collect::<Vec<_>>(),
+    );
+    let busy = Summary::of(
+        &inter
+            .iter()
+            .map(|i| i.busy_ttft_s * 1e3)
+            .collect::<Vec<_>>(),
+    );
+    let long = Summary::of(
+        &inter
+            .iter()
+            .map(|i| i.long_ttft_s * 1e3)
+            .collect::<Vec<_>>(),
+    );
     let first = inter.iter().filter(|i| i.short_first).count();
-    let mut t2 = Table::new(["short request TTFT, idle server ms", "while a 4,096-token cold prefill runs ms", "busy / idle", "the 4K request's own TTFT ms", "short request first"]);
+    let mut t2 = Table::new([
+        "short request TTFT, idle server ms",
+        "while a 4,096-token cold prefill runs ms",
+        "busy / idle",
+        "the 4K request's own TTFT ms",
+        "short request first",
+    ]);
     t2.row([
         fmt_summary(idle, 0),
         fmt_summary(busy, 0),
@@ -219,8 +286,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::client::Tokens;
     use super::*;
-    use crate::bench::client::Tokens;
 
     fn stream(at: Instant, pieces: &[f64]) -> Streamed {
         Streamed {
@@ -241,7 +308,8 @@ mod tests {
         // Two streams at 10 tok/s each, overlapping from 1.0 s to 2.0 s.
         let a: Vec<f64> = (0..=20).map(|i| 0.5 + f64::from(i) * 0.1).collect(); // 0.5..2.5
         let b: Vec<f64> = (0..=10).map(|i| 1.0 + f64::from(i) * 0.1).collect(); // 1.0..2.0
-        let (steady, overall, window) = rates(&[stream(t0, &a), stream(t0, &b)]).ok_or_else(|| anyhow!("none"))?;
+        let (steady, overall, window) =
+            rates(&[stream(t0, &a), stream(t0, &b)]).ok_or_else(|| anyhow!("none"))?;
         assert!((window - 1.0).abs() < 1e-9);
         assert!((steady - 20.0).abs() < 1.5, "{steady}");
         assert!((overall - 30.0 / 2.0).abs() < 1e-9, "{overall}");

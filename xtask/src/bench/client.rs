@@ -22,15 +22,24 @@ pub struct Message {
 impl Message {
     /// A system message.
     pub fn system(text: impl Into<String>) -> Self {
-        Self { role: "system", content: text.into() }
+        Self {
+            role: "system",
+            content: text.into(),
+        }
     }
     /// A user message.
     pub fn user(text: impl Into<String>) -> Self {
-        Self { role: "user", content: text.into() }
+        Self {
+            role: "user",
+            content: text.into(),
+        }
     }
     /// An assistant message.
     pub fn assistant(text: impl Into<String>) -> Self {
-        Self { role: "assistant", content: text.into() }
+        Self {
+            role: "assistant",
+            content: text.into(),
+        }
     }
 }
 
@@ -171,12 +180,19 @@ impl Client {
 
     /// GET a path; `Ok(None)` for an HTTP error status or a refused connection.
     pub fn try_get(&self, path: &str) -> Option<(u16, String)> {
-        match self.agent.get(&self.url(path)).timeout(Duration::from_secs(5)).call() {
+        match self
+            .agent
+            .get(&self.url(path))
+            .timeout(Duration::from_secs(5))
+            .call()
+        {
             Ok(resp) => {
                 let status = resp.status();
                 resp.into_string().ok().map(|body| (status, body))
             }
-            Err(ureq::Error::Status(code, resp)) => Some((code, resp.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, resp)) => {
+                Some((code, resp.into_string().unwrap_or_default()))
+            }
             Err(_) => None,
         }
     }
@@ -314,7 +330,9 @@ impl Client {
             out.tokens.reused = Some(c.reused);
             out.tokens.prefilled = Some(c.prefilled);
         }
-        if let (Some(p), Some(r), None) = (out.tokens.prompt, out.tokens.reused, out.tokens.prefilled) {
+        if let (Some(p), Some(r), None) =
+            (out.tokens.prompt, out.tokens.reused, out.tokens.prefilled)
+        {
             out.tokens.prefilled = Some(p.saturating_sub(r));
         }
         Ok(out)
@@ -361,7 +379,9 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         if line.starts_with('#') {
             continue;
         }
-        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let base = key.split('{').next().unwrap_or(key);
         if base == name {
             if let Ok(v) = value.trim().parse::<f64>() {
@@ -378,12 +398,24 @@ mod tests {
 
     #[test]
     fn cache_header_parses_and_rejects_garbage() {
-        let r = CacheReport::parse("tier=hot; prompt=812; reused=768; prefilled=44; created=0; restored=0");
+        let r = CacheReport::parse(
+            "tier=hot; prompt=812; reused=768; prefilled=44; created=0; restored=0",
+        );
         assert_eq!(
             r,
-            Some(CacheReport { tier: "hot", prompt: 812, reused: 768, prefilled: 44, created: 0, restored: 0 })
+            Some(CacheReport {
+                tier: "hot",
+                prompt: 812,
+                reused: 768,
+                prefilled: 44,
+                created: 0,
+                restored: 0
+            })
         );
-        assert_eq!(CacheReport::parse("tier=cold; prompt=1").map(|r| r.tier), None);
+        assert_eq!(
+            CacheReport::parse("tier=cold; prompt=1").map(|r| r.tier),
+            None
+        );
         assert_eq!(CacheReport::parse("prompt=1"), None);
         assert_eq!(CacheReport::parse("tier=miss; prompt=x"), None);
     }
@@ -391,11 +423,23 @@ mod tests {
     #[test]
     fn usage_from_openai_and_llama_cpp() {
         let mut t = Tokens::default();
-        merge_usage(&mut t, &json!({"prompt_tokens": 600, "completion_tokens": 32, "prompt_tokens_details": {"cached_tokens": 512}}));
-        assert_eq!((t.prompt, t.reused, t.completion), (Some(600), Some(512), Some(32)));
+        merge_usage(
+            &mut t,
+            &json!({"prompt_tokens": 600, "completion_tokens": 32, "prompt_tokens_details": {"cached_tokens": 512}}),
+        );
+        assert_eq!(
+            (t.prompt, t.reused, t.completion),
+            (Some(600), Some(512), Some(32))
+        );
         let mut l = Tokens::default();
-        merge_usage(&mut l, &json!({"timings": {"cache_n": 500, "prompt_n": 20}}));
-        assert_eq!((l.prompt, l.reused, l.prefilled), (Some(520), Some(500), Some(20)));
+        merge_usage(
+            &mut l,
+            &json!({"timings": {"cache_n": 500, "prompt_n": 20}}),
+        );
+        assert_eq!(
+            (l.prompt, l.reused, l.prefilled),
+            (Some(520), Some(500), Some(20))
+        );
     }
 
     #[test]

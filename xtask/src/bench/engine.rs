@@ -30,7 +30,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let cache = ctx.fresh_dir("engine-cache")?;
     let server = Server::start(ctx.ours(&cache, "engine", &[])?)?;
     let client = server.client();
-    let models: Value = serde_json::from_str(&client.get_text("/v1/models")?).context("/v1/models is not JSON")?;
+    let models: Value =
+        serde_json::from_str(&client.get_text("/v1/models")?).context("/v1/models is not JSON")?;
     let weight_format = models
         .pointer("/data/0/weight_format")
         .and_then(Value::as_str)
@@ -38,7 +39,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         .to_owned();
     let mut http = Figures::default();
     for run in 0..ctx.runs {
-        for (len, out) in [(512u64, &mut http.prefill_512), (2048, &mut http.prefill_2048)] {
+        for (len, out) in [
+            (512u64, &mut http.prefill_512),
+            (2048, &mut http.prefill_2048),
+        ] {
             let (msgs, n) = prompts::fit(
                 &client,
                 &[Message::system("You are a careful assistant.")],
@@ -46,25 +50,48 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 70_000 + run as u64 * 10 + len,
                 &format!("Engine {}-{run}-{len}:", ctx.stamp),
             )?;
-            let s = client.chat(&Chat { messages: &msgs, max_tokens: 1, agent: Some(&format!("engine-{run}-{len}")), extra: None })?;
+            let s = client.chat(&Chat {
+                messages: &msgs,
+                max_tokens: 1,
+                agent: Some(&format!("engine-{run}-{len}")),
+                extra: None,
+            })?;
             out.push(n as f64 / s.ttft_s);
         }
         let msgs = [
             Message::system("You are a helpful assistant."),
-            Message::user(format!("Count from {} to {}, one number per line.", run * 100 + 1, run * 100 + 90)),
+            Message::user(format!(
+                "Count from {} to {}, one number per line.",
+                run * 100 + 1,
+                run * 100 + 90
+            )),
         ];
-        let s = client.chat(&Chat { messages: &msgs, max_tokens: 64, agent: Some(&format!("engine-decode-{run}")), extra: None })?;
+        let s = client.chat(&Chat {
+            messages: &msgs,
+            max_tokens: 64,
+            agent: Some(&format!("engine-decode-{run}")),
+            extra: None,
+        })?;
         if let Some(r) = s.decode_rate() {
             http.decode.push(r);
         }
-        log("bench", format_args!("engine run {run}: prefill {:.0} / {:.0} tok/s, decode {:.1} tok/s",
-            http.prefill_512.last().copied().unwrap_or(f64::NAN),
-            http.prefill_2048.last().copied().unwrap_or(f64::NAN),
-            http.decode.last().copied().unwrap_or(f64::NAN)));
+        log(
+            "bench",
+            format_args!(
+                "engine run {run}: prefill {:.0} / {:.0} tok/s, decode {:.1} tok/s",
+                http.prefill_512.last().copied().unwrap_or(f64::NAN),
+                http.prefill_2048.last().copied().unwrap_or(f64::NAN),
+                http.decode.last().copied().unwrap_or(f64::NAN)
+            ),
+        );
     }
     drop(server);
 
-    let example = if ctx.engine_example { Some(engine_example(ctx)?) } else { None };
+    let example = if ctx.engine_example {
+        Some(engine_example(ctx)?)
+    } else {
+        None
+    };
     let llama = match &ctx.peers {
         Some(p) => Some(llama_bench(ctx, &p.llama_bench)?),
         None => None,
@@ -79,9 +106,14 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         header.extend(["llama.cpp llama-bench", "semantic / llama.cpp"]);
     }
     let mut t = Table::new(header);
-    let rows: [(&str, &Vec<f64>, fn(&Figures) -> &Vec<f64>); 3] = [
-        ("prefill, 512-token prompt", &http.prefill_512, |f| &f.prefill_512),
-        ("prefill, 2,048-token prompt", &http.prefill_2048, |f| &f.prefill_2048),
+    type Pick = fn(&Figures) -> &Vec<f64>;
+    let rows: [(&str, &Vec<f64>, Pick); 3] = [
+        ("prefill, 512-token prompt", &http.prefill_512, |f| {
+            &f.prefill_512
+        }),
+        ("prefill, 2,048-token prompt", &http.prefill_2048, |f| {
+            &f.prefill_2048
+        }),
         ("decode, batch 1", &http.decode, |f| &f.decode),
     ];
     for (name, mine, get) in rows {
@@ -91,11 +123,16 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         }
         if let Some(l) = &llama {
             row.push(fmt_summary(s(get(l)), 1));
-            row.push(fmt_ratio(s(mine).map(|x| x.median), s(get(l)).map(|x| x.median)));
+            row.push(fmt_ratio(
+                s(mine).map(|x| x.median),
+                s(get(l)).map(|x| x.median),
+            ));
         }
         t.row(row);
     }
-    let mut md = format!("Default model, weights as `{weight_format}` in the engine (from `/v1/models`):\n\n");
+    let mut md = format!(
+        "Default model, weights as `{weight_format}` in the engine (from `/v1/models`):\n\n"
+    );
     md.push_str(&t.render());
     md.push_str(
         "\n*Over HTTP*: prefill = prompt tokens / TTFT of a cold streaming request with \
@@ -119,12 +156,23 @@ fn engine_example(ctx: &Ctx) -> Result<Figures> {
     let mut f = Figures::default();
     for run in 0..ctx.runs {
         let mut cmd = util::cargo_command();
-        cmd.args(["run", "--quiet", "--release", "-p", "engine-mlx", "--example", "bench"])
-            .args(&ctx.cargo_config)
-            .arg("--")
-            .arg(&ctx.model)
-            .args(["--runs", "1", "--long"]);
-        log("bench", format_args!("engine example run {run}: {}", util::display_command(&cmd)));
+        cmd.args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "engine-mlx",
+            "--example",
+            "bench",
+        ])
+        .args(&ctx.cargo_config)
+        .arg("--")
+        .arg(&ctx.model)
+        .args(["--runs", "1", "--long"]);
+        log(
+            "bench",
+            format_args!("engine example run {run}: {}", util::display_command(&cmd)),
+        );
         let out = util::output(&mut cmd)?;
         for line in out.lines() {
             let num = |after: &str| -> Option<f64> {
@@ -144,11 +192,22 @@ fn engine_example(ctx: &Ctx) -> Result<Figures> {
 
 /// llama-bench pp512, pp2048, tg64 on the same GGUF (per-repetition samples).
 fn llama_bench(ctx: &Ctx, bench: &std::path::Path) -> Result<Figures> {
-    let threads = std::thread::available_parallelism().map_or(2, usize::from).to_string();
+    let threads = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .to_string();
     let mut cmd = Command::new(bench);
-    cmd.arg("-m")
-        .arg(&ctx.model)
-        .args(["-t", &threads, "-p", "512,2048", "-n", "64", "-r", &ctx.runs.to_string(), "-o", "json"]);
+    cmd.arg("-m").arg(&ctx.model).args([
+        "-t",
+        &threads,
+        "-p",
+        "512,2048",
+        "-n",
+        "64",
+        "-r",
+        &ctx.runs.to_string(),
+        "-o",
+        "json",
+    ]);
     log("bench", format_args!("{}", util::display_command(&cmd)));
     let out = util::output(&mut cmd)?;
     let rows: Value = serde_json::from_str(out.trim()).context("llama-bench printed no JSON")?;

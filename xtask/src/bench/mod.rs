@@ -184,12 +184,20 @@ impl Ctx {
             .as_ref()
             .context("the peers are not installed (pass --peers)")?;
         let port = server::free_port()?;
-        let log = self.work.join("logs").join(format!("{}-{label}.log", target.label()));
+        let log = self
+            .work
+            .join("logs")
+            .join(format!("{}-{label}.log", target.label()));
         installed.spec(target, &self.model, port, &self.work, log)
     }
 
     /// Record a scenario's results: JSON file, Markdown printed and written into the doc.
-    pub fn publish(&self, scenario: Scenario, json: &serde_json::Value, markdown: &str) -> Result<()> {
+    pub fn publish(
+        &self,
+        scenario: Scenario,
+        json: &serde_json::Value,
+        markdown: &str,
+    ) -> Result<()> {
         let path = report::write_json(&self.results, scenario.name(), &self.stamp, json)?;
         log("bench", format_args!("results: {}", path.display()));
         let body = format!(
@@ -205,7 +213,14 @@ impl Ctx {
         println!("\n## {}\n\n{body}", scenario.name());
         if self.write_docs {
             report::update_doc(&self.doc_path(), scenario.name(), &body)?;
-            log("bench", format_args!("updated the `{}` section of {}", scenario.name(), self.doc_path().display()));
+            log(
+                "bench",
+                format_args!(
+                    "updated the `{}` section of {}",
+                    scenario.name(),
+                    self.doc_path().display()
+                ),
+            );
         }
         Ok(())
     }
@@ -213,17 +228,23 @@ impl Ctx {
 
 /// Run the chosen scenarios.
 pub fn run(ctx: &Ctx, scenarios: &[Scenario]) -> Result<()> {
-    fs::create_dir_all(&ctx.work).with_context(|| format!("cannot create {}", ctx.work.display()))?;
+    fs::create_dir_all(&ctx.work)
+        .with_context(|| format!("cannot create {}", ctx.work.display()))?;
     let mut failed = Vec::new();
     for &scenario in scenarios {
-        let result = util::step("bench", scenario.name(), "see the error above; server logs are under bench-results/work-*/logs", || match scenario {
-            Scenario::Engine => engine::run(ctx),
-            Scenario::Store => store::run(ctx),
-            Scenario::Ttft => ttft::run(ctx),
-            Scenario::Agents => agents::run(ctx),
-            Scenario::Batch => batch::run(ctx),
-            Scenario::All => Ok(()),
-        });
+        let result = util::step(
+            "bench",
+            scenario.name(),
+            "see the error above; server logs are under bench-results/work-*/logs",
+            || match scenario {
+                Scenario::Engine => engine::run(ctx),
+                Scenario::Store => store::run(ctx),
+                Scenario::Ttft => ttft::run(ctx),
+                Scenario::Agents => agents::run(ctx),
+                Scenario::Batch => batch::run(ctx),
+                Scenario::All => Ok(()),
+            },
+        );
         if let Err(err) = result {
             util::report_error(&err);
             failed.push(scenario.name());

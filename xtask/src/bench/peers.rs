@@ -76,7 +76,13 @@ pub fn ensure(model: &Path) -> Result<Installed> {
     if openblas.is_none() {
         log("bench", "warning: Debian's OpenBLAS was not found; mlx-lm runs with its reference BLAS (much slower)");
     }
-    Ok(Installed { llama_server, llama_bench, mlx_server, mlx_model, openblas })
+    Ok(Installed {
+        llama_server,
+        llama_bench,
+        mlx_server,
+        mlx_model,
+        openblas,
+    })
 }
 
 fn openblas() -> Option<PathBuf> {
@@ -111,24 +117,45 @@ fn ensure_llama(root: &Path) -> Result<(PathBuf, PathBuf)> {
     let downloads = root.join("downloads");
     let sdist = downloads.join(format!("llama_cpp_python-{v}.tar.gz"));
     if !sdist.is_file() {
-        step("peers", &format!("download llama-cpp-python {v} (sdist, PyPI)"), "needs PyPI; retry", || {
-            util::run(
-                Command::new(python()?)
-                    .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:"])
-                    .arg(format!("llama-cpp-python=={v}"))
-                    .arg("-d")
-                    .arg(&downloads),
-            )
-        })?;
+        step(
+            "peers",
+            &format!("download llama-cpp-python {v} (sdist, PyPI)"),
+            "needs PyPI; retry",
+            || {
+                util::run(
+                    Command::new(python()?)
+                        .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:"])
+                        .arg(format!("llama-cpp-python=={v}"))
+                        .arg("-d")
+                        .arg(&downloads),
+                )
+            },
+        )?;
     }
-    let src = dir.join(format!("llama_cpp_python-{v}")).join("vendor").join("llama.cpp");
+    let src = dir
+        .join(format!("llama_cpp_python-{v}"))
+        .join("vendor")
+        .join("llama.cpp");
     if !src.join("CMakeLists.txt").is_file() {
-        step("peers", "unpack the sdist", "delete .peers/ and retry", || {
-            fs::create_dir_all(&dir)?;
-            util::run(Command::new("tar").arg("-xzf").arg(&sdist).arg("-C").arg(&dir))
-        })?;
+        step(
+            "peers",
+            "unpack the sdist",
+            "delete .peers/ and retry",
+            || {
+                fs::create_dir_all(&dir)?;
+                util::run(
+                    Command::new("tar")
+                        .arg("-xzf")
+                        .arg(&sdist)
+                        .arg("-C")
+                        .arg(&dir),
+                )
+            },
+        )?;
     }
-    let jobs = std::thread::available_parallelism().map_or(2, usize::from).to_string();
+    let jobs = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .to_string();
     step(
         "peers",
         "build llama-server and llama-bench (CPU, about 6 minutes on 2 cores, once)",
@@ -142,16 +169,22 @@ fn ensure_llama(root: &Path) -> Result<(PathBuf, PathBuf)> {
                     .arg(&build)
                     .args(LLAMA_CMAKE_FLAGS),
             )?;
-            util::run(
-                Command::new("cmake")
-                    .arg("--build")
-                    .arg(&build)
-                    .args(["--config", "Release", "--target", "llama-server", "llama-bench", "-j", &jobs]),
-            )
+            util::run(Command::new("cmake").arg("--build").arg(&build).args([
+                "--config",
+                "Release",
+                "--target",
+                "llama-server",
+                "llama-bench",
+                "-j",
+                &jobs,
+            ]))
         },
     )?;
     if !server.is_file() {
-        bail!("the llama.cpp build finished but {} is missing", server.display());
+        bail!(
+            "the llama.cpp build finished but {} is missing",
+            server.display()
+        );
     }
     util::write_atomic(&stamp, expected.as_bytes())?;
     Ok((server, bench))
@@ -175,11 +208,20 @@ fn ensure_mlx(root: &Path) -> Result<(PathBuf, PathBuf)> {
     if stamp_matches(&stamp, &expected) && server.is_file() && py.is_file() {
         return Ok((server, py));
     }
-    step("peers", &format!("venv with {}", packages.join(" ")), "needs PyPI and python3-venv; retry", || {
-        fs::create_dir_all(&dir)?;
-        util::run(Command::new(python()?).args(["-m", "venv"]).arg(&venv))?;
-        util::run(Command::new(&py).args(["-m", "pip", "install", "--quiet"]).args(&packages))
-    })?;
+    step(
+        "peers",
+        &format!("venv with {}", packages.join(" ")),
+        "needs PyPI and python3-venv; retry",
+        || {
+            fs::create_dir_all(&dir)?;
+            util::run(Command::new(python()?).args(["-m", "venv"]).arg(&venv))?;
+            util::run(
+                Command::new(&py)
+                    .args(["-m", "pip", "install", "--quiet"])
+                    .args(&packages),
+            )
+        },
+    )?;
     if !server.is_file() {
         bail!("mlx-lm installed but {} is missing", server.display());
     }
@@ -197,24 +239,42 @@ fn ensure_mlx_model(root: &Path, python: &Path, model: &Path) -> Result<PathBuf>
         .with_context(|| format!("cannot read {}", model.display()))?
         .len();
     let stamp = out.join(".complete");
-    let expected = format!("{}\n{size}\n{}\n", model.display(), util::sha256_bytes(EXPORT_SCRIPT.as_bytes()));
+    let expected = format!(
+        "{}\n{size}\n{}\n",
+        model.display(),
+        util::sha256_bytes(EXPORT_SCRIPT.as_bytes())
+    );
     if stamp_matches(&stamp, &expected) {
         return Ok(out);
     }
     let script = dir.join("export_mlx_model.py");
     util::write_atomic(&script, EXPORT_SCRIPT.as_bytes())?;
-    step("peers", "export the model for mlx-lm (float32 safetensors + tokenizer)", "the Python error is above", || {
-        util::remove_path(&out)?;
-        util::run(Command::new(python).arg(&script).arg(model).arg(&out))
-    })?;
+    step(
+        "peers",
+        "export the model for mlx-lm (float32 safetensors + tokenizer)",
+        "the Python error is above",
+        || {
+            util::remove_path(&out)?;
+            util::run(Command::new(python).arg(&script).arg(model).arg(&out))
+        },
+    )?;
     util::write_atomic(&stamp, expected.as_bytes())?;
     Ok(out)
 }
 
 impl Installed {
     /// How to run `target` on `port`.
-    pub fn spec(&self, target: Target, model: &Path, port: u16, work: &Path, log: PathBuf) -> Result<Spec> {
-        let threads = std::thread::available_parallelism().map_or(2, usize::from).to_string();
+    pub fn spec(
+        &self,
+        target: Target,
+        model: &Path,
+        port: u16,
+        work: &Path,
+        log: PathBuf,
+    ) -> Result<Spec> {
+        let threads = std::thread::available_parallelism()
+            .map_or(2, usize::from)
+            .to_string();
         match target {
             Target::LlamaCpp => {
                 let slots = work.join("llama-slots");

@@ -22,7 +22,10 @@ pub struct Table {
 impl Table {
     /// A table with these column titles.
     pub fn new<S: Into<String>>(header: impl IntoIterator<Item = S>) -> Self {
-        Self { header: header.into_iter().map(Into::into).collect(), rows: Vec::new() }
+        Self {
+            header: header.into_iter().map(Into::into).collect(),
+            rows: Vec::new(),
+        }
     }
 
     /// Add a row (missing cells are left empty, extra cells dropped).
@@ -32,19 +35,26 @@ impl Table {
         self.rows.push(row);
     }
 
-    /// Whether no rows were added.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
     /// GitHub-flavoured Markdown (pipes in cells escaped).
     pub fn render(&self) -> String {
         let esc = |c: &str| c.replace('|', "\\|");
         let mut out = String::new();
-        let _ = writeln!(out, "| {} |", self.header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} |",
+            self.header
+                .iter()
+                .map(|h| esc(h))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
         let _ = writeln!(out, "|{}", "---|".repeat(self.header.len()));
         for row in &self.rows {
-            let _ = writeln!(out, "| {} |", row.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | "));
+            let _ = writeln!(
+                out,
+                "| {} |",
+                row.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | ")
+            );
         }
         out
     }
@@ -55,7 +65,10 @@ pub fn fmt_summary(s: Option<Summary>, decimals: usize) -> String {
     match s {
         None => "–".to_owned(),
         Some(s) if s.n == 1 => format!("{:.*}", decimals, s.median),
-        Some(s) => format!("{:.*} ({:.*}–{:.*})", decimals, s.median, decimals, s.min, decimals, s.max),
+        Some(s) => format!(
+            "{:.*} ({:.*}–{:.*})",
+            decimals, s.median, decimals, s.min, decimals, s.max
+        ),
     }
 }
 
@@ -78,7 +91,10 @@ pub fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 /// The start and end markers of a scenario's section in docs/benchmarks.md.
 pub fn markers(section: &str) -> (String, String) {
-    (format!("<!-- bench:{section}:start -->"), format!("<!-- bench:{section}:end -->"))
+    (
+        format!("<!-- bench:{section}:start -->"),
+        format!("<!-- bench:{section}:end -->"),
+    )
 }
 
 /// `doc` with the text between the markers of `section` replaced by `body`; when the
@@ -155,7 +171,9 @@ impl Machine {
             .unwrap_or_else(|_| std::env::consts::OS.to_owned());
         Self {
             cpu: cpu_model(&cpuinfo).unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
-            cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+            cores: std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1),
             memory_gib: mem_total_kib(&meminfo).map_or(0.0, |k| k as f64 / 1024.0 / 1024.0),
             os,
         }
@@ -221,9 +239,13 @@ mod tests {
 
     #[test]
     fn sections_are_replaced_between_markers_only() -> Result<()> {
-        let doc = "# T\n\nintro\n<!-- bench:ttft:start -->\nold\ntable\n<!-- bench:ttft:end -->\nafter\n";
+        let doc =
+            "# T\n\nintro\n<!-- bench:ttft:start -->\nold\ntable\n<!-- bench:ttft:end -->\nafter\n";
         let out = replace_section(doc, "ttft", "new\n")?;
-        assert_eq!(out, "# T\n\nintro\n<!-- bench:ttft:start -->\nnew\n<!-- bench:ttft:end -->\nafter\n");
+        assert_eq!(
+            out,
+            "# T\n\nintro\n<!-- bench:ttft:start -->\nnew\n<!-- bench:ttft:end -->\nafter\n"
+        );
         // Idempotent, and other sections are untouched.
         assert_eq!(replace_section(&out, "ttft", "new")?, out);
         let two = format!("{out}<!-- bench:store:start -->\nx\n<!-- bench:store:end -->\n");
@@ -249,7 +271,10 @@ mod tests {
         let mut t = Table::new(["a", "b"]);
         t.row(["1", "x|y"]);
         t.row(["2"]);
-        assert_eq!(t.render(), "| a | b |\n|---|---|\n| 1 | x\\|y |\n| 2 |  |\n");
+        assert_eq!(
+            t.render(),
+            "| a | b |\n|---|---|\n| 1 | x\\|y |\n| 2 |  |\n"
+        );
     }
 
     #[test]
@@ -267,7 +292,10 @@ mod tests {
     fn machine_fields_parse() {
         let cpu = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t: x\n";
         assert_eq!(cpu_model(cpu).as_deref(), Some("AMD EPYC 9R14"));
-        assert_eq!(mem_total_kib("MemTotal:       24573212 kB\nMemFree: 1 kB\n"), Some(24_573_212));
+        assert_eq!(
+            mem_total_kib("MemTotal:       24573212 kB\nMemFree: 1 kB\n"),
+            Some(24_573_212)
+        );
         assert_eq!(cpu_model(""), None);
     }
 

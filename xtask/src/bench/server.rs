@@ -55,7 +55,11 @@ pub fn free_port() -> Result<u16> {
 impl Server {
     /// Spawn the server and wait until it is ready (and warmed up with one tiny request).
     pub fn start(spec: Spec) -> Result<Self> {
-        let mut server = Self { spec, child: None, last_start_s: 0.0 };
+        let mut server = Self {
+            spec,
+            child: None,
+            last_start_s: 0.0,
+        };
         server.launch()?;
         Ok(server)
     }
@@ -63,16 +67,6 @@ impl Server {
     /// A client for this server.
     pub fn client(&self) -> Client {
         Client::new(self.spec.port, &self.spec.model_field)
-    }
-
-    /// The launch description.
-    pub fn spec(&self) -> &Spec {
-        &self.spec
-    }
-
-    /// The process id while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     fn launch(&mut self) -> Result<()> {
@@ -93,7 +87,14 @@ impl Server {
         for (k, v) in &self.spec.env {
             cmd.env(k, v);
         }
-        log("bench", format_args!("start {}: {}", self.spec.label, crate::util::display_command(&cmd)));
+        log(
+            "bench",
+            format_args!(
+                "start {}: {}",
+                self.spec.label,
+                crate::util::display_command(&cmd)
+            ),
+        );
         let started = Instant::now();
         let child = cmd
             .spawn()
@@ -129,9 +130,17 @@ impl Server {
         }
         self.last_start_s = started.elapsed().as_secs_f64();
         // One tiny request so that lazy initialisation is not measured (short: no cache blocks).
-        let warm = [Message::system("You are a helpful assistant."), Message::user("Say hi.")];
+        let warm = [
+            Message::system("You are a helpful assistant."),
+            Message::user("Say hi."),
+        ];
         client
-            .chat(&Chat { messages: &warm, max_tokens: 2, agent: Some("bench-warmup"), extra: None })
+            .chat(&Chat {
+                messages: &warm,
+                max_tokens: 2,
+                agent: Some("bench-warmup"),
+                extra: None,
+            })
             .with_context(|| {
                 format!(
                     "{}: the warm-up request failed; log {}:\n{}",
@@ -145,7 +154,9 @@ impl Server {
 
     /// SIGTERM, wait up to 60 s for a clean exit (ours flushes its block writes), then SIGKILL.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         if child.try_wait()?.is_some() {
             return Ok(());
         }
@@ -163,7 +174,10 @@ impl Server {
                 }
                 thread::sleep(Duration::from_millis(50));
             }
-            log("bench", format_args!("{} did not stop after SIGTERM; killing it", self.spec.label));
+            log(
+                "bench",
+                format_args!("{} did not stop after SIGTERM; killing it", self.spec.label),
+            );
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -182,7 +196,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Err(err) = self.stop() {
-            log("bench", format_args!("could not stop {}: {err:#}", self.spec.label));
+            log(
+                "bench",
+                format_args!("could not stop {}: {err:#}", self.spec.label),
+            );
         }
     }
 }

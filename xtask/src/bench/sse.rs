@@ -78,7 +78,11 @@ pub fn interpret(event: &Event) -> Vec<Piece> {
     }
     let value: Value = match serde_json::from_str(data) {
         Ok(v) => v,
-        Err(err) => return vec![Piece::Error(format!("event data is not JSON ({err}): {data}"))],
+        Err(err) => {
+            return vec![Piece::Error(format!(
+                "event data is not JSON ({err}): {data}"
+            ))]
+        }
     };
     let mut pieces = Vec::new();
     if let Some(err) = value.get("error").filter(|e| !e.is_null()) {
@@ -149,7 +153,10 @@ mod tests {
 
     fn events(text: &str) -> Vec<Event> {
         let mut p = Parser::default();
-        let mut out: Vec<Event> = text.split_inclusive('\n').filter_map(|l| p.push_line(l)).collect();
+        let mut out: Vec<Event> = text
+            .split_inclusive('\n')
+            .filter_map(|l| p.push_line(l))
+            .collect();
         out.extend(p.finish());
         out
     }
@@ -193,7 +200,9 @@ mod tests {
         assert_eq!(first_content(stream), Some((3, "Hi".to_owned())));
         let evs = events(stream);
         assert_eq!(evs[0].name.as_deref(), Some("message_start"));
-        assert!(matches!(&interpret(&evs[0])[..], [Piece::Usage(u)] if u["cache_read_input_tokens"] == 256));
+        assert!(
+            matches!(&interpret(&evs[0])[..], [Piece::Usage(u)] if u["cache_read_input_tokens"] == 256)
+        );
     }
 
     #[test]

@@ -88,7 +88,12 @@ fn plain_read(files: &[PathBuf], cold: bool) -> Result<PlainRead> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(PlainRead { cold, bytes, seconds, mb_s: bytes as f64 / seconds / 1e6 })
+    Ok(PlainRead {
+        cold,
+        bytes,
+        seconds,
+        mb_s: bytes as f64 / seconds / 1e6,
+    })
 }
 
 /// Run the scenario.
@@ -98,24 +103,54 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let mut server = Server::start(spec)?;
     let client = server.client();
     let system = [Message::system("You are a careful assistant.")];
-    let (prefix, tokens) = prompts::fit(&client, &system, PREFIX_TOKENS, 77, &format!("Archive {}:", ctx.stamp))?;
+    let (prefix, tokens) = prompts::fit(
+        &client,
+        &system,
+        PREFIX_TOKENS,
+        77,
+        &format!("Archive {}:", ctx.stamp),
+    )?;
     let ending = |k: usize| {
         let mut m = prefix.clone();
         if let Some(last) = m.last_mut() {
-            last.content.push_str(&format!(" Variant {k}: summarise the archive in five words."));
+            last.content.push_str(&format!(
+                " Variant {k}: summarise the archive in five words."
+            ));
         }
         m
     };
-    let prime = client.chat(&Chat { messages: &ending(0), max_tokens: 1, agent: Some("store-prime"), extra: None })?;
-    log("bench", format_args!("store: primed {tokens}+ tokens: {:?}", prime.cache));
+    let prime = client.chat(&Chat {
+        messages: &ending(0),
+        max_tokens: 1,
+        agent: Some("store-prime"),
+        extra: None,
+    })?;
+    log(
+        "bench",
+        format_args!("store: primed {tokens}+ tokens: {:?}", prime.cache),
+    );
     server.stop()?;
     let files = block_files(&cache)?;
-    let file_bytes: u64 = files.iter().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
-    log("bench", format_args!("store: {} block files, {:.1} MB", files.len(), file_bytes as f64 / 1e6));
+    let file_bytes: u64 = files
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    log(
+        "bench",
+        format_args!(
+            "store: {} block files, {:.1} MB",
+            files.len(),
+            file_bytes as f64 / 1e6
+        ),
+    );
 
     let can_drop = drop_caches();
     if !can_drop {
-        log("bench", "store: cannot drop the page cache (needs root); measuring warm only");
+        log(
+            "bench",
+            "store: cannot drop the page cache (needs root); measuring warm only",
+        );
     }
     let mut restores = Vec::new();
     let mut reads = Vec::new();
@@ -132,10 +167,17 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             let client = server.client();
             let before = client.get_text("/metrics")?;
             let agent = format!("store-{}-{k}", ctx.stamp);
-            let s = client.chat(&Chat { messages: &ending(k), max_tokens: 1, agent: Some(&agent), extra: None })?;
+            let s = client.chat(&Chat {
+                messages: &ending(k),
+                max_tokens: 1,
+                agent: Some(&agent),
+                extra: None,
+            })?;
             k += 1;
             let after = client.get_text("/metrics")?;
-            let delta = |name: &str| metric(&after, name).unwrap_or(0.0) - metric(&before, name).unwrap_or(0.0);
+            let delta = |name: &str| {
+                metric(&after, name).unwrap_or(0.0) - metric(&before, name).unwrap_or(0.0)
+            };
             let restored_bytes = delta("semantic_cache_restored_bytes_total");
             let restore_s = delta("semantic_restore_seconds_sum");
             let restored_tokens = s.cache.map_or(0, |c| c.restored);
@@ -150,7 +192,16 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 mb_s: restored_bytes / restore_s / 1e6,
                 ttft_s: s.ttft_s,
             };
-            log("bench", format_args!("store: restore ({}) {:.0} MB/s, {} tokens in {:.1} ms", if cold { "cold" } else { "warm" }, r.mb_s, restored_tokens, restore_s * 1e3));
+            log(
+                "bench",
+                format_args!(
+                    "store: restore ({}) {:.0} MB/s, {} tokens in {:.1} ms",
+                    if cold { "cold" } else { "warm" },
+                    r.mb_s,
+                    restored_tokens,
+                    restore_s * 1e3
+                ),
+            );
             restores.push(r);
             // The plain read right after, in the same page-cache state.
             if cold && !drop_caches() {
@@ -161,7 +212,14 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     }
     drop(server);
 
-    let mut t = Table::new(["page cache", "restore MB/s", "plain read MB/s", "restore / plain read", "restore ms (16 blocks)", "TTFT ms"]);
+    let mut t = Table::new([
+        "page cache",
+        "restore MB/s",
+        "plain read MB/s",
+        "restore / plain read",
+        "restore ms (16 blocks)",
+        "TTFT ms",
+    ]);
     for cold in [true, false] {
         let rs: Vec<&Restore> = restores.iter().filter(|r| r.cold == cold).collect();
         if rs.is_empty() {
@@ -171,14 +229,24 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let rm = Summary::of(&rs.iter().map(|r| r.mb_s).collect::<Vec<_>>());
         let pm = Summary::of(&ps.iter().map(|r| r.mb_s).collect::<Vec<_>>());
         // Ratio per run (restore and read measured back to back), then the median.
-        let ratios: Vec<f64> = rs.iter().zip(&ps).map(|(r, p)| r.mb_s / p.mb_s * 100.0).collect();
+        let ratios: Vec<f64> = rs
+            .iter()
+            .zip(&ps)
+            .map(|(r, p)| r.mb_s / p.mb_s * 100.0)
+            .collect();
         t.row([
             if cold { "cold (dropped)" } else { "warm" }.to_owned(),
             fmt_summary(rm, 0),
             fmt_summary(pm, 0),
             format!("{} %", fmt_summary(Summary::of(&ratios), 0)),
-            fmt_summary(Summary::of(&rs.iter().map(|r| r.restore_s * 1e3).collect::<Vec<_>>()), 1),
-            fmt_summary(Summary::of(&rs.iter().map(|r| r.ttft_s * 1e3).collect::<Vec<_>>()), 0),
+            fmt_summary(
+                Summary::of(&rs.iter().map(|r| r.restore_s * 1e3).collect::<Vec<_>>()),
+                1,
+            ),
+            fmt_summary(
+                Summary::of(&rs.iter().map(|r| r.ttft_s * 1e3).collect::<Vec<_>>()),
+                0,
+            ),
         ]);
     }
     let restored_bytes = restores.first().map_or(0.0, |r| r.restored_bytes);
@@ -200,7 +268,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
          includes the restore, the prefill of the last partial block and the first token.\n",
     );
     if !can_drop {
-        md.push_str("\nThe page cache could not be dropped (not root), so only warm figures are shown.\n");
+        md.push_str(
+            "\nThe page cache could not be dropped (not root), so only warm figures are shown.\n",
+        );
     }
     let json = json!({
         "scenario": "store", "date": ctx.date, "command": ctx.command, "machine": ctx.machine,

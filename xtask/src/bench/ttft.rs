@@ -37,6 +37,8 @@ struct Plan {
 struct Sample {
     run: usize,
     length: u64,
+    /// Turn 1's prompt length as fitted with count_tokens.
+    fitted_tokens: u64,
     cold: Streamed,
     warm_ram: Streamed,
     warm_disk: Streamed,
@@ -86,7 +88,11 @@ impl TargetResult {
 
 /// Run the scenario (ours, then the peers when installed).
 pub fn run(ctx: &Ctx) -> Result<()> {
-    let lengths: Vec<u64> = if ctx.quick { vec![512, 1024] } else { vec![512, 1024, 2048, 4096] };
+    let lengths: Vec<u64> = if ctx.quick {
+        vec![512, 1024]
+    } else {
+        vec![512, 1024, 2048, 4096]
+    };
     let cache = ctx.fresh_dir("ttft-cache")?;
     let mut ours = Server::start(ctx.ours(&cache, "ttft", &[])?)?;
     let client = ours.client();
@@ -95,7 +101,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         for &length in &lengths {
             let seed = 1_000 + run as u64 * 10_000 + length;
             let tag = format!("Document {}-{run}-{length}:", ctx.stamp);
-            let (turn1, tokens) = prompts::fit(&client, &[Message::system(SYSTEM)], length, seed, &tag)?;
+            let (turn1, tokens) =
+                prompts::fit(&client, &[Message::system(SYSTEM)], length, seed, &tag)?;
             plans.push(Plan {
                 run,
                 length,
@@ -106,7 +113,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             });
         }
     }
-    log("bench", format_args!("ttft: {} prompts fitted", plans.len()));
+    log(
+        "bench",
+        format_args!("ttft: {} prompts fitted", plans.len()),
+    );
     let mut results = vec![measure(ctx, Target::Ours, &mut ours, &plans)?];
     drop(ours);
     if ctx.peers.is_some() {
@@ -136,11 +146,22 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
         let mine: Vec<(usize, &Plan)> = plans.iter().filter(|p| p.run == run).enumerate().collect();
         let mut convs = Vec::new();
         for &(slot, plan) in &mine {
-            let agent = format!("ttft-{}-{}-r{run}-l{}", target.label().replace('.', ""), ctx.stamp, plan.length);
-            let extra = (target == Target::LlamaCpp).then(|| json!({ "id_slot": slot, "cache_prompt": true }));
+            let agent = format!(
+                "ttft-{}-{}-r{run}-l{}",
+                target.label().replace('.', ""),
+                ctx.stamp,
+                plan.length
+            );
+            let extra = (target == Target::LlamaCpp)
+                .then(|| json!({ "id_slot": slot, "cache_prompt": true }));
             let client = server.client();
             let chat = |m: &[Message]| {
-                client.chat(&Chat { messages: m, max_tokens: MAX_TOKENS, agent: Some(&agent), extra: extra.clone() })
+                client.chat(&Chat {
+                    messages: m,
+                    max_tokens: MAX_TOKENS,
+                    agent: Some(&agent),
+                    extra: extra.clone(),
+                })
             };
             let cold = chat(&plan.turn1)?;
             let mut turn2 = plan.turn1.clone();
@@ -181,8 +202,14 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             let mut turn3 = turn2;
             turn3.push(Message::assistant(warm_ram.content.clone()));
             turn3.push(Message::user(plan.q3.clone()));
-            let extra = (target == Target::LlamaCpp).then(|| json!({ "id_slot": slot, "cache_prompt": true }));
-            let warm_disk = client.chat(&Chat { messages: &turn3, max_tokens: MAX_TOKENS, agent: Some(&agent), extra })?;
+            let extra = (target == Target::LlamaCpp)
+                .then(|| json!({ "id_slot": slot, "cache_prompt": true }));
+            let warm_disk = client.chat(&Chat {
+                messages: &turn3,
+                max_tokens: MAX_TOKENS,
+                agent: Some(&agent),
+                extra,
+            })?;
             log(
                 "bench",
                 format_args!(
@@ -195,6 +222,7 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             let mut sample = Sample {
                 run,
                 length: plan.length,
+                fitted_tokens: plan.tokens,
                 cold,
                 warm_ram,
                 warm_disk,
@@ -220,7 +248,11 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             samples.push(sample);
         }
     }
-    Ok(TargetResult { target, samples, restart_s })
+    Ok(TargetResult {
+        target,
+        samples,
+        restart_s,
+    })
 }
 
 /// A cold request whose prompt is `tokens` long (the prefill + first token a warm turn
@@ -229,7 +261,12 @@ fn floor(server: &Server, tokens: u64, seed: u64, tag: &str) -> Result<(Streamed
     let client = server.client();
     let (msgs, n) = prompts::fit(&client, &[Message::system("Be brief.")], tokens, seed, tag)?;
     let agent = format!("floor-{seed}");
-    let s = client.chat(&Chat { messages: &msgs, max_tokens: 1, agent: Some(&agent), extra: None })?;
+    let s = client.chat(&Chat {
+        messages: &msgs,
+        max_tokens: 1,
+        agent: Some(&agent),
+        extra: None,
+    })?;
     Ok((s, n))
 }
 
@@ -264,8 +301,14 @@ fn render(results: &[TargetResult], lengths: &[u64]) -> String {
                 fmt_summary(ours.disk(l), 0),
                 format!("{} / {}", opt(restored), opt(pre_disk)),
                 fmt_summary(ours.summary(l, g), 0),
-                fmt_ratio(ours.cold(l).map(|s| s.median), ours.ram(l).map(|s| s.median)),
-                fmt_ratio(ours.cold(l).map(|s| s.median), ours.disk(l).map(|s| s.median)),
+                fmt_ratio(
+                    ours.cold(l).map(|s| s.median),
+                    ours.ram(l).map(|s| s.median),
+                ),
+                fmt_ratio(
+                    ours.cold(l).map(|s| s.median),
+                    ours.disk(l).map(|s| s.median),
+                ),
             ]);
         }
         md.push_str("**semantic** (TTFT in ms: request sent → first content byte, streaming):\n\n");
@@ -277,9 +320,19 @@ fn render(results: &[TargetResult], lengths: &[u64]) -> String {
              so it slightly under-states attention over the long context).\n",
         );
     }
-    let peers: Vec<&TargetResult> = results.iter().filter(|r| r.target != Target::Ours).collect();
-    if let (Some(ours), false) = (results.iter().find(|r| r.target == Target::Ours), peers.is_empty()) {
-        let mut header = vec!["prompt tokens".to_owned(), "case".to_owned(), "semantic ms".to_owned()];
+    let peers: Vec<&TargetResult> = results
+        .iter()
+        .filter(|r| r.target != Target::Ours)
+        .collect();
+    if let (Some(ours), false) = (
+        results.iter().find(|r| r.target == Target::Ours),
+        peers.is_empty(),
+    ) {
+        let mut header = vec![
+            "prompt tokens".to_owned(),
+            "case".to_owned(),
+            "semantic ms".to_owned(),
+        ];
         for p in &peers {
             header.push(format!("{} ms", p.target.label()));
             header.push(format!("{} / semantic", p.target.label()));

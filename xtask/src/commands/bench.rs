@@ -72,9 +72,16 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         None
     };
-    let runs = if args.quick { 3 } else { usize::from(args.runs) };
+    let runs = if args.quick {
+        3
+    } else {
+        usize::from(args.runs)
+    };
     if runs < 3 {
-        log("bench", "warning: fewer than 3 runs per figure; the medians are not robust");
+        log(
+            "bench",
+            "warning: fewer than 3 runs per figure; the medians are not robust",
+        );
     }
     let (date, stamp) = report::now_stamps();
     let results = util::workspace_root().join("bench-results");

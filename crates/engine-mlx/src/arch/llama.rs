@@ -292,20 +292,11 @@ impl CausalLm for LlamaModel {
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let eps = c.rms_norm_eps;
 
-        let exp_decode = std::env::var("EXP_DECODE").is_ok();
         let ids = Array::from_slice(tokens, &[l]);
         let mut x = self.embed.lookup(&ids)?; // [L, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
             let (q, k, v) = match &layer.qkv {
-                Qkv::Fused(lin) if l == 1 && exp_decode => {
-                    // One token: [1, heads·dim] slices reshape to [1, heads, 1, dim] for free.
-                    let qkv = lin.forward(&h)?;
-                    let q = qkv.try_index((.., ..nh * hd)).ctx("split q")?.reshape(&[1, nh, 1, hd]).ctx("reshape")?;
-                    let k = qkv.try_index((.., nh * hd..(nh + nkv) * hd)).ctx("split k")?.reshape(&[1, nkv, 1, hd]).ctx("reshape")?;
-                    let v = qkv.try_index((.., (nh + nkv) * hd..)).ctx("split v")?.reshape(&[1, nkv, 1, hd]).ctx("reshape")?;
-                    (q, k, v)
-                }
                 Qkv::Fused(lin) => {
                     let qkv = lin
                         .forward(&h)?
@@ -346,14 +337,11 @@ impl CausalLm for LlamaModel {
                 fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)
             }
             .ctx("attention")?;
-            let o = if l == 1 && exp_decode {
-                o.reshape(&[1, nh * hd]).ctx("reshape")?
-            } else {
-                o.transpose_axes(&[0, 2, 1, 3])
-                    .ctx("transpose")?
-                    .reshape(&[l, nh * hd])
-                    .ctx("reshape")?
-            };
+            let o = o
+                .transpose_axes(&[0, 2, 1, 3])
+                .ctx("transpose")?
+                .reshape(&[l, nh * hd])
+                .ctx("reshape")?;
             x = layer.o.forward_residual(&o, &x)?;
 
             let h = fast::rms_norm(&x, Some(&layer.ffn_norm), eps).ctx("rms_norm")?;
