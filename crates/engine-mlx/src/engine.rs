@@ -5,7 +5,7 @@ use crate::arch::{self, BuildOptions, CausalLm, Logits};
 use crate::config::ModelConfig;
 use crate::error::{Error, MlxContext, Result};
 use crate::formatter::MlxChatFormatter;
-use crate::gguf::{GgmlType, GgufHeader};
+use crate::gguf::GgufHeader;
 use crate::hub;
 use crate::kv::SequenceKv;
 use crate::sampling;
@@ -167,7 +167,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     // The weights' identity (file name, size, header / config and shard hashes): part of the
     // fingerprint unless `bind_to_weights` is off.
     let mut ident = blake3::Hasher::new();
-    let (config, header, hf_config, formatter, spec, id, weight_desc, path) = match &source {
+    let (config, header, hf_config, formatter, spec, id, weight_desc) = match &source {
         Resolved::Gguf(path) => {
             let header = GgufHeader::read(path)?;
             let config = ModelConfig::from_gguf(&header)?;
@@ -209,17 +209,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                 }
                 (WeightFormat::Quantized, false) => format!("f32 (from {main})"),
             };
-            let _ = GgmlType::SUPPORTED;
-            (
-                config,
-                Some(header),
-                None,
-                formatter,
-                spec,
-                id,
-                desc,
-                path.clone(),
-            )
+            (config, Some(header), None, formatter, spec, id, desc)
         }
         Resolved::Dir(dir) => {
             let cpath = dir.join("config.json");
@@ -271,7 +261,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                 (WeightFormat::Quantized, true) => "quantized (MLX affine)".to_owned(),
                 _ => "f32".to_owned(),
             };
-            (config, None, Some(v), formatter, spec, id, desc, cpath)
+            (config, None, Some(v), formatter, spec, id, desc)
         }
     };
     if cfg.bind_to_weights {
@@ -288,7 +278,6 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     // KV computed with another weight format differs in the last bits: never mixed.
     fp.update(b"\0weights\0");
     fp.update(cfg.weight_format.name().as_bytes());
-    let _ = path;
     let descriptor = ModelDescriptor {
         id,
         fingerprint: fp.finalize().to_hex().to_string(),

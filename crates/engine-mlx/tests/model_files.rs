@@ -271,13 +271,89 @@ fn unknown_hub_id_is_a_clear_error() {
         hf_cache_dir: Some(cache.path().to_path_buf()),
         ..EngineConfig::default()
     };
-    let e = MlxEngine::load("semantic-tests/no-such-model-7f3a", config)
-        .err()
-        .expect("no such model");
+    let e =
+        MlxEngine::load("semantic-tests/no-such-model-7f3a", config).expect_err("no such model");
     eprintln!("{e}");
     assert!(matches!(e, Error::Hub { .. }), "{e}");
     assert!(
         e.to_string().contains("semantic-tests/no-such-model-7f3a"),
         "{e}"
     );
+}
+
+#[test]
+fn inspect_and_fingerprint_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("tiny.gguf");
+    tiny::write(&a, Variant::default());
+    let b = dir.path().join("tiny-copy.gguf");
+    std::fs::copy(&a, &b).expect("copy");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
+
+    let bound = EngineConfig::default();
+    let info = engine_mlx::inspect(&path(&a), &bound).expect("inspect");
+    let (engine, _) = MlxEngine::load(&path(&a), bound.clone()).expect("load");
+    assert_eq!(info.fingerprint, engine.model().fingerprint);
+    assert_eq!(info.spec, engine.model().spec);
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.context_length, 512);
+
+    let other = engine_mlx::inspect(&path(&b), &bound).expect("inspect copy");
+    assert_ne!(info.fingerprint, other.fingerprint, "bound to the file");
+    let loose = EngineConfig {
+        bind_to_weights: false,
+        ..EngineConfig::default()
+    };
+    let la = engine_mlx::inspect(&path(&a), &loose).expect("inspect");
+    let lb = engine_mlx::inspect(&path(&b), &loose).expect("inspect");
+    assert_eq!(la.fingerprint, lb.fingerprint, "only spec and tokenizer");
+    let q8 = EngineConfig {
+        kv_bits: Some(8),
+        ..loose
+    };
+    // KV quantization groups of 64 need a head dim divisible by 64 (the tiny model has 16).
+    assert!(matches!(
+        engine_mlx::inspect(&path(&a), &q8),
+        Err(Error::Spec { .. })
+    ));
+    let bad = EngineConfig {
+        kv_bits: Some(3),
+        ..EngineConfig::default()
+    };
+    assert!(matches!(
+        engine_mlx::inspect(&path(&a), &bad),
+        Err(Error::Config {
+            field: "kv_bits",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn gguf_f16_and_bf16_tensors_load_exactly() {
+    use engine_mlx::gguf::{write_gguf, GgufValue};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("halves.gguf");
+    let vals = [1.5f32, -2.0, 0.25, 3.0];
+    let f16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    write_gguf(
+        &p,
+        &[("general.architecture", GgufValue::String("llama".into()))],
+        &[("a", vec![2, 2], 1, f16), ("b", vec![4], 30, bf16)],
+    )
+    .expect("write");
+    let header = GgufHeader::read(&p).expect("header");
+    let mut map = engine_mlx::weights::load_gguf(&header).expect("load");
+    for name in ["a", "b"] {
+        let t = map.take(name).expect("tensor");
+        let v = t.to_f32().expect("f32").to_vec_exact::<f32>().expect("vec");
+        assert_eq!(v, vals, "{name}");
+    }
 }

@@ -193,7 +193,6 @@ fn mlx_quantized_dir_loads_in_both_formats() {
     let bytes = std::fs::read(&shard).expect("read");
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).expect("truncate");
     let e = MlxEngine::load(dir.to_str().expect("utf-8"), EngineConfig::default())
-        .err()
-        .expect("corrupt shard is rejected");
+        .expect_err("corrupt shard is rejected");
     assert!(matches!(e, engine_mlx::Error::Truncated { .. }), "{e}");
 }

@@ -198,13 +198,20 @@ impl Ctx {
         json: &serde_json::Value,
         markdown: &str,
     ) -> Result<()> {
-        let path = report::write_json(&self.results, scenario.name(), &self.stamp, json)?;
+        let load = report::load_average();
+        let mut json = json.clone();
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("load_average_at_end".into(), serde_json::json!(load));
+        }
+        let path = report::write_json(&self.results, scenario.name(), &self.stamp, &json)?;
         log("bench", format_args!("results: {}", path.display()));
         let body = format!(
-            "{markdown}\n_Measured {date} on {machine}, with `{command}` (median of {runs} runs \
-             unless noted; min–max in parentheses). Raw results: `bench-results/{name}-{stamp}.json`._\n",
+            "{markdown}\n_Measured {date} on {machine} (load average 1 / 5 / 15 min at the end: \
+             {load}; the machine is shared), with `{command}`: median of {runs} runs unless \
+             noted, min–max in parentheses. Raw results: `bench-results/{name}-{stamp}.json`._\n",
             date = self.date,
             machine = self.machine.describe(),
+            load = load.as_deref().unwrap_or("unknown"),
             command = self.command,
             runs = self.runs,
             name = scenario.name(),

@@ -188,6 +188,13 @@ impl Machine {
     }
 }
 
+/// The 1, 5 and 15-minute load averages (/proc/loadavg), as text.
+pub fn load_average() -> Option<String> {
+    let text = fs::read_to_string("/proc/loadavg").ok()?;
+    let parts: Vec<&str> = text.split_whitespace().take(3).collect();
+    (parts.len() == 3).then(|| parts.join(" / "))
+}
+
 /// The `model name` of /proc/cpuinfo.
 pub fn cpu_model(cpuinfo: &str) -> Option<String> {
     cpuinfo.lines().find_map(|l| {

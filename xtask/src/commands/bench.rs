@@ -25,10 +25,10 @@ pub struct Args {
     /// llama.cpp build of about 6 minutes on 2 cores, once).
     #[arg(long)]
     pub peers: bool,
-    /// Runs per figure (each figure is the median of the runs, with min and max).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
-    pub runs: u16,
-    /// Shorter: `ttft` at 512 and 1,024 tokens only, 3 runs.
+    /// Runs per figure (each figure is the median of the runs, with min and max) [default: 3].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub runs: Option<u16>,
+    /// Shorter: `ttft` at 512 and 1,024 tokens only, 3 runs (unless --runs says otherwise).
     #[arg(long)]
     pub quick: bool,
     /// `engine`: also run the engine crate's own example (cargo run --example bench).
@@ -72,11 +72,7 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         None
     };
-    let runs = if args.quick {
-        3
-    } else {
-        usize::from(args.runs)
-    };
+    let runs = usize::from(args.runs.unwrap_or(3));
     if runs < 3 {
         log(
             "bench",
