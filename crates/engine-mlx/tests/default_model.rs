@@ -118,6 +118,10 @@ fn greedy_matches_float_reference() {
             .zip(reference)
             .take_while(|(a, b)| a == b)
             .count();
+        eprintln!(
+            "{name}: {same} of {} greedy tokens equal the reference",
+            reference.len()
+        );
         assert!(
             same >= 32,
             "{name}: only the first {same} tokens match the reference\n ours: {out:?}\n  ref: {reference:?}"

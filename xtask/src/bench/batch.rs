@@ -49,12 +49,11 @@ struct Interference {
 }
 
 fn count_prompt(i: usize) -> Vec<Message> {
+    // Greedy decoding answers this with a long list: every stream gets its 64 tokens.
     vec![
         Message::system("You are a helpful assistant."),
         Message::user(format!(
-            "Count from {} to {}, one number per line, with no other text.",
-            i * 100 + 1,
-            i * 100 + 80
+            "Request {i}. Write the numbers from 1 to 100, separated by commas."
         )),
     ]
 }

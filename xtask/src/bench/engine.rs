@@ -61,9 +61,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let msgs = [
             Message::system("You are a helpful assistant."),
             Message::user(format!(
-                "Count from {} to {}, one number per line.",
-                run * 100 + 1,
-                run * 100 + 90
+                "Request {run}. Write the numbers from 1 to 100, separated by commas."
             )),
         ];
         let s = client.chat(&Chat {
