@@ -67,10 +67,11 @@ fn model_location(settings: &Settings) -> Result<String, AppError> {
     Ok(model)
 }
 
+/// The loaded model: the engine and its tokenizer + chat template.
+type LoadedModel = (Arc<dyn InferenceEngine>, Arc<dyn ChatFormatter>);
+
 /// Loads the engine and the chat formatter, printing progress when it takes over a second.
-fn load_engine(
-    settings: &Settings,
-) -> Result<(Arc<dyn InferenceEngine>, Arc<dyn ChatFormatter>), AppError> {
+fn load_engine(settings: &Settings) -> Result<LoadedModel, AppError> {
     let model = model_location(settings)?;
     let done = Arc::new(AtomicBool::new(false));
     let ticker = {
