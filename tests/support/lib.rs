@@ -45,9 +45,18 @@ pub fn semantic_bin() -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let bin = profile_dir.join("semantic");
+    if !bin.exists() {
+        // Not built by this run (plain `cargo test`): build it with the same configuration.
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(["build", "-p", "semantic"]);
+        if let Some(cfg) = std::env::var_os("SEMANTIC_MLX_CARGO_CONFIG") {
+            cmd.arg("--config").arg(cfg);
+        }
+        let _ = cmd.status();
+    }
     assert!(
         bin.exists(),
-        "{} not built: run the tests with `cargo xtask test` (cargo test --workspace)",
+        "{} not built: run the tests with `cargo xtask test`",
         bin.display()
     );
     bin

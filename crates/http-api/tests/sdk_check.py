@@ -24,7 +24,13 @@ import openai
 SYSTEM = (
     "You are a careful coding agent working in a large Rust repository. Follow the style "
     "guide, write tests for every change, explain each change briefly, keep functions small, "
-    "and never invent APIs that do not exist. Prefer clear names over comments. Answer briefly."
+    "and never invent APIs that do not exist. Prefer clear names over comments. Answer briefly. "
+    # Long enough (over 256 tokens) that an agent's second turn can reuse a whole cache block.
+    + " ".join(
+        f"Rule {i}: read the surrounding code, keep public interfaces stable, and document "
+        "every public item in one or two sentences."
+        for i in range(1, 13)
+    )
 )
 
 WEATHER_OA = {

@@ -166,6 +166,19 @@ fn measure(ctx: &Ctx, target: Target) -> Result<TargetResult> {
                 });
             }
             wall += started.elapsed().as_secs_f64();
+            let ms: Vec<String> = turns
+                .iter()
+                .filter(|t| t.turn == turn)
+                .map(|t| format!("{:.0}", t.ttft_s * 1e3))
+                .collect();
+            log(
+                "bench",
+                format_args!(
+                    "agents {} run {run} turn {turn}: TTFT {} ms",
+                    target.label(),
+                    ms.join(" / ")
+                ),
+            );
             if turn == RESTART_AFTER {
                 restart_s = server.restart()?;
             }

@@ -21,6 +21,20 @@ pub struct Args {
 /// Run the set-up, then `cargo test --workspace --all-targets` and the doc tests.
 pub fn run(args: &Args) -> Result<()> {
     let prepared = setup::run(&args.setup)?;
+    // The end-to-end tests start the `semantic` binary of this build; `cargo test` builds
+    // other packages' binaries only as test harnesses, so build it first.
+    step(
+        "test",
+        "cargo build -p semantic",
+        "the compile errors are above",
+        || {
+            let mut cmd = util::cargo_command();
+            cmd.args(["build", "-p", "semantic"])
+                .args(prepared.cargo_config_args());
+            prepared.apply_env(&mut cmd, true);
+            util::run(&mut cmd)
+        },
+    )?;
     let selection = default_selection(&args.cargo_args);
     let name = ["cargo test"]
         .into_iter()
