@@ -78,7 +78,7 @@ enum Command {
     /// `cargo install --locked`. Its advisories check needs the RustSec database from
     /// GitHub, so it only runs with `--advisories`.
     Lint(commands::lint::Args),
-    /// Benchmarks (not implemented yet).
+    /// Benchmarks over HTTP (engine, store, ttft, agents, batch; --peers adds llama.cpp and mlx-lm).
     Bench(commands::bench::Args),
     /// Golden-output fixtures (not implemented yet).
     Golden(commands::golden::Args),
