@@ -177,27 +177,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
@@ -218,7 +197,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_admin_key(args.admin_key);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    http_api::serve(listener, state, shutdown()).await?;
+    http_api::serve(listener, state, http_api::shutdown_signal()).await?;
     Ok(())
 }
 

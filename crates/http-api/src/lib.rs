@@ -260,6 +260,29 @@ pub fn loading_router() -> Router {
         .fallback(loading)
 }
 
+/// Completes on SIGTERM or Ctrl-C: the usual `shutdown` future for [`serve`].
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
 /// Serves `state`'s router on `listener` until `shutdown` completes, then drains: readiness
 /// turns false at once, open connections finish (streams run to their end), running
 /// generations get up to [`Limits::shutdown_drain`] to finish, and the cache store is flushed.

@@ -169,7 +169,7 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
             .local_addr()
             .map_err(|e| AppError::Server(e.to_string()))?;
         tracing::info!("listening on http://{local}");
-        http_api::serve(listener, state, shutdown_signal())
+        http_api::serve(listener, state, http_api::shutdown_signal())
             .await
             .map_err(|e| AppError::Server(e.to_string()))?;
         tracing::info!("stopped accepting; flushing cache writes");
@@ -180,28 +180,6 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
     })?;
     tracing::info!("shut down cleanly");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received");
 }
 
 /// `semantic models inspect`: the spec and capacity maths, without loading weights.
