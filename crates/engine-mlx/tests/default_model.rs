@@ -3,8 +3,7 @@
 mod common;
 
 use agent_session::{
-    ChatFormatter, Conversation, InferenceEngine, Message, Role, SamplingParams, StepRequest,
-    TokenId,
+    ChatFormatter, Conversation, InferenceEngine, Message, Role, SamplingParams, TokenId,
 };
 use common::block_on;
 use engine_mlx::MlxEngine;
@@ -16,26 +15,7 @@ fn greedy(engine: &MlxEngine, prompt: &[TokenId], max: usize, stop: &[TokenId]) 
         let seq = engine.open_sequence().await.expect("open");
         engine.prefill(seq, prompt.to_vec()).await.expect("prefill");
         let params = Arc::new(SamplingParams::greedy());
-        let mut out: Vec<TokenId> = Vec::new();
-        let mut feed = None;
-        for step in 0..max as u32 {
-            let r = engine
-                .step(vec![StepRequest {
-                    seq,
-                    feed,
-                    params: params.clone(),
-                    step,
-                    generated: out.clone().into(),
-                }])
-                .await
-                .expect("step");
-            let t = r.into_iter().next().expect("one result").expect("token");
-            out.push(t);
-            if stop.contains(&t) {
-                break;
-            }
-            feed = Some(t);
-        }
+        let out = common::sample_continue(engine, seq, params, max, stop).await;
         engine.release(seq).await.expect("release");
         out
     })

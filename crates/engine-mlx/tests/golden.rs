@@ -9,12 +9,11 @@
 
 mod common;
 
-use agent_session::{InferenceEngine, SamplingParams, StepRequest};
+use agent_session::InferenceEngine;
 use common::block_on;
 use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
 use mlx_rs::Array;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -61,24 +60,7 @@ fn check(name: &str, format: WeightFormat) {
 
         let seq = engine.open_sequence().await.expect("open");
         engine.prefill(seq, ids).await.expect("prefill");
-        let params = Arc::new(SamplingParams::greedy());
-        let mut out = Vec::new();
-        let mut feed = None;
-        for step in 0..want_greedy.len() as u32 {
-            let r = engine
-                .step(vec![StepRequest {
-                    seq,
-                    feed,
-                    params: params.clone(),
-                    step,
-                    generated: out.clone().into(),
-                }])
-                .await
-                .expect("step");
-            let t = r.into_iter().next().expect("one").expect("token");
-            out.push(t);
-            feed = Some(t);
-        }
+        let out = common::greedy_continue(&engine, seq, want_greedy.len()).await;
         assert_eq!(out, want_greedy, "{name} ({format:?}): greedy ids");
     });
 }

@@ -3,9 +3,7 @@
 
 mod common;
 
-use agent_session::{
-    ChatFormatter, Conversation, InferenceEngine, Message, Role, SamplingParams, StepRequest,
-};
+use agent_session::{ChatFormatter, Conversation, InferenceEngine, Message, Role, SamplingParams};
 use common::block_on;
 use common::tiny::{self, Quant, Variant};
 use engine_mlx::gguf::GgufHeader;
@@ -77,24 +75,8 @@ fn tiny_gguf_loads_renders_and_generates() {
             presence_penalty: 0.1,
             frequency_penalty: 0.1,
         });
-        let mut out = Vec::new();
-        let mut feed = None;
-        for step in 0..5 {
-            let r = engine
-                .step(vec![StepRequest {
-                    seq,
-                    feed,
-                    params: params.clone(),
-                    step,
-                    generated: out.clone().into(),
-                }])
-                .await
-                .expect("step");
-            let t = r.into_iter().next().expect("one").expect("token");
-            assert!((t as usize) < 259);
-            out.push(t);
-            feed = Some(t);
-        }
+        let out = common::sample_continue(&engine, seq, params, 5, &[]).await;
+        assert!(out.iter().all(|&t| (t as usize) < 259));
         assert_eq!(engine.sequence_len(seq).await.expect("len"), ids.len() + 4);
     });
 }

@@ -5,8 +5,8 @@
 mod common;
 
 use agent_session::{
-    BlockMeta, ChatFormatter, InferenceEngine, KvBlock, KvEncoding, KvPayload, SamplingParams,
-    SequenceId, StepRequest, TensorDtype, TokenId,
+    BlockMeta, ChatFormatter, InferenceEngine, KvBlock, KvEncoding, KvPayload, SequenceId,
+    TensorDtype, TokenId,
 };
 use block_pool::BlockHash;
 use common::block_on;
@@ -42,25 +42,7 @@ async fn prefill_aligned(engine: &MlxEngine, seq: SequenceId, tokens: &[TokenId]
 }
 
 async fn greedy_continue(engine: &MlxEngine, seq: SequenceId, n: u32) -> Vec<TokenId> {
-    let params = Arc::new(SamplingParams::greedy());
-    let mut out = Vec::new();
-    let mut feed = None;
-    for step in 0..n {
-        let r = engine
-            .step(vec![StepRequest {
-                seq,
-                feed,
-                params: params.clone(),
-                step,
-                generated: out.clone().into(),
-            }])
-            .await
-            .expect("step");
-        let t = r.into_iter().next().expect("one").expect("token");
-        out.push(t);
-        feed = Some(t);
-    }
-    out
+    common::greedy_continue(engine, seq, n as usize).await
 }
 
 fn blocks_of(

@@ -42,22 +42,7 @@ pub struct Args {
 /// Set up, build the release binary, run the chosen scenarios.
 pub fn run(args: &Args) -> Result<()> {
     let prepared = setup::run(&args.setup)?;
-    step(
-        "bench",
-        "cargo build --release -p semantic",
-        "the compiler errors are above",
-        || {
-            let mut cmd = util::cargo_command();
-            cmd.args(["build", "--release", "-p", "semantic"])
-                .args(prepared.cargo_config_args());
-            prepared.apply_env(&mut cmd, false);
-            util::run(&mut cmd)
-        },
-    )?;
-    let target = util::target_dir(&util::cargo_metadata(true, None)?)?;
-    let binary = target
-        .join("release")
-        .join(format!("semantic{}", std::env::consts::EXE_SUFFIX));
+    let binary = super::serve::build_release_binary("bench", &prepared)?;
     let model = match &prepared.model {
         Some(m) => m.clone(),
         None => setup::model::default_model_path()?,

@@ -21,22 +21,7 @@ pub struct Args {
 /// Run the set-up, build `semantic` in release mode and replace this process with it.
 pub fn run(args: &Args) -> Result<()> {
     let prepared = setup::run(&args.setup)?;
-    step(
-        "serve",
-        "cargo build --release -p semantic",
-        "the compiler errors are above",
-        || {
-            let mut cmd = util::cargo_command();
-            cmd.args(["build", "--release", "-p", "semantic"])
-                .args(prepared.cargo_config_args());
-            prepared.apply_env(&mut cmd, false);
-            util::run(&mut cmd)
-        },
-    )?;
-    let target = util::target_dir(&util::cargo_metadata(true, None)?)?;
-    let binary = target
-        .join("release")
-        .join(format!("semantic{}", std::env::consts::EXE_SUFFIX));
+    let binary = build_release_binary("serve", &prepared)?;
     let mut cmd = Command::new(&binary);
     cmd.arg("serve").args(&args.serve_args);
     prepared.apply_env(&mut cmd, false);
@@ -58,4 +43,25 @@ fn exec(mut cmd: Command) -> Result<()> {
 #[cfg(not(unix))]
 fn exec(mut cmd: Command) -> Result<()> {
     util::run(&mut cmd)
+}
+
+/// Builds the release `semantic` binary with the set-up's cargo configuration and returns its
+/// path (shared by `serve` and `bench`).
+pub fn build_release_binary(tag: &str, prepared: &setup::Prepared) -> Result<std::path::PathBuf> {
+    step(
+        tag,
+        "cargo build --release -p semantic",
+        "the compiler errors are above",
+        || {
+            let mut cmd = util::cargo_command();
+            cmd.args(["build", "--release", "-p", "semantic"])
+                .args(prepared.cargo_config_args());
+            prepared.apply_env(&mut cmd, false);
+            util::run(&mut cmd)
+        },
+    )?;
+    let target = util::target_dir(&util::cargo_metadata(true, None)?)?;
+    Ok(target
+        .join("release")
+        .join(format!("semantic{}", std::env::consts::EXE_SUFFIX)))
 }

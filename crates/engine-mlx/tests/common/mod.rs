@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use agent_session::{InferenceEngine, SamplingParams, SequenceId, StepRequest, TokenId};
 use engine_mlx::{EngineConfig, MlxChatFormatter, MlxEngine};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -75,4 +76,41 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
             m.max(d)
         }
     })
+}
+
+/// Samples up to `n` tokens from `seq`'s pending logits with `params`, feeding each one back,
+/// and stops after a token in `stop` (kept in the output).
+pub async fn sample_continue(
+    engine: &MlxEngine,
+    seq: SequenceId,
+    params: Arc<SamplingParams>,
+    n: usize,
+    stop: &[TokenId],
+) -> Vec<TokenId> {
+    let mut out: Vec<TokenId> = Vec::new();
+    let mut feed = None;
+    for step in 0..n as u32 {
+        let r = engine
+            .step(vec![StepRequest {
+                seq,
+                feed,
+                params: params.clone(),
+                step,
+                generated: out.clone().into(),
+            }])
+            .await
+            .expect("step");
+        let t = r.into_iter().next().expect("one result").expect("token");
+        out.push(t);
+        if stop.contains(&t) {
+            break;
+        }
+        feed = Some(t);
+    }
+    out
+}
+
+/// Greedy continuation of `n` tokens (no stop tokens).
+pub async fn greedy_continue(engine: &MlxEngine, seq: SequenceId, n: usize) -> Vec<TokenId> {
+    sample_continue(engine, seq, Arc::new(SamplingParams::greedy()), n, &[]).await
 }
