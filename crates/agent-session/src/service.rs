@@ -605,7 +605,7 @@ impl AgentService {
             .fetch_add(generated.len() as u64, Ordering::Relaxed);
 
         // 5. Commit: drop decode-made KV, persist new whole chunks, keep the session hot.
-        self.commit(req, key, guard, seq, tokens, &hashes, reused, persist_len)
+        self.commit(key, guard, seq, tokens, &hashes, reused, persist_len)
             .await?;
 
         if cancelled {
@@ -709,7 +709,6 @@ impl AgentService {
     #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
-        req: &GenerateRequest,
         key: Option<&AgentKey>,
         guard: &TurnGuard,
         seq: SequenceId,
@@ -784,7 +783,6 @@ impl AgentService {
                 lock(&self.hot).release_owner(owner);
                 guard.mark_committed();
                 self.engine.release(seq).await?;
-                let _ = req;
             }
         }
         Ok(())

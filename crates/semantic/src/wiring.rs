@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// The store's async methods do blocking file I/O inside, so a plain executor completes them.
+use futures::executor::block_on;
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -270,7 +273,7 @@ pub fn agents(
     let err = |e: agent_session::StoreError| AppError::Agents(e.to_string());
     match action {
         AgentsAction::List => {
-            let list = futures_lite_block_on(store.list_manifests(None)).map_err(err)?;
+            let list = block_on(store.list_manifests(None)).map_err(err)?;
             let mut out = format!(
                 "{:<32} {:>8} {:>7} {:>6}  last used (unix ms)\n",
                 "agent", "tokens", "blocks", "pinned"
@@ -293,7 +296,7 @@ pub fn agents(
         }
         AgentsAction::Show(id) => {
             let key = agent_key(&id)?;
-            let m = futures_lite_block_on(store.load_manifest(&key))
+            let m = block_on(store.load_manifest(&key))
                 .map_err(err)?
                 .ok_or_else(|| {
                     AppError::Agents(format!("no agent {id} in {}", settings.cache_dir.display()))
@@ -312,8 +315,8 @@ pub fn agents(
         }
         AgentsAction::Rm(id) => {
             let key = agent_key(&id)?;
-            let existed = futures_lite_block_on(store.delete_manifest(&key)).map_err(err)?;
-            futures_lite_block_on(store.flush()).map_err(err)?;
+            let existed = block_on(store.delete_manifest(&key)).map_err(err)?;
+            block_on(store.flush()).map_err(err)?;
             if existed {
                 Ok(format!("deleted agent {id}\n"))
             } else {
@@ -321,11 +324,6 @@ pub fn agents(
             }
         }
     }
-}
-
-/// The store's async methods do blocking file I/O inside, so a plain executor completes them.
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
 }
 
 fn agents_over_http(
