@@ -79,6 +79,104 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         engine.prefill(s, prompt(32)).await?;
         engine.release(s).await?;
 
+        if flag("--depth") {
+            // Time of each 256-token chunk of a 4096-token prefill, and of a decode step at
+            // that depth: where deep-context time goes.
+            let s = engine.open_sequence().await?;
+            let p = prompt(4096);
+            for (i, c) in p.chunks(256).enumerate() {
+                let t = Instant::now();
+                engine.prefill(s, c.to_vec()).await?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                println!(
+                    "chunk {i:2} (from {:5}): {ms:7.1} ms = {:6.1} tok/s",
+                    i * 256,
+                    256e3 / ms
+                );
+            }
+            let t = Instant::now();
+            let mut feed = None;
+            for step in 0..16u32 {
+                let r = engine
+                    .step(vec![StepRequest {
+                        seq: s,
+                        feed,
+                        params: greedy.clone(),
+                        step,
+                        generated: Arc::from(Vec::new()),
+                    }])
+                    .await?;
+                feed = r.into_iter().next().transpose()?;
+            }
+            println!(
+                "decode @4096: {:.1} tok/s",
+                15.0 / t.elapsed().as_secs_f64()
+            );
+            engine.release(s).await?;
+            return Ok(());
+        }
+        if flag("--batch") {
+            // Aggregate decode tokens/s of B sequences stepped together (after 128-token
+            // prompts), and whether each sequence's tokens equal its solo run.
+            let mut solo: Vec<Vec<u32>> = Vec::new();
+            for bsz in [1usize, 2, 4, 8] {
+                let mut seqs = Vec::new();
+                for j in 0..bsz {
+                    let s = engine.open_sequence().await?;
+                    let p: Vec<u32> = prompt(128 + j as u32).into_iter().skip(j).collect();
+                    engine.prefill(s, p).await?;
+                    seqs.push(s);
+                }
+                let mut feeds: Vec<Option<u32>> = vec![None; bsz];
+                let mut outs: Vec<Vec<u32>> = vec![Vec::new(); bsz];
+                let steps = 33u32;
+                let mut t = Instant::now();
+                for step in 0..steps {
+                    if step == 1 {
+                        t = Instant::now();
+                    }
+                    let reqs = seqs
+                        .iter()
+                        .zip(&feeds)
+                        .map(|(&seq, &feed)| StepRequest {
+                            seq,
+                            feed,
+                            params: greedy.clone(),
+                            step,
+                            generated: Arc::from(Vec::new()),
+                        })
+                        .collect();
+                    let r = engine.step(reqs).await?;
+                    for (j, tok) in r.into_iter().enumerate() {
+                        let tok = tok?;
+                        feeds[j] = Some(tok);
+                        outs[j].push(tok);
+                    }
+                }
+                let secs = t.elapsed().as_secs_f64();
+                for (j, o) in outs.iter().enumerate() {
+                    if bsz == 1 || j >= solo.len() {
+                        if bsz == 1 || j == solo.len() {
+                            solo.push(o.clone());
+                        }
+                    }
+                }
+                let same = outs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, o)| solo.get(*j) == Some(o))
+                    .count();
+                println!(
+                    "batch {bsz}: {:.1} tok/s aggregate ({:.1} ms/step), {same}/{bsz} equal to their first run",
+                    f64::from(steps - 1) * bsz as f64 / secs,
+                    secs * 1e3 / f64::from(steps - 1)
+                );
+                for s in seqs {
+                    engine.release(s).await?;
+                }
+            }
+            return Ok(());
+        }
         let mut cases = vec![(512u32, 512usize)];
         if flag("--long") {
             cases.push((2048, 2048));

@@ -1,7 +1,7 @@
 //! The engine handle ([`MlxEngine`], Send + Sync) and its worker thread, which owns every
 //! MLX object (arrays are Send but not Sync, and MLX streams are thread-local).
 
-use crate::arch::{self, BuildOptions, CausalLm, Logits};
+use crate::arch::{self, AttentionKind, BuildOptions, CausalLm, Logits};
 use crate::config::ModelConfig;
 use crate::error::{Error, MlxContext, Result};
 use crate::formatter::MlxChatFormatter;
@@ -41,6 +41,8 @@ pub struct EngineConfig {
     /// caches survive swapping between builds of the same model (outputs may then differ
     /// from a cold run). `SEMANTIC_AGENT_VALIDATE_MODEL_TAG`.
     pub bind_to_weights: bool,
+    /// Attention kernel (part of the model fingerprint: it changes the KV's last bits).
+    pub attention: AttentionKind,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             fuse_projections: true,
             hf_cache_dir: None,
             bind_to_weights: true,
+            attention: AttentionKind::default(),
         }
     }
 }
@@ -278,6 +281,8 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     // KV computed with another weight format differs in the last bits: never mixed.
     fp.update(b"\0weights\0");
     fp.update(cfg.weight_format.name().as_bytes());
+    fp.update(b"\0attention\0");
+    fp.update(cfg.attention.name().as_bytes());
     let descriptor = ModelDescriptor {
         id,
         fingerprint: fp.finalize().to_hex().to_string(),
@@ -325,6 +330,7 @@ impl MlxEngine {
         let options = BuildOptions {
             format: config.weight_format,
             fuse_projections: config.fuse_projections,
+            attention: config.attention,
         };
         let block_tokens = config.block_tokens as usize;
         let kv_bits = config.kv_bits;
@@ -636,17 +642,46 @@ impl Worker {
         self.run_forward(id, tokens)
     }
 
-    /// One decode step per entry. Entries are run one after another for now; batching them
-    /// into one forward pass (weights read once per step) is a later change of this function.
+    /// One decode step per entry: every entry that feeds a token joins one batched forward
+    /// pass (the weights are read once per step), then each entry samples with its own
+    /// parameters. A bad entry (unknown sequence, token outside the vocabulary, full
+    /// context) gets its own error and does not stop the others.
     fn step(&mut self, batch: &[StepRequest]) -> Vec<Result<TokenId>> {
+        let mut out: Vec<Option<Result<TokenId>>> = (0..batch.len()).map(|_| None).collect();
+        // Entries to feed, at most one per sequence in one pass (a repeated sequence runs in
+        // a later pass, after its first token).
+        let mut pending: Vec<usize> = Vec::new();
+        for (i, req) in batch.iter().enumerate() {
+            if let Some(t) = req.feed {
+                let checked = self
+                    .seq(req.seq.0)
+                    .and_then(|s| self.check_tokens(&[t], s.kv.len()));
+                match checked {
+                    Ok(()) => pending.push(i),
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+        }
+        while !pending.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (now, later): (Vec<usize>, Vec<usize>) =
+                pending.iter().partition(|&&i| seen.insert(batch[i].seq.0));
+            pending = later;
+            if let Err(e) = self.feed_batch(batch, &now) {
+                let msg = e.to_string();
+                for &i in &now {
+                    out[i] = Some(Err(Error::Request(format!("decode step failed: {msg}"))));
+                }
+            }
+        }
         batch
             .iter()
-            .map(|req| {
-                let id = req.seq.0;
-                if let Some(t) = req.feed {
-                    self.run_forward(id, &[t])?;
+            .zip(out)
+            .map(|(req, done)| {
+                if let Some(Err(e)) = done {
+                    return Err(e);
                 }
-                let s = self.seq(id)?;
+                let s = self.seq(req.seq.0)?;
                 let logits = s.logits.as_ref().ok_or_else(|| {
                     Error::Request("no logits to sample from: prefill or feed a token first".into())
                 })?;
@@ -659,6 +694,71 @@ impl Worker {
                 ))
             })
             .collect()
+    }
+
+    /// Feeds `batch[i].feed` to each listed entry's sequence (distinct sequences) in one
+    /// forward pass and keeps each one's new last logits. On error no sequence advances.
+    fn feed_batch(&mut self, batch: &[StepRequest], entries: &[usize]) -> Result<()> {
+        if let [single] = entries {
+            let req = &batch[*single];
+            let t = req
+                .feed
+                .ok_or_else(|| Error::Request("nothing to feed".into()))?;
+            return self.run_forward(req.seq.0, &[t]);
+        }
+        let mut taken: Vec<(u64, Sequence)> = Vec::with_capacity(entries.len());
+        let mut tokens = Vec::with_capacity(entries.len());
+        for &i in entries {
+            let req = &batch[i];
+            let s = self.seqs.remove(&req.seq.0);
+            match (s, req.feed) {
+                (Some(s), Some(t)) => {
+                    taken.push((req.seq.0, s));
+                    tokens.push(t);
+                }
+                (s, _) => {
+                    if let Some(s) = s {
+                        taken.push((req.seq.0, s));
+                    }
+                    self.seqs.extend(taken);
+                    return Err(Error::UnknownSequence(req.seq.0));
+                }
+            }
+        }
+        let lens: Vec<usize> = taken.iter().map(|(_, s)| s.kv.len()).collect();
+        let model = &self.model;
+        let result = (|| -> Result<Vec<f32>> {
+            let mut kvs: Vec<&mut SequenceKv> = taken.iter_mut().map(|(_, s)| &mut s.kv).collect();
+            let logits = model.decode_batch(&tokens, &mut kvs)?;
+            let mut all: Vec<&mlx_rs::Array> = vec![&logits];
+            all.extend(kvs.iter().flat_map(|kv| kv.arrays()));
+            mlx_rs::transforms::eval(all).ctx("batched decode")?;
+            logits.to_vec_exact::<f32>().ctx("reading logits")
+        })();
+        let vocab = self.model.config().vocab_size;
+        let res = match result {
+            Ok(all) if all.len() == vocab * taken.len() => {
+                for ((_, s), (row, &t)) in
+                    taken.iter_mut().zip(all.chunks_exact(vocab).zip(&tokens))
+                {
+                    s.tokens.push(t);
+                    s.logits = Some(row.to_vec());
+                }
+                Ok(())
+            }
+            other => {
+                for ((_, s), &len) in taken.iter_mut().zip(&lens) {
+                    s.kv.truncate(len);
+                    s.logits = None;
+                }
+                match other {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(Error::Request("batched logits have the wrong size".into())),
+                }
+            }
+        };
+        self.seqs.extend(taken);
+        res
     }
 
     fn forward_all(&mut self, tokens: &[TokenId]) -> Result<Vec<f32>> {

@@ -125,6 +125,15 @@ impl SequenceKv {
         Ok((keys, values))
     }
 
+    /// The K and V buffers of `layer`, `[1, kv_heads, capacity, head_dim]` (after the first
+    /// [`SequenceKv::reserve`]).
+    pub fn layer(&self, layer: usize) -> Result<(&Array, &Array)> {
+        self.layers
+            .get(layer)
+            .map(|(k, v)| (k, v))
+            .ok_or_else(|| bad(format!("layer {layer} out of range")))
+    }
+
     /// Marks `n` more tokens as stored.
     pub fn advance(&mut self, n: usize) {
         self.len += n;

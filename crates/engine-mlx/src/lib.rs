@@ -22,11 +22,13 @@ pub mod engine;
 pub mod error;
 pub mod formatter;
 pub mod gguf;
+pub mod host_attention;
 pub mod hub;
 pub mod kv;
 pub mod sampling;
 pub mod weights;
 
+pub use arch::AttentionKind;
 pub use config::{Family, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use engine::{inspect, EngineConfig, MlxEngine};
 pub use error::{Error, Result};

@@ -11,7 +11,7 @@ mod common;
 
 use agent_session::InferenceEngine;
 use common::block_on;
-use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
+use engine_mlx::{AttentionKind, EngineConfig, MlxEngine, WeightFormat};
 use mlx_rs::Array;
 use std::path::PathBuf;
 
@@ -24,6 +24,12 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn check(name: &str, format: WeightFormat) {
+    for attention in [AttentionKind::Host, AttentionKind::Mlx] {
+        check_with(name, format, attention);
+    }
+}
+
+fn check_with(name: &str, format: WeightFormat, attention: AttentionKind) {
     let dir = fixture(name);
     let expected = Array::load_safetensors(dir.join("expected.safetensors")).expect("expected");
     let ids: Vec<u32> = expected["input_ids"]
@@ -42,6 +48,7 @@ fn check(name: &str, format: WeightFormat) {
     let config = EngineConfig {
         block_tokens: 64,
         weight_format: format,
+        attention,
         ..EngineConfig::default()
     };
     let (engine, _) = MlxEngine::load(dir.to_str().expect("utf-8"), config).expect("load fixture");
@@ -52,7 +59,9 @@ fn check(name: &str, format: WeightFormat) {
             .expect("forward");
         assert_eq!(got.len(), want_logits.len(), "{name}: logits shape");
         let err = common::max_abs_diff(&got, &want_logits);
-        eprintln!("{name} ({format:?}): max |logit - reference| = {err:e}");
+        eprintln!(
+            "{name} ({format:?}, {attention:?} attention): max |logit - reference| = {err:e}"
+        );
         assert!(
             err <= TOLERANCE,
             "{name} ({format:?}): logits differ by {err}"

@@ -3,11 +3,13 @@
 //!
 //! Per layer: `x += o(attn(rope(q), rope(k), v))` over the cached and new tokens with a causal
 //! mask, then `x += down(silu(gate(h)) · up(h))`, with RMSNorm before each block. Activations
-//! are 2-D `[tokens, hidden]` (one sequence), attention works on `[1, heads, tokens, dim]`.
+//! are 2-D `[rows, hidden]`: the tokens of one sequence (prefill), or one token of each
+//! sequence of a batched decode step; attention works per sequence on `[1, heads, tokens, dim]`.
 
-use super::{BuildOptions, CausalLm, Logits};
+use super::{AttentionKind, BuildOptions, CausalLm, Logits};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{MlxContext, Result};
+use crate::host_attention;
 use crate::kv::{KvLayout, SequenceKv};
 use crate::weights::{norm_weight, Embedding, Linear, RawTensor, TensorMap};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
@@ -52,6 +54,7 @@ pub struct LlamaModel {
     /// Custom RoPE periods (llama3 scaling), else `None` (plain base).
     rope_freqs: Option<Array>,
     rope_scale: f32,
+    attention_kind: AttentionKind,
 }
 
 /// RoPE periods `base^(2i/d)` with Llama 3 frequency scaling applied (as mlx-lm does).
@@ -228,9 +231,30 @@ impl LlamaModel {
             layers,
             rope_freqs,
             rope_scale,
+            attention_kind: options.attention,
         };
         mlx_rs::transforms::eval(model.arrays()).ctx("materializing weights")?;
         Ok(model)
+    }
+
+    /// RoPE with each batch row (axis 0) at its own start position.
+    fn rope_at(&self, x: &Array, positions: &Array) -> Result<Array> {
+        let c = &self.config;
+        let base = if self.rope_freqs.is_some() {
+            None
+        } else {
+            Some(c.rope_theta)
+        };
+        fast::rope_dynamic(
+            x,
+            c.rope_dims as i32,
+            c.rope_traditional,
+            base,
+            self.rope_scale,
+            positions,
+            self.rope_freqs.as_ref(),
+        )
+        .ctx("rope")
     }
 
     fn rope(&self, x: &Array, offset: i32) -> Result<Array> {
@@ -253,12 +277,213 @@ impl LlamaModel {
     }
 }
 
-/// `[L, heads × dim]` → `[1, heads, L, dim]`.
-fn heads_first(x: &Array, l: i32, heads: i32, dim: i32) -> Result<Array> {
-    x.reshape(&[1, l, heads, dim])
-        .ctx("reshape")?
-        .transpose_axes(&[0, 2, 1, 3])
-        .ctx("transpose")
+fn slice_error(e: mlx_rs::error::AsSliceError) -> crate::error::Error {
+    crate::error::Error::Request(format!("reading an evaluated array: {e}"))
+}
+
+fn rows_of(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| crate::error::Error::Request("too many tokens".into()))
+}
+
+impl LlamaModel {
+    /// q, k and v of `h` (`[rows, hidden]`), each 2-D `[rows, heads × dim]`.
+    fn project_qkv(&self, layer: &Layer, h: &Array) -> Result<(Array, Array, Array)> {
+        let c = &self.config;
+        let (q_w, kv_w) = (
+            (c.num_heads * c.head_dim) as i32,
+            (c.num_kv_heads * c.head_dim) as i32,
+        );
+        match &layer.qkv {
+            Qkv::Fused(lin) => {
+                let qkv = lin.forward(h)?;
+                Ok((
+                    qkv.try_index((.., ..q_w)).ctx("split q")?,
+                    qkv.try_index((.., q_w..q_w + kv_w)).ctx("split k")?,
+                    qkv.try_index((.., q_w + kv_w..)).ctx("split v")?,
+                ))
+            }
+            Qkv::Split { q, k, v } => Ok((q.forward(h)?, k.forward(h)?, v.forward(h)?)),
+        }
+    }
+
+    /// Attention of layer `index` for `kvs.len()` sequences with `rows` new tokens each,
+    /// whose normed hidden states are `h` (`[sequences × rows, hidden]`, sequence-major):
+    /// writes their K/V at each sequence's end (without advancing it) and returns
+    /// `[sequences × rows, heads × dim]`.
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        h: &Array,
+        rows: i32,
+        kvs: &mut [&mut SequenceKv],
+    ) -> Result<Array> {
+        let c = &self.config;
+        let n = rows_of(kvs.len())?;
+        let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
+        let (q, k, v) = self.project_qkv(layer, h)?;
+        let split = |x: Array, heads: i32| -> Result<Array> {
+            x.reshape(&[n, rows, heads, hd])
+                .ctx("reshape")?
+                .transpose_axes(&[0, 2, 1, 3])
+                .ctx("transpose")
+        };
+        let (q, k, v) = (split(q, nh)?, split(k, nkv)?, split(v, nkv)?);
+        let eps = c.rms_norm_eps;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (
+                fast::rms_norm(&q, Some(qn), eps).ctx("q norm")?,
+                fast::rms_norm(&k, Some(kn), eps).ctx("k norm")?,
+            ),
+            _ => (q, k),
+        };
+        let offsets: Vec<i32> = kvs
+            .iter()
+            .map(|kv| i32::try_from(kv.len()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| crate::error::Error::Request("sequence too long".into()))?;
+        let (q, k) = match offsets.as_slice() {
+            [offset] => (self.rope(&q, *offset)?, self.rope(&k, *offset)?),
+            many => {
+                // One RoPE for the whole batch, each row at its own position (bit-identical
+                // to a scalar offset).
+                let positions = Array::from_slice(many, &[n]);
+                (self.rope_at(&q, &positions)?, self.rope_at(&k, &positions)?)
+            }
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let pick = |x: &Array, b: i32| -> Result<Array> {
+            if n == 1 {
+                Ok(x.clone())
+            } else {
+                x.try_index(b..b + 1).ctx("batch row")
+            }
+        };
+        let mut written = Vec::with_capacity(kvs.len());
+        for (b, kv) in kvs.iter_mut().enumerate() {
+            let b = b as i32;
+            written.push(kv.write(index, &pick(&k, b)?, &pick(&v, b)?)?);
+        }
+        let mut outs = match self.attention_kind {
+            AttentionKind::Mlx => {
+                let mut outs = Vec::with_capacity(kvs.len());
+                for (b, (keys, values)) in written.iter().enumerate() {
+                    let qb = pick(&q, b as i32)?;
+                    let o = if rows > 1 {
+                        fast::scaled_dot_product_attention(
+                            &qb,
+                            keys,
+                            values,
+                            scale,
+                            ScaledDotProductAttentionMask::Causal,
+                            None,
+                        )
+                    } else {
+                        fast::scaled_dot_product_attention(&qb, keys, values, scale, None, None)
+                    }
+                    .ctx("attention")?;
+                    outs.push(o);
+                }
+                outs
+            }
+            AttentionKind::Host => {
+                let offsets: Vec<usize> = kvs.iter().map(|kv| kv.len()).collect();
+                self.host_attention(&q, rows, &written, &offsets, scale)?
+            }
+        };
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            mlx_rs::ops::concatenate(&outs, 0).ctx("joining batch rows")?
+        };
+        out.transpose_axes(&[0, 2, 1, 3])
+            .ctx("transpose")?
+            .reshape(&[n * rows, nh * hd])
+            .ctx("reshape")
+    }
+
+    /// Attention with both matmuls in MLX and the masked softmax on the host
+    /// ([`host_attention`]): per sequence `b`, `q[b]` (`[heads, rows, dim]` after RoPE)
+    /// against its keys and values (`[1, kv_heads, offset + rows, dim]`). Returns
+    /// `[1, heads, rows, dim]` per sequence.
+    fn host_attention(
+        &self,
+        q: &Array,
+        rows: i32,
+        written: &[(Array, Array)],
+        offsets: &[usize],
+        scale: f32,
+    ) -> Result<Vec<Array>> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
+        // Queries grouped by the KV head they share: [1, kv_heads, group × rows, dim].
+        let grouped_rows = nh / nkv.max(1) * rows;
+        let mut scores = Vec::with_capacity(written.len());
+        for (b, (keys, _)) in written.iter().enumerate() {
+            let qb = if written.len() == 1 {
+                q.clone()
+            } else {
+                let b = b as i32;
+                q.try_index(b..b + 1).ctx("batch row")?
+            };
+            let qb = qb
+                .reshape(&[1, nkv, grouped_rows, hd])
+                .ctx("grouping queries")?;
+            let kt = keys.transpose_axes(&[0, 1, 3, 2]).ctx("transposing keys")?;
+            scores.push(qb.matmul(&kt).ctx("attention scores")?);
+        }
+        mlx_rs::transforms::eval(scores.iter()).ctx("attention scores")?;
+        let mut outs = Vec::with_capacity(written.len());
+        for ((s, (_, values)), &offset) in scores.iter().zip(written).zip(offsets) {
+            let shape = host_attention::Scores {
+                rows: (nkv * grouped_rows) as usize,
+                keys: offset + rows as usize,
+                positions: rows as usize,
+                offset,
+            };
+            let data = s.try_as_slice::<f32>().map_err(slice_error)?;
+            if !shape.fits(data.len()) {
+                return Err(crate::error::Error::Request(
+                    "attention scores do not match the KV layout".into(),
+                ));
+            }
+            let mut p = vec![0.0f32; data.len()];
+            host_attention::causal_softmax(shape, scale, data, &mut p);
+            let p = Array::from_slice(&p, &[1, nkv, grouped_rows, rows_of(shape.keys)?]);
+            let o = p.matmul(values).ctx("attention values")?;
+            outs.push(o.reshape(&[1, nh, rows, hd]).ctx("ungrouping heads")?);
+        }
+        Ok(outs)
+    }
+
+    /// `x + down(silu(gate(h)) · up(h))` with `h = norm(x)`.
+    fn mlp(&self, layer: &Layer, x: &Array) -> Result<Array> {
+        let c = &self.config;
+        let inter = c.intermediate_size as i32;
+        let h = fast::rms_norm(x, Some(&layer.ffn_norm), c.rms_norm_eps).ctx("rms_norm")?;
+        let (g, u) = match &layer.gate_up {
+            GateUp::Fused(lin) => {
+                let gu = lin.forward(&h)?;
+                (
+                    gu.try_index((.., ..inter)).ctx("split gate")?,
+                    gu.try_index((.., inter..)).ctx("split up")?,
+                )
+            }
+            GateUp::Split { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
+        };
+        let a = nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
+        layer.down.forward_residual(&a, x)
+    }
+
+    /// Final norm and LM head over `[rows, hidden]`.
+    fn head(&self, x: &Array) -> Result<Array> {
+        let x = fast::rms_norm(x, Some(&self.final_norm), self.config.rms_norm_eps)
+            .ctx("final norm")?;
+        match &self.head {
+            Some(head) => head.forward(&x),
+            None => self.embed.as_head(&x),
+        }
+    }
 }
 
 impl CausalLm for LlamaModel {
@@ -276,87 +501,21 @@ impl CausalLm for LlamaModel {
     }
 
     fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Array> {
-        let c = &self.config;
-        let l = i32::try_from(tokens.len())
-            .map_err(|_| crate::error::Error::Request("too many tokens".into()))?;
+        let l = rows_of(tokens.len())?;
         if l == 0 {
             return Err(crate::error::Error::Request(
                 "a forward pass needs at least one token".into(),
             ));
         }
-        let offset = i32::try_from(kv.len())
-            .map_err(|_| crate::error::Error::Request("sequence too long".into()))?;
         kv.reserve(kv.len() + tokens.len())?;
-        let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
-        let inter = c.intermediate_size as i32;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let eps = c.rms_norm_eps;
-
+        let eps = self.config.rms_norm_eps;
         let ids = Array::from_slice(tokens, &[l]);
         let mut x = self.embed.lookup(&ids)?; // [L, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
-            let (q, k, v) = match &layer.qkv {
-                Qkv::Fused(lin) => {
-                    let qkv = lin
-                        .forward(&h)?
-                        .reshape(&[1, l, nh + 2 * nkv, hd])
-                        .ctx("reshape qkv")?;
-                    let q = qkv.try_index((.., .., ..nh, ..)).ctx("split q")?;
-                    let k = qkv.try_index((.., .., nh..nh + nkv, ..)).ctx("split k")?;
-                    let v = qkv.try_index((.., .., nh + nkv.., ..)).ctx("split v")?;
-                    let t = |a: Array| a.transpose_axes(&[0, 2, 1, 3]).ctx("transpose");
-                    (t(q)?, t(k)?, t(v)?)
-                }
-                Qkv::Split { q, k, v } => (
-                    heads_first(&q.forward(&h)?, l, nh, hd)?,
-                    heads_first(&k.forward(&h)?, l, nkv, hd)?,
-                    heads_first(&v.forward(&h)?, l, nkv, hd)?,
-                ),
-            };
-            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => (
-                    fast::rms_norm(&q, Some(qn), eps).ctx("q norm")?,
-                    fast::rms_norm(&k, Some(kn), eps).ctx("k norm")?,
-                ),
-                _ => (q, k),
-            };
-            let q = self.rope(&q, offset)?;
-            let k = self.rope(&k, offset)?;
-            let (keys, values) = kv.write(i, &k, &v)?;
-            let o = if l > 1 {
-                fast::scaled_dot_product_attention(
-                    &q,
-                    &keys,
-                    &values,
-                    scale,
-                    ScaledDotProductAttentionMask::Causal,
-                    None,
-                )
-            } else {
-                fast::scaled_dot_product_attention(&q, &keys, &values, scale, None, None)
-            }
-            .ctx("attention")?;
-            let o = o
-                .transpose_axes(&[0, 2, 1, 3])
-                .ctx("transpose")?
-                .reshape(&[l, nh * hd])
-                .ctx("reshape")?;
+            let o = self.attention(i, layer, &h, l, &mut [&mut *kv])?;
             x = layer.o.forward_residual(&o, &x)?;
-
-            let h = fast::rms_norm(&x, Some(&layer.ffn_norm), eps).ctx("rms_norm")?;
-            let (g, u) = match &layer.gate_up {
-                GateUp::Fused(lin) => {
-                    let gu = lin.forward(&h)?;
-                    (
-                        gu.try_index((.., ..inter)).ctx("split gate")?,
-                        gu.try_index((.., inter..)).ctx("split up")?,
-                    )
-                }
-                GateUp::Split { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
-            };
-            let a = nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
-            x = layer.down.forward_residual(&a, &x)?;
+            x = self.mlp(layer, &x)?;
         }
         kv.advance(tokens.len());
 
@@ -364,15 +523,40 @@ impl CausalLm for LlamaModel {
             Logits::Last => x.try_index((l - 1.., ..)).ctx("last position")?,
             Logits::All => x,
         };
-        let x = fast::rms_norm(&x, Some(&self.final_norm), eps).ctx("final norm")?;
-        let out = match &self.head {
-            Some(head) => head.forward(&x)?,
-            None => self.embed.as_head(&x)?,
-        };
+        let out = self.head(&x)?;
         match logits {
             Logits::Last => out.reshape(&[-1]).ctx("reshape logits"),
             Logits::All => Ok(out),
         }
+    }
+
+    fn decode_batch(&self, tokens: &[u32], kvs: &mut [&mut SequenceKv]) -> Result<Array> {
+        let b = rows_of(tokens.len())?;
+        if tokens.is_empty() || tokens.len() != kvs.len() {
+            return Err(crate::error::Error::Request(format!(
+                "a batched decode needs one token per sequence ({} tokens, {} sequences)",
+                tokens.len(),
+                kvs.len()
+            )));
+        }
+        for kv in kvs.iter_mut() {
+            kv.reserve(kv.len() + 1)?;
+        }
+        let eps = self.config.rms_norm_eps;
+        let ids = Array::from_slice(tokens, &[b]);
+        let mut x = self.embed.lookup(&ids)?; // [B, hidden]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
+            // The projections and the MLP see every sequence's row at once (the weights are
+            // read once per step); attention is per sequence, over its own cache.
+            let o = self.attention(i, layer, &h, 1, kvs)?;
+            x = layer.o.forward_residual(&o, &x)?;
+            x = self.mlp(layer, &x)?;
+        }
+        for kv in kvs.iter_mut() {
+            kv.advance(1);
+        }
+        self.head(&x)
     }
 
     fn arrays(&self) -> Vec<&Array> {

@@ -19,6 +19,28 @@ pub enum Logits {
     All,
 }
 
+/// Which attention kernel runs the models' attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKind {
+    /// `mlx_rs::fast::scaled_dot_product_attention`: fused on Metal (the macOS default).
+    #[cfg_attr(target_os = "macos", default)]
+    Mlx,
+    /// [`crate::host_attention`] on the CPU, over the evaluated KV buffers: several times
+    /// faster than MLX's CPU fallback at depth (the default elsewhere).
+    #[cfg_attr(not(target_os = "macos"), default)]
+    Host,
+}
+
+impl AttentionKind {
+    /// Short name for logs and the model fingerprint.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKind::Mlx => "mlx",
+            AttentionKind::Host => "host",
+        }
+    }
+}
+
 /// Options that shape how a model is built for compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildOptions {
@@ -26,6 +48,8 @@ pub struct BuildOptions {
     pub format: WeightFormat,
     /// One matmul for q/k/v and one for gate/up.
     pub fuse_projections: bool,
+    /// Attention kernel.
+    pub attention: AttentionKind,
 }
 
 /// A decoder-only language model on MLX.
@@ -39,6 +63,11 @@ pub trait CausalLm {
     /// Runs `tokens` (after the `kv.len()` tokens already cached) in one forward pass,
     /// appends their K/V to `kv` and returns lazy f32 logits.
     fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Array>;
+
+    /// One decode step for several sequences at once: `tokens[i]` is appended to `kvs[i]`.
+    /// Returns lazy f32 logits `[sequences, vocab]`. Row `i` must equal what
+    /// [`CausalLm::forward`] of that token alone gives (a batch never changes an answer).
+    fn decode_batch(&self, tokens: &[u32], kvs: &mut [&mut SequenceKv]) -> Result<Array>;
 
     /// Every weight array (evaluated once at load).
     fn arrays(&self) -> Vec<&Array>;
