@@ -97,6 +97,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { var: "SEMANTIC_MLX_PREFILL_STEP_SIZE", default: "256", help: "Prefill chunk in tokens; a positive multiple of the block size. Cache reuse happens in whole chunks." },
     SettingDef { var: "SEMANTIC_MLX_BLOCK_TOKENS", default: "256", help: "KV block size in tokens; a positive multiple of 64." },
     SettingDef { var: "SEMANTIC_MLX_KV_BITS", default: "null", help: "KV at rest: null (live dtype, bit-exact), 8 or 4 (MLX affine quantization, group 64; smaller, slightly lossy)." },
+    SettingDef { var: "SEMANTIC_MLX_ATTENTION", default: "auto", help: "Attention kernel: auto (host on Linux CPU, mlx on macOS), host (masked softmax on the CPU threads, matmuls in MLX; fastest on MLX's CPU backend) or mlx (fast::scaled_dot_product_attention). Part of the cache fingerprint." },
     SettingDef { var: "SEMANTIC_MLX_DEFAULT_MAX_TOKENS", default: "256", help: "Answer length when a request names none (1-65536)." },
     SettingDef { var: "SEMANTIC_MLX_DEFAULT_TEMPERATURE", default: "0.7", help: "Temperature when a request names none (0-2; 0 is greedy)." },
     SettingDef { var: "SEMANTIC_AGENT_CACHE_DIR", default: "", help: "Where KV blocks and agent manifests persist. Unset: $SEMANTIC_HOME/caches or ~/.semantic/caches." },
@@ -138,6 +139,8 @@ pub struct Settings {
     pub block_tokens: u32,
     /// KV bits at rest (`None`: live dtype).
     pub kv_bits: Option<u8>,
+    /// Attention kernel (`None`: the platform's default).
+    pub attention: Option<engine_mlx::AttentionKind>,
     /// Default answer length.
     pub default_max_tokens: u32,
     /// Default temperature.
@@ -366,6 +369,18 @@ impl Settings {
             "4" => Some(4),
             other => return Err(invalid("SEMANTIC_MLX_KV_BITS", other, "null, 8 or 4")),
         };
+        let attention = match get("SEMANTIC_MLX_ATTENTION").to_ascii_lowercase().as_str() {
+            "" | "auto" => None,
+            "host" => Some(engine_mlx::AttentionKind::Host),
+            "mlx" => Some(engine_mlx::AttentionKind::Mlx),
+            other => {
+                return Err(invalid(
+                    "SEMANTIC_MLX_ATTENTION",
+                    other,
+                    "auto, host or mlx",
+                ))
+            }
+        };
         let log_format = match get("SEMANTIC_SERVER_LOG_FORMAT")
             .to_ascii_lowercase()
             .as_str()
@@ -428,6 +443,7 @@ impl Settings {
             prefill_step_size,
             block_tokens,
             kv_bits,
+            attention,
             default_max_tokens: parse_range(
                 "SEMANTIC_MLX_DEFAULT_MAX_TOKENS",
                 &get("SEMANTIC_MLX_DEFAULT_MAX_TOKENS"),
@@ -564,6 +580,7 @@ mod tests {
     fn invalid_values_name_the_variable() {
         for (var, value, needle) in [
             ("SEMANTIC_MLX_KV_BITS", "3", "null, 8 or 4"),
+            ("SEMANTIC_MLX_ATTENTION", "fast", "auto, host or mlx"),
             ("SEMANTIC_MLX_MAX_BATCH_SIZE", "0", "1 to 64"),
             (
                 "SEMANTIC_MLX_PREFILL_STEP_SIZE",

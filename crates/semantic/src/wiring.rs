@@ -96,6 +96,7 @@ fn load_engine(settings: &Settings) -> Result<LoadedModel, AppError> {
         block_tokens: settings.block_tokens,
         kv_bits: settings.kv_bits,
         bind_to_weights: settings.validate_model_tag,
+        attention: settings.attention.unwrap_or_default(),
         ..engine_mlx::EngineConfig::default()
     };
     let loaded = engine_mlx::MlxEngine::load(&model, config);
@@ -191,6 +192,7 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
     let config = engine_mlx::EngineConfig {
         block_tokens: settings.block_tokens,
         bind_to_weights: settings.validate_model_tag,
+        attention: settings.attention.unwrap_or_default(),
         ..engine_mlx::EngineConfig::default()
     };
     let info = engine_mlx::inspect(&model, &config).map_err(|e| AppError::Model {
