@@ -2,15 +2,18 @@
 //!
 //! ```text
 //! cargo run --release -p engine-mlx --example bench --config <mlx cargo config> -- \
-//!     [MODEL] [--quantized] [--no-fuse] [--runs N] [--long] [--cpu]
+//!     [MODEL] [--quantized] [--no-fuse] [--mlx-attention|--host-attention] [--runs N]
+//!     [--long] [--cpu] [--depth] [--batch]
 //! ```
 //! Prints prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s for 64
 //! greedy tokens after it (batch 1), and with `--long` the same for a 2048-token prompt, as
 //! one pass and in 256-token block-aligned chunks. Medians of `--runs` (default 3). `--cpu`
-//! also prints tokens per CPU-second of the process (useful on a busy machine).
+//! also prints tokens per CPU-second of the process (useful on a busy machine). `--depth`
+//! times each 256-token chunk of a 4,096-token prefill and a decode step at that depth;
+//! `--batch` prints aggregate decode tokens/s of 1, 2, 4 and 8 sequences stepped together.
 
 use agent_session::{InferenceEngine, SamplingParams, StepRequest};
-use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
+use engine_mlx::{AttentionKind, EngineConfig, MlxEngine, WeightFormat};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,16 +60,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             WeightFormat::F32
         },
         fuse_projections: !flag("--no-fuse"),
+        attention: if flag("--mlx-attention") {
+            AttentionKind::Mlx
+        } else if flag("--host-attention") {
+            AttentionKind::Host
+        } else {
+            AttentionKind::default()
+        },
         ..EngineConfig::default()
     };
     let t = Instant::now();
     let (engine, _fmt) = MlxEngine::load(&model, config.clone())?;
     println!(
-        "model {} ({}), weights {}, fused {}, load {:.2}s",
+        "model {} ({}), weights {}, fused {}, attention {}, load {:.2}s",
         engine.model().id,
         engine.model().architecture,
         engine.model().weight_format,
         config.fuse_projections,
+        config.attention.name(),
         t.elapsed().as_secs_f64()
     );
     let vocab = engine.model().vocab_size as u32;
