@@ -181,6 +181,9 @@ pub(crate) async fn start(
             ctx.metrics
                 .histogram("semantic_prompt_seconds", &[("tier", observer.tier)])
                 .record(start.elapsed().as_secs_f64());
+            ctx.metrics
+                .histogram("semantic_queue_wait_seconds", &[])
+                .record(report.queue_ms as f64 / 1e3);
             if report.restore_micros > 0 {
                 ctx.metrics
                     .histogram("semantic_restore_seconds", &[])
