@@ -155,9 +155,15 @@ pub struct Completion {
     pub cache: CacheReport,
 }
 
-/// Events of one generation, in order: `Started`, any number of `Delta`, then `Finished`.
+/// Events of one generation, in order: `Admitted`, `Started`, any number of `Delta`, then
+/// `Finished`.
 #[derive(Debug, Clone)]
 pub enum GenerationEvent {
+    /// The request left the admission queue and holds a running slot; nothing is reserved
+    /// or computed for it yet. Until this event the generation future may be dropped at no
+    /// cost (it only gives up its place in the queue); answering `false` here cancels it
+    /// before any work.
+    Admitted,
     /// The prompt is processed; the first token follows.
     Started(CacheReport),
     /// New answer text (whole characters).
@@ -406,8 +412,8 @@ impl AgentService {
     }
 
     /// Runs one generation. `on_event` receives the events in order; when it returns `false`
-    /// (the client went away) generation stops, the prompt's KV is still committed, and the
-    /// result is [`ServiceError::Cancelled`].
+    /// (the client went away) generation stops and the result is [`ServiceError::Cancelled`]:
+    /// at `Admitted` before any work; later, the prompt's KV is still committed.
     pub async fn generate<F>(
         &self,
         req: GenerateRequest,
@@ -416,8 +422,11 @@ impl AgentService {
     where
         F: FnMut(GenerationEvent) -> bool + Send,
     {
-        let orphans: Vec<SequenceId> = std::mem::take(&mut *lock(&self.orphans));
-        for seq in orphans {
+        // One at a time, so that a generation dropped meanwhile loses none of them.
+        loop {
+            let Some(seq) = lock(&self.orphans).pop() else {
+                break;
+            };
             let _ = self.engine.release(seq).await;
         }
         let model = self.engine.model();
@@ -450,6 +459,11 @@ impl AgentService {
             Some(l) => Some(l.lock().await),
             None => None,
         };
+        // A client that went away while this request waited is not served.
+        if !on_event(GenerationEvent::Admitted) {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            return Err(ServiceError::Cancelled);
+        }
 
         let b = self.block_tokens();
         let step = self.config.prefill_step;

@@ -173,6 +173,7 @@ fn a_long_prefill_is_chunked_and_a_short_request_decodes_before_it_ends() {
         let log = &log;
         move |ev: GenerationEvent| {
             let what = match ev {
+                GenerationEvent::Admitted => "admitted",
                 GenerationEvent::Started(_) => "started",
                 GenerationEvent::Delta(_) => "delta",
                 GenerationEvent::Finished(_) => "finished",
@@ -234,7 +235,7 @@ fn stats_show_time_in_queue_prefilling_and_the_decode_batch() {
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(snapshot);
             }
-            GenerationEvent::Finished(_) => {}
+            GenerationEvent::Admitted | GenerationEvent::Finished(_) => {}
         }
         true
     });
@@ -286,4 +287,52 @@ fn stats_show_time_in_queue_prefilling_and_the_decode_batch() {
         end.decode_step_sequences,
         batches.iter().sum::<usize>() as u64
     );
+}
+
+#[test]
+fn a_request_whose_client_left_while_it_was_queued_is_not_served() {
+    let s = stack(1, 4);
+    let served = req(0, 30, 6);
+    // The second client is gone by the time its request gets a slot.
+    let gone = req(1, 400, 6);
+    let mut events = Vec::new();
+    let (a, b) = block_on(futures::future::join(
+        s.service.generate(served, |_| true),
+        s.service.generate(gone, |ev| {
+            events.push(format!("{ev:?}"));
+            false
+        }),
+    ));
+    let a = a.expect("the first request completes");
+    assert!(matches!(b, Err(ServiceError::Cancelled)), "{b:?}");
+    assert_eq!(events, ["Admitted"], "asked once, at admission");
+    let engine = s.engine.stats();
+    assert_eq!(
+        engine.prefilled_tokens as usize, a.cache.prompt_tokens,
+        "nothing was computed for the request that nobody waits for"
+    );
+    assert_eq!(engine.open_sequences, 1, "only the served agent's session");
+    let stats = block_on(s.service.stats());
+    assert_eq!((stats.active, stats.queued, stats.requests), (0, 0, 2));
+    assert_eq!(stats.hot_blocks_active, 0);
+}
+
+#[test]
+fn dropping_a_queued_generation_gives_up_its_place_at_once() {
+    use futures::FutureExt;
+    let s = stack(1, 1);
+    let mut running = Box::pin(s.service.generate(req(0, 30, 20), |_| true));
+    assert!((&mut running).now_or_never().is_none(), "holds the slot");
+    {
+        let mut queued = Box::pin(s.service.generate(req(1, 30, 5), |_| true));
+        assert!((&mut queued).now_or_never().is_none(), "waits for the slot");
+        assert_eq!(block_on(s.service.stats()).queued, 1);
+    }
+    // Its place is free: another request may queue instead of being refused.
+    let mut next = Box::pin(s.service.generate(req(2, 30, 5), |_| true));
+    assert!((&mut next).now_or_never().is_none(), "queued, not refused");
+    assert_eq!(block_on(s.service.stats()).queued, 1);
+    let (first, third) = block_on(futures::future::join(running, next));
+    assert!(first.is_ok() && third.is_ok(), "{first:?} {third:?}");
+    assert_eq!(s.engine.stats().open_sequences, 2);
 }
