@@ -177,16 +177,97 @@ impl Server {
 
     /// GETs a path.
     pub fn get(&self, path: &str) -> Response {
-        let r = match ureq::get(&format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(60))
-            .call()
-        {
+        self.get_with(path, &[])
+    }
+
+    /// GETs a path with these headers.
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = ureq::get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(60));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let r = match req.call() {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
             Err(e) => panic!("GET {path}: {e}"),
         };
         Response::read(r)
     }
+
+    /// POSTs JSON and returns as soon as the response headers arrive; the body (an SSE
+    /// stream when the status is 200 and the request asked for one) is read as it comes.
+    pub fn post_stream(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Stream {
+        let mut req = ureq::post(&format!("{}{path}", self.base)).timeout(Duration::from_secs(900));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let r = match req.send_json(body.clone()) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        Stream {
+            status: r.status(),
+            headers: header_pairs(&r),
+            events: SseReader::new(BufReader::new(r.into_reader())),
+        }
+    }
+
+    /// The value of a Prometheus sample in `/metrics` (a line `<series> <value>`, `series`
+    /// with its labels exactly as printed), or `None` when it is absent.
+    pub fn metric(&self, headers: &[(&str, &str)], series: &str) -> Option<f64> {
+        let r = self.get_with("/metrics", headers);
+        assert_eq!(r.status, 200, "{}", r.text);
+        metric_value(&r.text, series)
+    }
+}
+
+/// The value of `series` in a Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Polls `probe` every 50 ms until it returns `true`; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !probe() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A response whose body is read as it arrives.
+pub struct Stream {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The body's SSE events, each yielded when it arrives.
+    pub events: SseReader<BufReader<Box<dyn Read + Send + Sync + 'static>>>,
+}
+
+impl Stream {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn header_pairs(r: &ureq::Response) -> Vec<(String, String)> {
+    r.headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = r.header(&n).unwrap_or_default().to_string();
+            (n.to_ascii_lowercase(), v)
+        })
+        .collect()
 }
 
 impl Drop for Server {
@@ -209,14 +290,7 @@ pub struct Response {
 impl Response {
     fn read(r: ureq::Response) -> Self {
         let status = r.status();
-        let headers = r
-            .headers_names()
-            .into_iter()
-            .map(|n| {
-                let v = r.header(&n).unwrap_or_default().to_string();
-                (n.to_ascii_lowercase(), v)
-            })
-            .collect();
+        let headers = header_pairs(&r);
         let mut text = String::new();
         let _ = r.into_reader().read_to_string(&mut text);
         Self {
@@ -247,25 +321,50 @@ impl Response {
 
 /// Parses an SSE stream into (event, data) pairs.
 pub fn parse_sse(reader: impl BufRead) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut event = String::new();
-    let mut data = String::new();
-    for line in reader.lines().map_while(Result::ok) {
-        if line.is_empty() {
-            if !data.is_empty() || !event.is_empty() {
-                out.push((std::mem::take(&mut event), std::mem::take(&mut data)));
-            }
-        } else if let Some(v) = line.strip_prefix("event:") {
-            event = v.trim().to_string();
-        } else if let Some(v) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+    SseReader::new(reader).collect()
+}
+
+/// SSE events, (event name or "", data), parsed incrementally: each is yielded as soon as
+/// the blank line that ends it is read.
+pub struct SseReader<R> {
+    lines: std::io::Lines<R>,
+    done: bool,
+}
+
+impl<R: BufRead> SseReader<R> {
+    /// Events of `reader`.
+    pub fn new(reader: R) -> Self {
+        Self {
+            lines: reader.lines(),
+            done: false,
         }
     }
-    if !data.is_empty() {
-        out.push((event, data));
+}
+
+impl<R: BufRead> Iterator for SseReader<R> {
+    type Item = (String, String);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut event = String::new();
+        let mut data = String::new();
+        while !self.done {
+            let Some(Ok(line)) = self.lines.next() else {
+                self.done = true;
+                break;
+            };
+            if line.is_empty() {
+                if !data.is_empty() || !event.is_empty() {
+                    return Some((event, data));
+                }
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        (!data.is_empty()).then_some((event, data))
     }
-    out
 }

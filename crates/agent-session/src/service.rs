@@ -119,6 +119,9 @@ pub struct CacheReport {
     pub restored_bytes: usize,
     /// Time spent loading and importing blocks from the store, in microseconds.
     pub restore_micros: u64,
+    /// Time the request waited in the admission queue for a running slot, in milliseconds
+    /// of the service's clock (0 when a slot was free at once).
+    pub queue_ms: u64,
 }
 
 impl CacheReport {
@@ -152,9 +155,15 @@ pub struct Completion {
     pub cache: CacheReport,
 }
 
-/// Events of one generation, in order: `Started`, any number of `Delta`, then `Finished`.
+/// Events of one generation, in order: `Admitted`, `Started`, any number of `Delta`, then
+/// `Finished`.
 #[derive(Debug, Clone)]
 pub enum GenerationEvent {
+    /// The request left the admission queue and holds a running slot; nothing is reserved
+    /// or computed for it yet. Until this event the generation future may be dropped at no
+    /// cost (it only gives up its place in the queue); answering `false` here cancels it
+    /// before any work.
+    Admitted,
     /// The prompt is processed; the first token follows.
     Started(CacheReport),
     /// New answer text (whole characters).
@@ -207,6 +216,12 @@ pub struct ServiceStats {
     pub active: u64,
     /// Requests waiting for a slot.
     pub queued: u64,
+    /// Running generations still processing their prompt (restore and prefill), before their
+    /// first token.
+    pub prefilling: u64,
+    /// Running generations in their decode phase now (the current decode batch, up to
+    /// `max_batch_size`).
+    pub decoding: u64,
     /// Hot-tier blocks in use.
     pub hot_blocks_used: u64,
     /// Hot-tier capacity in blocks.
@@ -218,6 +233,8 @@ pub struct ServiceStats {
     pub max_decode_batch: u64,
     /// Batched decode steps so far (one engine call each).
     pub decode_steps: u64,
+    /// Sequences served by those steps, summed (`/ decode_steps` is the mean batch size).
+    pub decode_step_sequences: u64,
     /// Agents with KV in RAM.
     pub hot_agents: u64,
     /// The store's own counters.
@@ -234,6 +251,24 @@ struct Counters {
     prefilled_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     restored_bytes: AtomicU64,
+    /// A gauge: generations processing their prompt now.
+    prefilling: AtomicU64,
+}
+
+/// Counts one generation in the `prefilling` gauge while it lives.
+struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The application core: serves generations for agents over the four ports.
@@ -377,8 +412,8 @@ impl AgentService {
     }
 
     /// Runs one generation. `on_event` receives the events in order; when it returns `false`
-    /// (the client went away) generation stops, the prompt's KV is still committed, and the
-    /// result is [`ServiceError::Cancelled`].
+    /// (the client went away) generation stops and the result is [`ServiceError::Cancelled`]:
+    /// at `Admitted` before any work; later, the prompt's KV is still committed.
     pub async fn generate<F>(
         &self,
         req: GenerateRequest,
@@ -387,8 +422,11 @@ impl AgentService {
     where
         F: FnMut(GenerationEvent) -> bool + Send,
     {
-        let orphans: Vec<SequenceId> = std::mem::take(&mut *lock(&self.orphans));
-        for seq in orphans {
+        // One at a time, so that a generation dropped meanwhile loses none of them.
+        loop {
+            let Some(seq) = lock(&self.orphans).pop() else {
+                break;
+            };
             let _ = self.engine.release(seq).await;
         }
         let model = self.engine.model();
@@ -409,7 +447,9 @@ impl AgentService {
         let max_tokens =
             u64::from(req.max_tokens.unwrap_or(self.config.default_max_tokens)).min(room) as usize;
 
+        let queued_at = self.clock.now_ms();
         let _permit = self.admission.acquire().await?;
+        let queue_ms = self.clock.now_ms().saturating_sub(queued_at);
         let key = req.agent.clone().map(|agent| AgentKey {
             namespace: req.namespace.clone(),
             agent,
@@ -419,6 +459,11 @@ impl AgentService {
             Some(l) => Some(l.lock().await),
             None => None,
         };
+        // A client that went away while this request waited is not served.
+        if !on_event(GenerationEvent::Admitted) {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            return Err(ServiceError::Cancelled);
+        }
 
         let b = self.block_tokens();
         let step = self.config.prefill_step;
@@ -455,6 +500,7 @@ impl AgentService {
                 max_tokens,
                 b,
                 step,
+                queue_ms,
                 &mut on_event,
             )
             .await;
@@ -476,11 +522,13 @@ impl AgentService {
         max_tokens: usize,
         b: usize,
         step: usize,
+        queue_ms: u64,
         on_event: &mut F,
     ) -> Result<Completion, ServiceError>
     where
         F: FnMut(GenerationEvent) -> bool + Send,
     {
+        let prefilling = GaugeGuard::enter(&self.counters.prefilling);
         let len = tokens.len();
         let persist_len = persistable_len(len, step);
         let hashes = self.block_hashes(&req.namespace, tokens, persist_len);
@@ -568,7 +616,9 @@ impl AgentService {
             } else {
                 0
             },
+            queue_ms,
         };
+        drop(prefilling);
         match tier {
             CacheTier::Hot => &self.counters.hits_hot,
             CacheTier::Warm => &self.counters.hits_warm,
@@ -885,7 +935,7 @@ impl AgentService {
         let (used, total, agents, evictions) = lock(&self.hot).usage();
         let active_blocks = lock(&self.hot).active_blocks();
         let (active, queued) = self.admission.usage();
-        let (max_batch, steps) = self.batcher.usage();
+        let batches = self.batcher.usage();
         ServiceStats {
             requests: c.requests.load(Ordering::Relaxed),
             hits_hot: c.hits_hot.load(Ordering::Relaxed),
@@ -898,11 +948,14 @@ impl AgentService {
             evictions,
             active: active as u64,
             queued: queued as u64,
+            prefilling: c.prefilling.load(Ordering::Relaxed),
+            decoding: batches.decoding as u64,
             hot_blocks_used: used as u64,
             hot_blocks_total: total as u64,
             hot_blocks_active: active_blocks as u64,
-            max_decode_batch: max_batch as u64,
-            decode_steps: steps,
+            max_decode_batch: batches.max_seen as u64,
+            decode_steps: batches.steps,
+            decode_step_sequences: batches.sequences,
             hot_agents: agents as u64,
             store: self.store.stats().await.unwrap_or_default(),
         }

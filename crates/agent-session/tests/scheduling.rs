@@ -142,3 +142,197 @@ fn a_dropped_generation_frees_its_reservation_and_sequence() {
     assert_eq!(s.engine.stats().open_sequences, stats.hot_agents as usize);
     assert_eq!(stats.active, 0);
 }
+
+/// Pending once, then ready: lets the other futures of a `join` run.
+struct YieldNow(bool);
+
+impl std::future::Future for YieldNow {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            std::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+}
+
+#[test]
+fn a_long_prefill_is_chunked_and_a_short_request_decodes_before_it_ends() {
+    let s = stack(4, 16);
+    // ~13 chunks of 64 tokens for the long prompt, one for the short.
+    let long = req(0, 160, 4);
+    let short = req(1, 2, 6);
+    let log = std::sync::Mutex::new(Vec::<(&str, &str)>::new());
+    let record = |who: &'static str| {
+        let log = &log;
+        move |ev: GenerationEvent| {
+            let what = match ev {
+                GenerationEvent::Admitted => "admitted",
+                GenerationEvent::Started(_) => "started",
+                GenerationEvent::Delta(_) => "delta",
+                GenerationEvent::Finished(_) => "finished",
+            };
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((who, what));
+            true
+        }
+    };
+    let (l, sh) = block_on(futures::future::join(
+        s.service.generate(long, record("long")),
+        s.service.generate(short, record("short")),
+    ));
+    let (l, sh) = (l.expect("long completes"), sh.expect("short completes"));
+    assert!(l.cache.prefilled_tokens > 10 * 64, "{:?}", l.cache);
+    let chunks = s.engine.stats().prefill_calls.len();
+    assert!(
+        chunks >= 12,
+        "the long prompt is prefilled in chunks: {chunks}"
+    );
+    let log = log.into_inner().unwrap_or_else(|e| e.into_inner());
+    let at = |who: &str, what: &str| {
+        log.iter()
+            .position(|&(w, e)| w == who && e == what)
+            .unwrap_or_else(|| panic!("no {what} of {who} in {log:?}"))
+    };
+    assert!(
+        at("short", "delta") < at("long", "started"),
+        "the short request's first token comes before the long prefill ends: {log:?}"
+    );
+    assert!(!sh.text.is_empty());
+}
+
+#[test]
+fn stats_show_time_in_queue_prefilling_and_the_decode_batch() {
+    use agent_session::service::ServiceStats;
+    use futures::FutureExt;
+    let s = stack(1, 4);
+    let snapshot = || -> ServiceStats {
+        s.service
+            .stats()
+            .now_or_never()
+            .expect("the memory store answers at once")
+    };
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let at_started = std::sync::Mutex::new(None);
+    let at_delta = std::sync::Mutex::new(None);
+    let first = s.service.generate(req(0, 40, 5), |ev| {
+        match ev {
+            GenerationEvent::Started(_) => {
+                // The second request is queued behind this one; its wait is what passes now.
+                *at_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot());
+                s.clock.advance_ms(250);
+            }
+            GenerationEvent::Delta(_) => {
+                at_delta
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(snapshot);
+            }
+            GenerationEvent::Admitted | GenerationEvent::Finished(_) => {}
+        }
+        true
+    });
+    let first = async {
+        let r = first.await;
+        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r
+    };
+    let second = async {
+        let r = s.service.generate(req(1, 40, 5), |_| true).await;
+        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r
+    };
+    let probe = async {
+        let mut max_prefilling = 0;
+        while done.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            max_prefilling = max_prefilling.max(snapshot().prefilling);
+            YieldNow(false).await;
+        }
+        max_prefilling
+    };
+    let (a, b, max_prefilling) = block_on(futures::future::join3(first, second, probe));
+    let (a, b) = (a.expect("first completes"), b.expect("second completes"));
+    assert_eq!(a.cache.queue_ms, 0, "a free slot: no wait");
+    assert_eq!(b.cache.queue_ms, 250, "waited while the first one ran");
+    assert_eq!(max_prefilling, 1, "one prompt at a time is processed here");
+
+    let started = at_started
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .expect("snapshot");
+    assert_eq!((started.active, started.queued), (1, 1));
+    assert_eq!(started.prefilling, 0, "the first prompt is processed");
+    assert_eq!(started.decoding, 0);
+    let decoding = at_delta
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .expect("snapshot");
+    assert_eq!(decoding.decoding, 1);
+
+    let end = snapshot();
+    assert_eq!(
+        (end.active, end.queued, end.prefilling, end.decoding),
+        (0, 0, 0, 0)
+    );
+    let batches = s.engine.stats().step_batches;
+    assert_eq!(end.decode_steps, batches.len() as u64);
+    assert_eq!(
+        end.decode_step_sequences,
+        batches.iter().sum::<usize>() as u64
+    );
+}
+
+#[test]
+fn a_request_whose_client_left_while_it_was_queued_is_not_served() {
+    let s = stack(1, 4);
+    let served = req(0, 30, 6);
+    // The second client is gone by the time its request gets a slot.
+    let gone = req(1, 400, 6);
+    let mut events = Vec::new();
+    let (a, b) = block_on(futures::future::join(
+        s.service.generate(served, |_| true),
+        s.service.generate(gone, |ev| {
+            events.push(format!("{ev:?}"));
+            false
+        }),
+    ));
+    let a = a.expect("the first request completes");
+    assert!(matches!(b, Err(ServiceError::Cancelled)), "{b:?}");
+    assert_eq!(events, ["Admitted"], "asked once, at admission");
+    let engine = s.engine.stats();
+    assert_eq!(
+        engine.prefilled_tokens as usize, a.cache.prompt_tokens,
+        "nothing was computed for the request that nobody waits for"
+    );
+    assert_eq!(engine.open_sequences, 1, "only the served agent's session");
+    let stats = block_on(s.service.stats());
+    assert_eq!((stats.active, stats.queued, stats.requests), (0, 0, 2));
+    assert_eq!(stats.hot_blocks_active, 0);
+}
+
+#[test]
+fn dropping_a_queued_generation_gives_up_its_place_at_once() {
+    use futures::FutureExt;
+    let s = stack(1, 1);
+    let mut running = Box::pin(s.service.generate(req(0, 30, 20), |_| true));
+    assert!((&mut running).now_or_never().is_none(), "holds the slot");
+    {
+        let mut queued = Box::pin(s.service.generate(req(1, 30, 5), |_| true));
+        assert!((&mut queued).now_or_never().is_none(), "waits for the slot");
+        assert_eq!(block_on(s.service.stats()).queued, 1);
+    }
+    // Its place is free: another request may queue instead of being refused.
+    let mut next = Box::pin(s.service.generate(req(2, 30, 5), |_| true));
+    assert!((&mut next).now_or_never().is_none(), "queued, not refused");
+    assert_eq!(block_on(s.service.stats()).queued, 1);
+    let (first, third) = block_on(futures::future::join(running, next));
+    assert!(first.is_ok() && third.is_ok(), "{first:?} {third:?}");
+    assert_eq!(s.engine.stats().open_sequences, 2);
+}

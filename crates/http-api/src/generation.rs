@@ -2,6 +2,8 @@
 //! goes away never interrupts the service mid-step; it is cancelled through the event
 //! callback instead), and the handler waits for the prompt to be processed before it answers,
 //! so errors before the first token are plain HTTP errors and the cache header is known.
+//! A client that goes away (or times out) while its request still waits for a slot leaves
+//! the queue at once: the task drops the generation, which has done nothing yet.
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -10,6 +12,7 @@ use agent_session::{
     AgentId, CacheReport, Completion, GenerateRequest, GenerationEvent, ServiceError,
 };
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -138,20 +141,38 @@ pub(crate) async fn start(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let service = ctx.service.clone();
     let failed_tx = tx.clone();
+    let watch_tx = tx.clone();
+    let admitted = Arc::new(AtomicBool::new(false));
+    let admitted_flag = admitted.clone();
     tokio::spawn(async move {
         // Returning false once the receiver is gone (client disconnected) cancels generation.
-        let result = service
-            .generate(req, move |event| {
-                let msg = match event {
-                    GenerationEvent::Started(r) => Msg::Started(r),
-                    GenerationEvent::Delta(t) => Msg::Delta(t),
-                    GenerationEvent::Finished(c) => Msg::Finished(c),
-                };
-                tx.send(msg).is_ok()
-            })
-            .await;
-        if let Err(e) = result {
-            let _ = failed_tx.send(Msg::Failed(e));
+        let generation = service.generate(req, move |event| {
+            let msg = match event {
+                GenerationEvent::Admitted => {
+                    admitted_flag.store(true, Ordering::Release);
+                    return !tx.is_closed();
+                }
+                GenerationEvent::Started(r) => Msg::Started(r),
+                GenerationEvent::Delta(t) => Msg::Delta(t),
+                GenerationEvent::Finished(c) => Msg::Finished(c),
+            };
+            tx.send(msg).is_ok()
+        });
+        // Until it is admitted the generation only holds a place in the queue: dropping it
+        // gives that up. From then on it stops through the callback, at a safe point.
+        let left_while_queued = async {
+            watch_tx.closed().await;
+            if admitted.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = generation => {
+                if let Err(e) = result {
+                    let _ = failed_tx.send(Msg::Failed(e));
+                }
+            }
+            () = left_while_queued => {}
         }
     });
     let deadline = ctx.limits.request_timeout.map(|t| Deadline {
@@ -181,6 +202,9 @@ pub(crate) async fn start(
             ctx.metrics
                 .histogram("semantic_prompt_seconds", &[("tier", observer.tier)])
                 .record(start.elapsed().as_secs_f64());
+            ctx.metrics
+                .histogram("semantic_queue_wait_seconds", &[])
+                .record(report.queue_ms as f64 / 1e3);
             if report.restore_micros > 0 {
                 ctx.metrics
                     .histogram("semantic_restore_seconds", &[])

@@ -33,12 +33,16 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("semantic_generated_tokens_total", 'c', None, "Answer tokens generated."),
     ("semantic_cache_restored_bytes_total", 'c', Some(Unit::Bytes), "Bytes of KV restored from the store."),
     ("semantic_restore_seconds", 'h', Some(Unit::Seconds), "Time to load and import a warm prefix from the store."),
+    ("semantic_queue_wait_seconds", 'h', Some(Unit::Seconds), "Time each admitted generation waited in the admission queue for a running slot."),
     ("semantic_hot_evictions_total", 'c', None, "Agents' KV evicted from RAM to make room."),
     ("semantic_service_requests_total", 'c', None, "Generations finished or cancelled by the service."),
     ("semantic_decode_steps_total", 'c', None, "Batched decode steps (one engine call each)."),
+    ("semantic_decode_step_sequences_total", 'c', None, "Sequences served by batched decode steps, summed (divided by semantic_decode_steps_total: the mean batch size)."),
     ("semantic_decode_batch_max", 'g', None, "Largest decode batch so far."),
+    ("semantic_decode_batch_size", 'g', None, "Generations in their decode phase now (the current decode batch)."),
     ("semantic_requests_active", 'g', None, "Generations running now."),
     ("semantic_requests_queued", 'g', None, "Generations waiting for a slot."),
+    ("semantic_requests_prefilling", 'g', None, "Running generations processing their prompt (restore and prefill), before their first token."),
     ("semantic_hot_pool_blocks_used", 'g', None, "Hot-tier KV blocks in use (idle sessions and running requests)."),
     ("semantic_hot_pool_blocks_total", 'g', None, "Hot-tier capacity in KV blocks."),
     ("semantic_hot_pool_blocks_active", 'g', None, "Hot-tier KV blocks reserved by running requests."),
@@ -145,6 +149,10 @@ impl Metrics {
             ("semantic_service_requests_total", stats.requests),
             ("semantic_decode_steps_total", stats.decode_steps),
             (
+                "semantic_decode_step_sequences_total",
+                stats.decode_step_sequences,
+            ),
+            (
                 "semantic_store_blocks_written_total",
                 stats.store.blocks_written,
             ),
@@ -159,6 +167,8 @@ impl Metrics {
         let gauges = [
             ("semantic_requests_active", stats.active as f64),
             ("semantic_requests_queued", stats.queued as f64),
+            ("semantic_requests_prefilling", stats.prefilling as f64),
+            ("semantic_decode_batch_size", stats.decoding as f64),
             (
                 "semantic_hot_pool_blocks_used",
                 stats.hot_blocks_used as f64,

@@ -31,6 +31,20 @@ struct State {
     in_flight: bool,
     max_seen: usize,
     steps: u64,
+    sequences: u64,
+}
+
+/// What the batcher has done so far, for the service's stats.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatcherUsage {
+    /// Sequences in their decode phase now.
+    pub(crate) decoding: usize,
+    /// Largest batch so far.
+    pub(crate) max_seen: usize,
+    /// Engine steps so far.
+    pub(crate) steps: u64,
+    /// Sequences served by those steps, summed.
+    pub(crate) sequences: u64,
 }
 
 /// Gathers decode steps of concurrent generations into batches of at most `max_batch`.
@@ -98,10 +112,15 @@ impl StepBatcher {
         DecoderSlot { batcher: self }
     }
 
-    /// (largest batch so far, batched engine steps so far).
-    pub(crate) fn usage(&self) -> (usize, u64) {
+    /// Sequences decoding now, and what the batches so far were.
+    pub(crate) fn usage(&self) -> BatcherUsage {
         let s = self.lock();
-        (s.max_seen, s.steps)
+        BatcherUsage {
+            decoding: s.decoders,
+            max_seen: s.max_seen,
+            steps: s.steps,
+            sequences: s.sequences,
+        }
     }
 
     /// Submits one decode step and waits for its token.
@@ -172,6 +191,7 @@ impl StepBatcher {
         s.in_flight = false;
         s.max_seen = s.max_seen.max(n);
         s.steps += 1;
+        s.sequences += n as u64;
         self.hand_over(&mut s);
         own
     }

@@ -247,6 +247,12 @@ async fn prometheus_metrics() {
         "semantic_hot_pool_utilization_ratio ",
         "semantic_generated_tokens_total ",
         "# HELP semantic_ttft_seconds",
+        // Issue #8: queue length, time in queue, prompts in progress, decode batch.
+        "semantic_requests_queued 0",
+        "semantic_requests_prefilling 0",
+        "semantic_queue_wait_seconds_count 2",
+        "semantic_decode_batch_size 0",
+        "semantic_decode_step_sequences_total ",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }

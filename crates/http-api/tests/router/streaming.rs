@@ -293,3 +293,55 @@ async fn request_timeout_cancels_and_answers_504() {
     assert!(idle, "every timed-out generation was cancelled");
     assert_eq!(engine.open_sequences(), 0);
 }
+
+#[tokio::test]
+async fn a_request_that_times_out_while_queued_leaves_the_queue_at_once() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let engine = Arc::new(ScriptedEngine::new("ok").gated(gate.clone()));
+    let config = ServiceConfig {
+        max_batch_size: 1,
+        max_queue: 1,
+        ..ServiceConfig::for_block_tokens(64)
+    };
+    let service = scripted_service(engine, Some(config));
+    let app = http_api::router(
+        http_api::AppState::new(service.clone())
+            .with_request_timeout(Some(Duration::from_millis(300))),
+    );
+
+    // The only slot is held: this request's prompt is processed, its first step waits.
+    let mut body = chat(chat_messages("hold"));
+    body["stream"] = json!(true);
+    let held = open_stream(&app, "/v1/chat/completions", &[], body).await;
+
+    // The next one waits in the queue until its time is up.
+    let r = post(&app, "/v1/messages", &[], messages_body("queued", 5)).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    let mut stats = service.stats().await;
+    for _ in 0..200 {
+        stats = service.stats().await;
+        if stats.queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stats.queued, 0, "the timed-out request gave up its place");
+    assert_eq!(stats.active, 1);
+
+    // So the queue takes another request instead of refusing it.
+    let waiting = tokio::spawn({
+        let app = app.clone();
+        async move { post(&app, "/v1/messages", &[], messages_body("next", 5)).await }
+    });
+    for _ in 0..200 {
+        if service.stats().await.queued == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(service.stats().await.queued, 1, "queued, not refused");
+    gate.add_permits(10_000);
+    drop(held);
+    let r = waiting.await.expect("joins");
+    assert_ne!(r.status.as_u16(), 429, "{}", r.text());
+}
