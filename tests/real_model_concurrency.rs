@@ -500,13 +500,24 @@ fn a_generation_over_the_time_limit_gets_504_and_frees_its_slot() {
             ("SEMANTIC_MLX_MAX_BATCH_SIZE", "1"),
         ],
     );
+    // A cancelled generation leaves its slot at its next token; on a loaded machine that can
+    // take longer than the next request's whole time limit, which would then expire in the
+    // queue instead of during its generation. Each request starts on a free slot.
+    let slot_free = |n: u64| {
+        wait_until("the slot to be free", Duration::from_secs(60), || {
+            let st = stats(&server, &[]);
+            st["active"] == 0 && st["requests"] == n
+        })
+    };
     // Each would decode 256 tokens, far beyond one second.
     let r = server.post(path(Api::OpenAi), &[], &body(ENDLESS, 256, false));
     assert_eq!(r.status, 504, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "timeout");
+    slot_free(1);
     let r = server.post(path(Api::Anthropic), &[], &body(ENDLESS, 256, false));
     assert_eq!(r.status, 504, "{}", r.text);
     assert_eq!(r.json()["error"]["type"], "timeout_error");
+    slot_free(2);
     let s = server.post_stream(path(Api::OpenAi), &[], &body(ENDLESS, 256, true));
     assert_eq!(s.status, 200);
     let last = s.events.last().expect("events");
