@@ -114,6 +114,8 @@ struct Streamed {
     text: String,
     finish: Option<String>,
     completed: bool,
+    /// When the stream ended.
+    ended_at: Option<Instant>,
 }
 
 /// Reads a stream to its end; `on_first` runs when the first answer text arrives.
@@ -124,6 +126,7 @@ fn read_stream(api: Api, mut s: Stream, mut on_first: impl FnMut()) -> Streamed 
         text: String::new(),
         finish: None,
         completed: false,
+        ended_at: None,
     };
     for (event, data) in s.events.by_ref() {
         if let Some(t) = content_of(api, &event, &data) {
@@ -152,6 +155,7 @@ fn read_stream(api: Api, mut s: Stream, mut on_first: impl FnMut()) -> Streamed 
             Api::Anthropic => {}
         }
     }
+    out.ended_at = Some(Instant::now());
     out
 }
 
@@ -339,12 +343,27 @@ fn a_short_request_gets_its_first_token_while_a_long_cold_prompt_is_prefilled() 
             );
             read_stream(Api::Anthropic, s, || {})
         });
+        // A longer answer: 32 tokens. Decode steps go before each remaining prefill chunk
+        // (up to 4 per chunk), so it ends while the ~16-chunk prefill is still running; with
+        // one token per chunk it could not.
+        let counter = scope.spawn(|| {
+            let s = server.post_stream(
+                path(Api::OpenAi),
+                &[("x-agent-id", "counter")],
+                &body(ENDLESS, 32, true),
+            );
+            read_stream(Api::OpenAi, s, || {})
+        });
         (
             long.join().expect("long thread"),
-            short.join().expect("short thread"),
+            (
+                short.join().expect("short thread"),
+                counter.join().expect("counter thread"),
+            ),
         )
     });
     let (long_cache, long_headers_at, long) = long;
+    let (short, counter) = short;
 
     // The long prompt was cold and long: about 4,000 tokens, every one prefilled.
     let prompt = cache_field(&long_cache, "prompt").unwrap_or(0);
@@ -365,6 +384,11 @@ fn a_short_request_gets_its_first_token_while_a_long_cold_prompt_is_prefilled() 
     assert!(
         short_first < long_headers_at && short_first < long_first,
         "the short request's first token arrived before the long prompt's prefill ended"
+    );
+    assert_eq!(counter.finish.as_deref(), Some("length"), "{counter:?}");
+    assert!(
+        counter.ended_at.is_some_and(|t| t < long_first),
+        "32 tokens of another request were generated while the long prompt was prefilled"
     );
     assert!(short_started
         .lock()

@@ -17,10 +17,11 @@ use agent_session::{
 use async_trait::async_trait;
 use futures::channel::oneshot;
 use model_cache_spec::{KvStorage, ModelCacheSpec};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How to load and run a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,13 @@ impl Default for EngineConfig {
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// Decode steps of running generations that may go before each prefill chunk of another
+/// request (the chunk waits at most this many steps, each one token for every decoder).
+pub const DECODE_STEPS_PER_PREFILL_CHUNK: usize = 4;
+
+/// How long a waiting prefill chunk gives the decoders' next step to arrive.
+const STEP_ROUND_TRIP: Duration = Duration::from_millis(20);
 
 /// Commands to the worker thread.
 enum Command {
@@ -484,8 +492,58 @@ struct Worker {
 }
 
 impl Worker {
+    /// Serves commands in arrival order, with one exception: a prefill chunk that arrives
+    /// while sequences are decoding lets their next steps go first, up to
+    /// [`DECODE_STEPS_PER_PREFILL_CHUNK`] per chunk. Without it a long cold prefill and the
+    /// running generations alternate one chunk (seconds on a CPU) per generated token.
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        while let Ok(cmd) = rx.recv() {
+        let mut queue: VecDeque<Command> = VecDeque::new();
+        let mut prev_was_step = false;
+        let mut steps_since_prefill = 0usize;
+        loop {
+            let cmd = match queue.pop_front() {
+                Some(c) => c,
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
+            let cmd = if matches!(cmd, Command::Prefill(..))
+                && prev_was_step
+                && steps_since_prefill < DECODE_STEPS_PER_PREFILL_CHUNK
+            {
+                // The decoders' next step is on its way (a round trip through the service).
+                match rx.recv_timeout(STEP_ROUND_TRIP) {
+                    Ok(next @ Command::Step(..)) => {
+                        queue.push_front(cmd);
+                        next
+                    }
+                    Ok(other) => {
+                        queue.push_back(other);
+                        cmd
+                    }
+                    Err(_) => cmd,
+                }
+            } else {
+                cmd
+            };
+            match &cmd {
+                Command::Step(..) => {
+                    prev_was_step = true;
+                    steps_since_prefill += 1;
+                }
+                Command::Prefill(..) => {
+                    prev_was_step = false;
+                    steps_since_prefill = 0;
+                }
+                _ => {}
+            }
+            self.handle(cmd);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        {
             match cmd {
                 Command::Open(r) => {
                     let id = self.next_id;
