@@ -133,6 +133,42 @@ fn restore_then_prefill_equals_cold_prefill() {
             engine.release(warm).await.expect("release");
         }
 
+        // Importing in several calls, or after prefilled blocks, appends the same bytes (the
+        // path that writes after the current end rather than building fresh buffers).
+        let split = engine.open_sequence().await.expect("open");
+        engine
+            .import_blocks(split, blocks[..1].to_vec())
+            .await
+            .expect("import the first block");
+        engine
+            .import_blocks(split, blocks[1..].to_vec())
+            .await
+            .expect("import the rest");
+        let again = engine.export_blocks(split, 0, 4).await.expect("export");
+        assert!(again == exported, "blocks imported in two calls differ");
+        prefill_aligned(&engine, split, &tokens, 4 * BLOCK).await;
+        let split_logits = engine.debug_logits(split).await.expect("logits");
+        assert!(
+            split_logits
+                .iter()
+                .zip(&cold_logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "logits after a two-call import differ from the cold run"
+        );
+        engine.release(split).await.expect("release");
+        let mixed = engine.open_sequence().await.expect("open");
+        prefill_aligned(&engine, mixed, &tokens[..BLOCK], 0).await;
+        engine
+            .import_blocks(mixed, blocks[1..3].to_vec())
+            .await
+            .expect("import after a prefill");
+        let again = engine.export_blocks(mixed, 0, 3).await.expect("export");
+        assert!(
+            again == exported[..3],
+            "blocks imported after a prefill differ"
+        );
+        engine.release(mixed).await.expect("release");
+
         // Truncate back to a block boundary and prefill again: same logits.
         engine.truncate(cold, 2 * BLOCK).await.expect("truncate");
         assert_eq!(engine.sequence_len(cold).await.expect("len"), 2 * BLOCK);
