@@ -541,14 +541,11 @@ pub fn read_block_file(
     }
     let mut data = HashMap::with_capacity(header.layout.len());
     for (name, _, _, len) in &header.layout {
-        let mut buf = Vec::with_capacity(*len);
-        (&mut file)
-            .take(*len as u64)
-            .read_to_end(&mut buf)
-            .map_err(io)?;
-        if buf.len() != *len {
-            return Err(corrupt(format!("tensor {name:?} is truncated")));
-        }
+        // One `read` per tensor straight into its buffer (zeroed by the allocator's fresh
+        // pages, not by a pass over it), hashed right away while it is in cache.
+        let mut buf = vec![0u8; *len];
+        file.read_exact(&mut buf)
+            .map_err(|e| read_err(e, &format!("tensor {name:?}")))?;
         let digest = blake3::hash(&buf);
         data.insert(name.clone(), (buf, digest));
     }

@@ -161,43 +161,106 @@ impl SequenceKv {
         Ok((i32_of(start)?, i32_of(start + bt)?))
     }
 
-    /// Copies block `block` out as bytes: `l{i}.k` / `l{i}.v`, `[kv_heads, block_tokens,
-    /// head_dim]` f32 (bit-exact), or with `kv_bits` MLX affine quantization with group 64:
-    /// `l{i}.k` (u32), `l{i}.k.scales`, `l{i}.k.biases` (f16).
+    /// Copies blocks `first..first + count` out as bytes: `l{i}.k` / `l{i}.v`, `[kv_heads,
+    /// block_tokens, head_dim]` f32 (bit-exact), or with `kv_bits` MLX affine quantization
+    /// with group 64: `l{i}.k` (u32), `l{i}.k.scales`, `l{i}.k.biases` (f16).
+    ///
+    /// Float blocks are copied straight from each layer's evaluated buffer into the payload's
+    /// bytes (one copy, no intermediate MLX array).
     pub fn export_blocks(
         &self,
         first: usize,
         count: usize,
         kv_bits: Option<u8>,
     ) -> Result<Vec<KvPayload>> {
+        for b in first..first + count {
+            self.block_range(b)?;
+        }
+        match kv_bits {
+            None => self.export_float(first, count),
+            Some(bits) => self.export_quantized(first, count, bits),
+        }
+    }
+
+    fn export_float(&self, first: usize, count: usize) -> Result<Vec<KvPayload>> {
+        let KvLayout {
+            kv_heads,
+            head_dim,
+            block_tokens: bt,
+            ..
+        } = self.layout;
+        let per_head = bt * head_dim;
+        let mut out: Vec<Vec<KvTensor>> = (0..count)
+            .map(|_| Vec::with_capacity(2 * self.layers.len()))
+            .collect();
+        for (i, (k, v)) in self.layers.iter().enumerate() {
+            for (kind, buf) in [("k", k), ("v", v)] {
+                let owned;
+                let data: &[f32] = match buf.try_as_slice::<f32>() {
+                    Ok(d) => d,
+                    // A view (never the case after a write): materialize it once.
+                    Err(_) => {
+                        owned = buf.contiguous().ctx("copying a KV buffer")?;
+                        owned
+                            .try_as_slice::<f32>()
+                            .map_err(|e| bad(format!("reading KV: {e}")))?
+                    }
+                };
+                // `[1, kv_heads, capacity, head_dim]`: head h's rows of block b are
+                // `per_head` values at `(h * capacity + b * bt) * head_dim`.
+                if data.len() != kv_heads * self.capacity * head_dim {
+                    return Err(bad(format!(
+                        "KV buffer of layer {i} holds {} values, expected {}",
+                        data.len(),
+                        kv_heads * self.capacity * head_dim
+                    )));
+                }
+                for (tensors, b) in out.iter_mut().zip(first..) {
+                    let mut bytes = vec![0u8; kv_heads * per_head * 4];
+                    for (h, dst) in bytes.chunks_exact_mut(per_head * 4).enumerate() {
+                        let at = (h * self.capacity + b * bt) * head_dim;
+                        encode_f32(dst, &data[at..at + per_head]);
+                    }
+                    tensors.push(KvTensor {
+                        name: format!("l{i}.{kind}"),
+                        dtype: TensorDtype::F32,
+                        shape: vec![kv_heads, bt, head_dim],
+                        data: bytes,
+                    });
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|tensors| KvPayload {
+                encoding: KvEncoding::Float {
+                    dtype: TensorDtype::F32,
+                },
+                tensors,
+            })
+            .collect())
+    }
+
+    fn export_quantized(&self, first: usize, count: usize, bits: u8) -> Result<Vec<KvPayload>> {
         let mut out = Vec::with_capacity(count);
         for b in first..first + count {
             let (s, e) = self.block_range(b)?;
-            // Slices of every layer, made contiguous, evaluated together.
+            // Quantized slices of every layer, evaluated together.
             let mut named: Vec<(String, Array)> = Vec::new();
             for (i, (k, v)) in self.layers.iter().enumerate() {
                 for (kind, buf) in [("k", k), ("v", v)] {
                     let slice = buf.try_index((0, .., s..e, ..)).ctx("slicing a KV block")?;
-                    match kv_bits {
-                        None => named.push((
-                            format!("l{i}.{kind}"),
-                            slice.contiguous().ctx("copying a KV block")?,
-                        )),
-                        Some(bits) => {
-                            let (w, sc, bi) =
-                                ops::quantize(&slice, KV_QUANT_GROUP, i32::from(bits))
-                                    .ctx("quantizing a KV block")?;
-                            named.push((format!("l{i}.{kind}"), w));
-                            named.push((
-                                format!("l{i}.{kind}.scales"),
-                                sc.as_dtype(Dtype::Float16).ctx("casting scales")?,
-                            ));
-                            named.push((
-                                format!("l{i}.{kind}.biases"),
-                                bi.as_dtype(Dtype::Float16).ctx("casting biases")?,
-                            ));
-                        }
-                    }
+                    let (w, sc, bi) = ops::quantize(&slice, KV_QUANT_GROUP, i32::from(bits))
+                        .ctx("quantizing a KV block")?;
+                    named.push((format!("l{i}.{kind}"), w));
+                    named.push((
+                        format!("l{i}.{kind}.scales"),
+                        sc.as_dtype(Dtype::Float16).ctx("casting scales")?,
+                    ));
+                    named.push((
+                        format!("l{i}.{kind}.biases"),
+                        bi.as_dtype(Dtype::Float16).ctx("casting biases")?,
+                    ));
                 }
             }
             mlx_rs::transforms::eval(named.iter().map(|(_, a)| a)).ctx("exporting KV")?;
@@ -205,21 +268,24 @@ impl SequenceKv {
             for (name, a) in named {
                 tensors.push(to_kv_tensor(name, &a)?);
             }
-            let encoding = match kv_bits {
-                None => KvEncoding::Float {
-                    dtype: TensorDtype::F32,
-                },
-                Some(bits) => KvEncoding::Quantized {
+            out.push(KvPayload {
+                encoding: KvEncoding::Quantized {
                     bits,
                     group_size: KV_QUANT_GROUP as u32,
                 },
-            };
-            out.push(KvPayload { encoding, tensors });
+                tensors,
+            });
         }
         Ok(out)
     }
 
     /// Appends whole blocks (the sequence length must be a multiple of the block size).
+    ///
+    /// Every payload is checked and decoded before the sequence changes, so a bad payload
+    /// leaves it as it was. Float blocks are decoded on the host straight into one
+    /// `[1, kv_heads, tokens, head_dim]` array per layer and K/V (one copy into a reused
+    /// scratch buffer, one into MLX); into an empty sequence those arrays become the
+    /// buffers themselves, otherwise they are written after the current end.
     pub fn import_blocks(&mut self, payloads: &[&KvPayload]) -> Result<()> {
         let bt = self.layout.block_tokens;
         if !self.len.is_multiple_of(bt) {
@@ -231,85 +297,137 @@ impl SequenceKv {
         if payloads.is_empty() {
             return Ok(());
         }
-        let kvh = self.layout.kv_heads;
-        let hd = self.layout.head_dim;
-        // Decode every block first, so a bad payload leaves the sequence unchanged.
-        let mut per_layer: Vec<(Vec<Array>, Vec<Array>)> = (0..self.layout.num_layers)
-            .map(|_| (Vec::new(), Vec::new()))
-            .collect();
-        for p in payloads {
-            for (i, (ks, vs)) in per_layer.iter_mut().enumerate() {
-                for (kind, dst) in [("k", &mut *ks), ("v", &mut *vs)] {
-                    let name = format!("l{i}.{kind}");
-                    let a = match p.encoding {
-                        KvEncoding::Float { dtype } => {
-                            let t = find(p, &name, dtype, &[kvh, bt, hd])?;
-                            from_kv_tensor(t)?
-                                .as_dtype(Dtype::Float32)
-                                .ctx("casting imported KV")?
-                        }
-                        KvEncoding::Quantized { bits, group_size } => {
-                            if !matches!(bits, 4 | 8)
-                                || group_size == 0
-                                || !hd.is_multiple_of(group_size as usize)
-                            {
-                                return Err(bad(format!(
-                                    "unsupported KV quantization: {bits} bits, group {group_size}"
-                                )));
-                            }
-                            let packed = hd * usize::from(bits) / 32;
-                            let groups = hd / group_size as usize;
-                            let w = find(p, &name, TensorDtype::U32, &[kvh, bt, packed])?;
-                            let sn = format!("{name}.scales");
-                            let bn = format!("{name}.biases");
-                            let s = p
-                                .tensors
-                                .iter()
-                                .find(|t| t.name == sn)
-                                .ok_or_else(|| bad(format!("missing tensor `{sn}`")))?;
-                            let b = p
-                                .tensors
-                                .iter()
-                                .find(|t| t.name == bn)
-                                .ok_or_else(|| bad(format!("missing tensor `{bn}`")))?;
-                            check(s, &[kvh, bt, groups])?;
-                            check(b, &[kvh, bt, groups])?;
-                            let sa = from_kv_tensor(s)?
-                                .as_dtype(Dtype::Float32)
-                                .ctx("casting scales")?;
-                            let ba = from_kv_tensor(b)?
-                                .as_dtype(Dtype::Float32)
-                                .ctx("casting biases")?;
-                            ops::dequantize(
-                                from_kv_tensor(w)?,
-                                &sa,
-                                &ba,
-                                group_size as i32,
-                                i32::from(bits),
-                            )
-                            .ctx("dequantizing imported KV")?
-                        }
-                    };
-                    dst.push(a.expand_dims(0).ctx("reshaping imported KV")?);
-                }
-            }
-        }
         let n = payloads.len() * bt;
-        self.reserve(self.len + n)?;
-        let start = i32_of(self.len)?;
-        let end = i32_of(self.len + n)?;
-        for ((k, v), (ks, vs)) in self.layers.iter_mut().zip(per_layer) {
-            let kn = ops::concatenate(&ks, 2).ctx("joining imported KV")?;
-            let vn = ops::concatenate(&vs, 2).ctx("joining imported KV")?;
-            k.try_index_mut((.., .., start..end, ..), &kn)
-                .ctx("writing imported K")?;
-            v.try_index_mut((.., .., start..end, ..), &vn)
-                .ctx("writing imported V")?;
+        let mut scratch = Vec::new();
+        let mut imported = Vec::with_capacity(self.layout.num_layers);
+        for i in 0..self.layout.num_layers {
+            let k = self.import_tensor(payloads, &format!("l{i}.k"), &mut scratch)?;
+            let v = self.import_tensor(payloads, &format!("l{i}.v"), &mut scratch)?;
+            imported.push((k, v));
+        }
+        if self.len == 0 {
+            self.layers = imported;
+            self.capacity = n;
+        } else {
+            self.reserve(self.len + n)?;
+            let start = i32_of(self.len)?;
+            let end = i32_of(self.len + n)?;
+            for ((k, v), (kn, vn)) in self.layers.iter_mut().zip(imported) {
+                k.try_index_mut((.., .., start..end, ..), &kn)
+                    .ctx("writing imported K")?;
+                v.try_index_mut((.., .., start..end, ..), &vn)
+                    .ctx("writing imported V")?;
+            }
         }
         mlx_rs::transforms::eval(self.arrays()).ctx("importing KV")?;
         self.len += n;
         Ok(())
     }
+
+    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, blocks * block_tokens,
+    /// head_dim]` f32 array. `scratch` is reused between calls.
+    fn import_tensor(
+        &self,
+        payloads: &[&KvPayload],
+        name: &str,
+        scratch: &mut Vec<f32>,
+    ) -> Result<Array> {
+        let KvLayout {
+            kv_heads: kvh,
+            head_dim: hd,
+            block_tokens: bt,
+            ..
+        } = self.layout;
+        let n = payloads.len() * bt;
+        let shape = [1, i32_of(kvh)?, i32_of(n)?, i32_of(hd)?];
+        let float = |p: &KvPayload| match p.encoding {
+            KvEncoding::Float { dtype } => Some(dtype),
+            KvEncoding::Quantized { .. } => None,
+        };
+        if payloads.iter().all(|p| float(p).is_some()) {
+            // Head h of block b goes to rows `b * bt..(b + 1) * bt` of head h.
+            let per_head = bt * hd;
+            if scratch.len() != kvh * n * hd {
+                *scratch = vec![0.0; kvh * n * hd];
+            }
+            for (b, p) in payloads.iter().enumerate() {
+                let dtype = float(p).unwrap_or(TensorDtype::F32);
+                let t = find(p, name, dtype, &[kvh, bt, hd])?;
+                let src_head = per_head * dtype.size();
+                for (dst, src) in scratch
+                    .chunks_exact_mut(n * hd)
+                    .zip(t.data.chunks_exact(src_head))
+                {
+                    decode_f32(&mut dst[b * per_head..(b + 1) * per_head], src, dtype)
+                        .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+                }
+            }
+            return Ok(Array::from_slice(scratch, &shape));
+        }
+        let mut blocks = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            blocks.push(match p.encoding {
+                KvEncoding::Float { dtype } => {
+                    let t = find(p, name, dtype, &[kvh, bt, hd])?;
+                    from_kv_tensor(t)?
+                        .as_dtype(Dtype::Float32)
+                        .ctx("casting imported KV")?
+                }
+                KvEncoding::Quantized { bits, group_size } => {
+                    dequantize_tensor(p, name, bits, group_size, [kvh, bt, hd])?
+                }
+            });
+        }
+        let joined = ops::concatenate(&blocks, 1).ctx("joining imported KV")?;
+        joined.reshape(&shape).ctx("reshaping imported KV")
+    }
+}
+
+/// Tensor `name` of a quantized payload (with its `.scales` and `.biases`), dequantized to
+/// a `[kv_heads, block_tokens, head_dim]` f32 array.
+fn dequantize_tensor(
+    p: &KvPayload,
+    name: &str,
+    bits: u8,
+    group_size: u32,
+    [kvh, bt, hd]: [usize; 3],
+) -> Result<Array> {
+    if !matches!(bits, 4 | 8) || group_size == 0 || !hd.is_multiple_of(group_size as usize) {
+        return Err(bad(format!(
+            "unsupported KV quantization: {bits} bits, group {group_size}"
+        )));
+    }
+    let packed = hd * usize::from(bits) / 32;
+    let groups = hd / group_size as usize;
+    let w = find(p, name, TensorDtype::U32, &[kvh, bt, packed])?;
+    let sn = format!("{name}.scales");
+    let bn = format!("{name}.biases");
+    let s = p
+        .tensors
+        .iter()
+        .find(|t| t.name == sn)
+        .ok_or_else(|| bad(format!("missing tensor `{sn}`")))?;
+    let b = p
+        .tensors
+        .iter()
+        .find(|t| t.name == bn)
+        .ok_or_else(|| bad(format!("missing tensor `{bn}`")))?;
+    check(s, &[kvh, bt, groups])?;
+    check(b, &[kvh, bt, groups])?;
+    let sa = from_kv_tensor(s)?
+        .as_dtype(Dtype::Float32)
+        .ctx("casting scales")?;
+    let ba = from_kv_tensor(b)?
+        .as_dtype(Dtype::Float32)
+        .ctx("casting biases")?;
+    ops::dequantize(
+        from_kv_tensor(w)?,
+        &sa,
+        &ba,
+        group_size as i32,
+        i32::from(bits),
+    )
+    .ctx("dequantizing imported KV")
 }
 
 fn check(t: &KvTensor, shape: &[usize]) -> Result<()> {
@@ -345,35 +463,31 @@ fn find<'a>(
     Ok(t)
 }
 
-/// An evaluated, contiguous array as a byte tensor.
+/// An evaluated, contiguous array as a byte tensor (one copy, from MLX's buffer).
 fn to_kv_tensor(name: String, a: &Array) -> Result<KvTensor> {
     let shape: Vec<usize> = a.shape().iter().map(|&d| d as usize).collect();
     let (dtype, data) = match a.dtype() {
         Dtype::Float32 => (
             TensorDtype::F32,
-            bytes_of(
-                &a.to_vec_exact::<f32>().ctx("reading KV")?,
-                f32::to_le_bytes,
-            ),
+            le_bytes(a.try_as_slice::<f32>().ctx("reading KV")?, f32::to_le_bytes),
         ),
         Dtype::Uint32 => (
             TensorDtype::U32,
-            bytes_of(
-                &a.to_vec_exact::<u32>().ctx("reading KV")?,
-                u32::to_le_bytes,
-            ),
+            le_bytes(a.try_as_slice::<u32>().ctx("reading KV")?, u32::to_le_bytes),
         ),
         Dtype::Float16 => (
             TensorDtype::F16,
-            bytes_of(&a.to_vec_exact::<half::f16>().ctx("reading KV")?, |x| {
-                x.to_le_bytes()
-            }),
+            le_bytes(
+                a.try_as_slice::<half::f16>().ctx("reading KV")?,
+                half::f16::to_le_bytes,
+            ),
         ),
         Dtype::Bfloat16 => (
             TensorDtype::Bf16,
-            bytes_of(&a.to_vec_exact::<half::bf16>().ctx("reading KV")?, |x| {
-                x.to_le_bytes()
-            }),
+            le_bytes(
+                a.try_as_slice::<half::bf16>().ctx("reading KV")?,
+                half::bf16::to_le_bytes,
+            ),
         ),
         other => return Err(bad(format!("cannot export dtype {other:?}"))),
     };
@@ -385,12 +499,51 @@ fn to_kv_tensor(name: String, a: &Array) -> Result<KvTensor> {
     })
 }
 
-fn bytes_of<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * N);
-    for &x in v {
-        out.extend_from_slice(&f(x));
+/// `v` as little-endian bytes.
+fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = vec![0u8; v.len() * N];
+    for (dst, &x) in out.chunks_exact_mut(N).zip(v) {
+        dst.copy_from_slice(&f(x));
     }
     out
+}
+
+/// Writes `src` into `dst` as little-endian f32 bytes (`dst.len() == 4 * src.len()`).
+fn encode_f32(dst: &mut [u8], src: &[f32]) {
+    for (d, x) in dst.chunks_exact_mut(4).zip(src) {
+        d.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Decodes little-endian `dtype` values from `src` into `dst` as f32 (exact: f16 and bf16
+/// widen without rounding). `src` holds exactly `dst.len()` values.
+fn decode_f32(dst: &mut [f32], src: &[u8], dtype: TensorDtype) -> Result<(), String> {
+    if src.len() != dst.len() * dtype.size() {
+        return Err(format!(
+            "{} bytes for {} values of {dtype:?}",
+            src.len(),
+            dst.len()
+        ));
+    }
+    match dtype {
+        TensorDtype::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        TensorDtype::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        TensorDtype::Bf16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        TensorDtype::U32 => return Err("a float block holds u32 values".into()),
+    }
+    Ok(())
 }
 
 fn from_kv_tensor(t: &KvTensor) -> Result<Array> {

@@ -133,6 +133,42 @@ fn restore_then_prefill_equals_cold_prefill() {
             engine.release(warm).await.expect("release");
         }
 
+        // Importing in several calls, or after prefilled blocks, appends the same bytes (the
+        // path that writes after the current end rather than building fresh buffers).
+        let split = engine.open_sequence().await.expect("open");
+        engine
+            .import_blocks(split, blocks[..1].to_vec())
+            .await
+            .expect("import the first block");
+        engine
+            .import_blocks(split, blocks[1..].to_vec())
+            .await
+            .expect("import the rest");
+        let again = engine.export_blocks(split, 0, 4).await.expect("export");
+        assert!(again == exported, "blocks imported in two calls differ");
+        prefill_aligned(&engine, split, &tokens, 4 * BLOCK).await;
+        let split_logits = engine.debug_logits(split).await.expect("logits");
+        assert!(
+            split_logits
+                .iter()
+                .zip(&cold_logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "logits after a two-call import differ from the cold run"
+        );
+        engine.release(split).await.expect("release");
+        let mixed = engine.open_sequence().await.expect("open");
+        prefill_aligned(&engine, mixed, &tokens[..BLOCK], 0).await;
+        engine
+            .import_blocks(mixed, blocks[1..3].to_vec())
+            .await
+            .expect("import after a prefill");
+        let again = engine.export_blocks(mixed, 0, 3).await.expect("export");
+        assert!(
+            again == exported[..3],
+            "blocks imported after a prefill differ"
+        );
+        engine.release(mixed).await.expect("release");
+
         // Truncate back to a block boundary and prefill again: same logits.
         engine.truncate(cold, 2 * BLOCK).await.expect("truncate");
         assert_eq!(engine.sequence_len(cold).await.expect("len"), 2 * BLOCK);
@@ -176,17 +212,70 @@ fn restore_then_prefill_equals_cold_prefill() {
     });
 }
 
+/// How a quantized restore changes the next-token distributions, against the same sequence
+/// computed cold (float KV), over `steps` tokens fed one at a time after `blocks` restored
+/// blocks: mean KL(cold ‖ warm) in nats, the largest absolute logit change, and how many
+/// argmaxes agree.
+async fn quantized_restore_quality(
+    engine: &MlxEngine,
+    tokens: &[TokenId],
+    blocks: usize,
+    steps: usize,
+) -> (f64, f32, usize) {
+    let prefix = blocks * BLOCK;
+    let cold = engine.open_sequence().await.expect("open");
+    prefill_aligned(engine, cold, &tokens[..prefix], 0).await;
+    let exported = engine.export_blocks(cold, 0, blocks).await.expect("export");
+    let warm = engine.open_sequence().await.expect("open");
+    engine
+        .import_blocks(warm, blocks_of(engine, tokens, exported))
+        .await
+        .expect("import");
+    let log_softmax = |l: &[f32]| -> Vec<f64> {
+        let max = f64::from(l.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let lse = max
+            + l.iter()
+                .map(|&x| (f64::from(x) - max).exp())
+                .sum::<f64>()
+                .ln();
+        l.iter().map(|&x| f64::from(x) - lse).collect()
+    };
+    let am = |v: &[f32]| engine_mlx::sampling::argmax(v);
+    let (mut kl, mut worst, mut agree) = (0.0f64, 0.0f32, 0usize);
+    for &t in &tokens[prefix..prefix + steps] {
+        engine.prefill(cold, vec![t]).await.expect("prefill");
+        engine.prefill(warm, vec![t]).await.expect("prefill");
+        let c = engine.debug_logits(cold).await.expect("logits");
+        let w = engine.debug_logits(warm).await.expect("logits");
+        let (lc, lw) = (log_softmax(&c), log_softmax(&w));
+        kl += lc
+            .iter()
+            .zip(&lw)
+            .map(|(&p, &q)| p.exp() * (p - q))
+            .sum::<f64>();
+        worst = worst.max(common::max_abs_diff(&c, &w));
+        agree += usize::from(am(&c) == am(&w));
+    }
+    engine.release(cold).await.expect("release");
+    engine.release(warm).await.expect("release");
+    (kl / steps as f64, worst, agree)
+}
+
+/// Steps scored by the quantized-KV tests (after 3 restored blocks of 64 tokens).
+const QUALITY_STEPS: usize = 32;
+
 #[test]
-fn quantized_kv_export_round_trips_approximately() {
+fn quantized_kv_8_bit_stays_within_the_documented_error() {
     let Some((engine, fmt)) = common::load(config(Some(8))) else {
         return;
     };
-    let tokens = text_tokens(fmt.as_ref(), 2 * BLOCK + 10);
+    let tokens = text_tokens(fmt.as_ref(), 3 * BLOCK + QUALITY_STEPS);
     block_on(async {
+        // The payload's shape: packed u32 values, f16 scales and biases, 3.8x smaller.
         let cold = engine.open_sequence().await.expect("open");
-        prefill_aligned(&engine, cold, &tokens, 0).await;
-        let cold_logits = engine.debug_logits(cold).await.expect("logits");
-        let exported = engine.export_blocks(cold, 0, 2).await.expect("export");
+        prefill_aligned(&engine, cold, &tokens[..BLOCK], 0).await;
+        let exported = engine.export_blocks(cold, 0, 1).await.expect("export");
+        engine.release(cold).await.expect("release");
         let p = &exported[0];
         assert_eq!(
             p.encoding,
@@ -203,14 +292,38 @@ fn quantized_kv_export_round_trips_approximately() {
         let float_bytes = 2 * 30 * 3 * BLOCK * 64 * 4;
         assert!(p.byte_len() * 3 < float_bytes, "8-bit blocks are smaller");
 
-        let blocks = blocks_of(&engine, &tokens, exported);
-        let warm = engine.open_sequence().await.expect("open");
-        engine.import_blocks(warm, blocks).await.expect("import");
-        prefill_aligned(&engine, warm, &tokens, 2 * BLOCK).await;
-        let warm_logits = engine.debug_logits(warm).await.expect("logits");
-        let max_diff = common::max_abs_diff(&warm_logits, &cold_logits);
-        assert!(max_diff < 0.5, "8-bit KV changed logits by {max_diff}");
-        let am = |v: &[f32]| engine_mlx::sampling::argmax(v);
-        assert_eq!(am(&warm_logits), am(&cold_logits));
+        // The bounds documented in docs/models.md ("KV quantization quality").
+        let (kl, worst, agree) =
+            quantized_restore_quality(&engine, &tokens, 3, QUALITY_STEPS).await;
+        eprintln!(
+            "8-bit KV: mean KL {kl:.3e}, max |Δlogit| {worst:.3}, top-1 {agree}/{QUALITY_STEPS}"
+        );
+        assert!(kl < 1e-4, "8-bit KV: mean KL {kl:e} nats");
+        assert!(worst < 0.5, "8-bit KV changed a logit by {worst}");
+        assert!(
+            agree >= QUALITY_STEPS - 1,
+            "8-bit KV: top-1 agreed {agree}/{QUALITY_STEPS}"
+        );
+    });
+}
+
+#[test]
+fn quantized_kv_4_bit_stays_within_the_documented_error() {
+    let Some((engine, fmt)) = common::load(config(Some(4))) else {
+        return;
+    };
+    let tokens = text_tokens(fmt.as_ref(), 3 * BLOCK + QUALITY_STEPS);
+    block_on(async {
+        let (kl, worst, agree) =
+            quantized_restore_quality(&engine, &tokens, 3, QUALITY_STEPS).await;
+        eprintln!(
+            "4-bit KV: mean KL {kl:.3e}, max |Δlogit| {worst:.3}, top-1 {agree}/{QUALITY_STEPS}"
+        );
+        assert!(kl < 2e-2, "4-bit KV: mean KL {kl:e} nats");
+        assert!(worst < 5.0, "4-bit KV changed a logit by {worst}");
+        assert!(
+            agree >= QUALITY_STEPS * 7 / 8,
+            "4-bit KV: top-1 agreed {agree}/{QUALITY_STEPS}"
+        );
     });
 }
