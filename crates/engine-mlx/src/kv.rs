@@ -11,6 +11,12 @@ use mlx_rs::{Array, Dtype};
 /// Quantization group size of exported quantized KV blocks.
 pub const KV_QUANT_GROUP: i32 = 64;
 
+/// Blocks of spare capacity an import into an empty sequence allocates after the imported
+/// ones. A restore is always followed by a prefill of at least one token (the service never
+/// reuses a whole prompt), which would otherwise regrow, that is copy, every buffer right
+/// away; the capacity it reaches is the same as a cold run's, so the numerics are too.
+pub const IMPORT_SPARE_BLOCKS: usize = 1;
+
 /// Shape of a model's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -275,8 +281,9 @@ impl SequenceKv {
     /// Every payload is checked and decoded before the sequence changes, so a bad payload
     /// leaves it as it was. Float blocks are decoded on the host straight into one
     /// `[1, kv_heads, tokens, head_dim]` array per layer and K/V (one copy into a reused
-    /// scratch buffer, one into MLX); into an empty sequence those arrays become the
-    /// buffers themselves, otherwise they are written after the current end.
+    /// scratch buffer, one into MLX); into an empty sequence those arrays, with
+    /// [`IMPORT_SPARE_BLOCKS`] more blocks of zeros, become the buffers themselves,
+    /// otherwise they are written after the current end.
     pub fn import_blocks(&mut self, payloads: &[&KvPayload]) -> Result<()> {
         let bt = self.layout.block_tokens;
         if !self.len.is_multiple_of(bt) {
@@ -289,16 +296,24 @@ impl SequenceKv {
             return Ok(());
         }
         let n = payloads.len() * bt;
+        let fresh = self.len == 0;
+        // Into an empty sequence the imported arrays become the buffers: give them the room
+        // the next prefill needs anyway.
+        let capacity = if fresh {
+            n + IMPORT_SPARE_BLOCKS * bt
+        } else {
+            n
+        };
         let mut scratch = Vec::new();
         let mut imported = Vec::with_capacity(self.layout.num_layers);
         for i in 0..self.layout.num_layers {
-            let k = self.import_tensor(payloads, &format!("l{i}.k"), &mut scratch)?;
-            let v = self.import_tensor(payloads, &format!("l{i}.v"), &mut scratch)?;
+            let k = self.import_tensor(payloads, &format!("l{i}.k"), capacity, &mut scratch)?;
+            let v = self.import_tensor(payloads, &format!("l{i}.v"), capacity, &mut scratch)?;
             imported.push((k, v));
         }
-        if self.len == 0 {
+        if fresh {
             self.layers = imported;
-            self.capacity = n;
+            self.capacity = capacity;
         } else {
             self.reserve(self.len + n)?;
             let start = i32_of(self.len)?;
@@ -315,12 +330,14 @@ impl SequenceKv {
         Ok(())
     }
 
-    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, blocks * block_tokens,
-    /// head_dim]` f32 array. `scratch` is reused between calls.
+    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, capacity, head_dim]`
+    /// f32 array: the blocks' tokens first, zeros after them. `scratch` is reused between
+    /// calls.
     fn import_tensor(
         &self,
         payloads: &[&KvPayload],
         name: &str,
+        capacity: usize,
         scratch: &mut Vec<f32>,
     ) -> Result<Array> {
         let KvLayout {
@@ -330,10 +347,10 @@ impl SequenceKv {
             ..
         } = self.layout;
         let n = payloads.len() * bt;
-        let shape = [1, i32_of(kvh)?, i32_of(n)?, i32_of(hd)?];
+        let shape = [1, i32_of(kvh)?, i32_of(capacity)?, i32_of(hd)?];
         // MLX sizes arrays with i32 element counts.
         let elements = kvh
-            .checked_mul(n)
+            .checked_mul(capacity)
             .and_then(|x| x.checked_mul(hd))
             .ok_or_else(|| bad(format!("{n} imported tokens exceed the tensor size limit")))?;
         i32_of(elements)?;
@@ -342,7 +359,8 @@ impl SequenceKv {
             KvEncoding::Float { .. } | KvEncoding::Quantized { .. } => None,
         };
         if payloads.iter().all(|p| float(p).is_some()) {
-            // Head h of block b goes to rows `b * bt..(b + 1) * bt` of head h.
+            // Head h of block b goes to rows `b * bt..(b + 1) * bt` of head h; the rows past
+            // the blocks stay zero (never written between calls).
             let per_head = bt * hd;
             if scratch.len() != elements {
                 *scratch = vec![0.0; elements];
@@ -352,7 +370,7 @@ impl SequenceKv {
                 let t = find(p, name, dtype, &[kvh, bt, hd])?;
                 let src_head = per_head * dtype.size();
                 for (dst, src) in scratch
-                    .chunks_exact_mut(n * hd)
+                    .chunks_exact_mut(capacity * hd)
                     .zip(t.data.chunks_exact(src_head))
                 {
                     decode_f32(&mut dst[b * per_head..(b + 1) * per_head], src, dtype)
@@ -377,6 +395,12 @@ impl SequenceKv {
                     dequantize_tensor(p, name, bits, group_size, [kvh, bt, hd])?
                 }
             });
+        }
+        if capacity > n {
+            blocks.push(
+                Array::zeros::<f32>(&[i32_of(kvh)?, i32_of(capacity - n)?, i32_of(hd)?])
+                    .ctx("allocating KV")?,
+            );
         }
         let joined = ops::concatenate(&blocks, 1).ctx("joining imported KV")?;
         joined.reshape(&shape).ctx("reshaping imported KV")
@@ -648,7 +672,10 @@ mod tests {
         let mut kv = SequenceKv::new(LAYOUT);
         kv.import_blocks(&refs[..2])
             .expect("import into an empty sequence");
-        assert_eq!((kv.len(), kv.capacity()), (128, 128));
+        assert_eq!(
+            (kv.len(), kv.capacity()),
+            (128, 128 + 64 * IMPORT_SPARE_BLOCKS)
+        );
         kv.import_blocks(&refs[2..3]).expect("append one");
         kv.import_blocks(&refs[3..]).expect("append another");
         assert_eq!(kv.len(), 256);
