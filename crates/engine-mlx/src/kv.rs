@@ -11,6 +11,12 @@ use mlx_rs::{Array, Dtype};
 /// Quantization group size of exported quantized KV blocks.
 pub const KV_QUANT_GROUP: i32 = 64;
 
+/// Blocks of spare capacity an import into an empty sequence allocates after the imported
+/// ones. A restore is always followed by a prefill of at least one token (the service never
+/// reuses a whole prompt), which would otherwise regrow, that is copy, every buffer right
+/// away; the capacity it reaches is the same as a cold run's, so the numerics are too.
+pub const IMPORT_SPARE_BLOCKS: usize = 1;
+
 /// Shape of a model's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -284,8 +290,9 @@ impl SequenceKv {
     /// Every payload is checked and decoded before the sequence changes, so a bad payload
     /// leaves it as it was. Float blocks are decoded on the host straight into one
     /// `[1, kv_heads, tokens, head_dim]` array per layer and K/V (one copy into a reused
-    /// scratch buffer, one into MLX); into an empty sequence those arrays become the
-    /// buffers themselves, otherwise they are written after the current end.
+    /// scratch buffer, one into MLX); into an empty sequence those arrays, with
+    /// [`IMPORT_SPARE_BLOCKS`] more blocks of zeros, become the buffers themselves,
+    /// otherwise they are written after the current end.
     pub fn import_blocks(&mut self, payloads: &[&KvPayload]) -> Result<()> {
         let bt = self.layout.block_tokens;
         if !self.len.is_multiple_of(bt) {
@@ -298,16 +305,24 @@ impl SequenceKv {
             return Ok(());
         }
         let n = payloads.len() * bt;
+        let fresh = self.len == 0;
+        // Into an empty sequence the imported arrays become the buffers: give them the room
+        // the next prefill needs anyway.
+        let capacity = if fresh {
+            n + IMPORT_SPARE_BLOCKS * bt
+        } else {
+            n
+        };
         let mut scratch = Vec::new();
         let mut imported = Vec::with_capacity(self.layout.num_layers);
         for i in 0..self.layout.num_layers {
-            let k = self.import_tensor(payloads, &format!("l{i}.k"), &mut scratch)?;
-            let v = self.import_tensor(payloads, &format!("l{i}.v"), &mut scratch)?;
+            let k = self.import_tensor(payloads, &format!("l{i}.k"), capacity, &mut scratch)?;
+            let v = self.import_tensor(payloads, &format!("l{i}.v"), capacity, &mut scratch)?;
             imported.push((k, v));
         }
-        if self.len == 0 {
+        if fresh {
             self.layers = imported;
-            self.capacity = n;
+            self.capacity = capacity;
         } else {
             self.reserve(self.len + n)?;
             let start = i32_of(self.len)?;
@@ -324,12 +339,14 @@ impl SequenceKv {
         Ok(())
     }
 
-    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, blocks * block_tokens,
-    /// head_dim]` f32 array. `scratch` is reused between calls.
+    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, capacity, head_dim]`
+    /// f32 array: the blocks' tokens first, zeros after them. `scratch` is reused between
+    /// calls.
     fn import_tensor(
         &self,
         payloads: &[&KvPayload],
         name: &str,
+        capacity: usize,
         scratch: &mut Vec<f32>,
     ) -> Result<Array> {
         let KvLayout {
@@ -339,23 +356,30 @@ impl SequenceKv {
             ..
         } = self.layout;
         let n = payloads.len() * bt;
-        let shape = [1, i32_of(kvh)?, i32_of(n)?, i32_of(hd)?];
+        let shape = [1, i32_of(kvh)?, i32_of(capacity)?, i32_of(hd)?];
+        // MLX sizes arrays with i32 element counts.
+        let elements = kvh
+            .checked_mul(capacity)
+            .and_then(|x| x.checked_mul(hd))
+            .ok_or_else(|| bad(format!("{n} imported tokens exceed the tensor size limit")))?;
+        i32_of(elements)?;
         let float = |p: &KvPayload| match p.encoding {
-            KvEncoding::Float { dtype } => Some(dtype),
-            KvEncoding::Quantized { .. } => None,
+            KvEncoding::Float { dtype } if dtype != TensorDtype::U32 => Some(dtype),
+            KvEncoding::Float { .. } | KvEncoding::Quantized { .. } => None,
         };
         if payloads.iter().all(|p| float(p).is_some()) {
-            // Head h of block b goes to rows `b * bt..(b + 1) * bt` of head h.
+            // Head h of block b goes to rows `b * bt..(b + 1) * bt` of head h; the rows past
+            // the blocks stay zero (never written between calls).
             let per_head = bt * hd;
-            if scratch.len() != kvh * n * hd {
-                *scratch = vec![0.0; kvh * n * hd];
+            if scratch.len() != elements {
+                *scratch = vec![0.0; elements];
             }
             for (b, p) in payloads.iter().enumerate() {
                 let dtype = float(p).unwrap_or(TensorDtype::F32);
                 let t = find(p, name, dtype, &[kvh, bt, hd])?;
                 let src_head = per_head * dtype.size();
                 for (dst, src) in scratch
-                    .chunks_exact_mut(n * hd)
+                    .chunks_exact_mut(capacity * hd)
                     .zip(t.data.chunks_exact(src_head))
                 {
                     decode_f32(&mut dst[b * per_head..(b + 1) * per_head], src, dtype)
@@ -367,6 +391,9 @@ impl SequenceKv {
         let mut blocks = Vec::with_capacity(payloads.len());
         for p in payloads {
             blocks.push(match p.encoding {
+                KvEncoding::Float {
+                    dtype: TensorDtype::U32,
+                } => return Err(bad("a float block holds u32 values")),
                 KvEncoding::Float { dtype } => {
                     let t = find(p, name, dtype, &[kvh, bt, hd])?;
                     from_kv_tensor(t)?
@@ -377,6 +404,12 @@ impl SequenceKv {
                     dequantize_tensor(p, name, bits, group_size, [kvh, bt, hd])?
                 }
             });
+        }
+        if capacity > n {
+            blocks.push(
+                Array::zeros::<f32>(&[i32_of(kvh)?, i32_of(capacity - n)?, i32_of(hd)?])
+                    .ctx("allocating KV")?,
+            );
         }
         let joined = ops::concatenate(&blocks, 1).ctx("joining imported KV")?;
         joined.reshape(&shape).ctx("reshaping imported KV")
@@ -588,4 +621,199 @@ fn from_kv_tensor(t: &KvTensor) -> Result<Array> {
             Array::from_slice(&v, &shape)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAYOUT: KvLayout = KvLayout {
+        num_layers: 2,
+        kv_heads: 2,
+        head_dim: 64,
+        block_tokens: 64,
+    };
+
+    /// A float block whose values encode (seed, layer, kind, index); with `extremes`, a few
+    /// negative zeros, subnormals and huge values are mixed in (bit patterns must survive).
+    fn float_block_with(seed: u32, extremes: bool) -> KvPayload {
+        let n = LAYOUT.kv_heads * LAYOUT.block_tokens * LAYOUT.head_dim;
+        let mut tensors = Vec::new();
+        for i in 0..LAYOUT.num_layers {
+            for (k, kind) in ["k", "v"].into_iter().enumerate() {
+                let values: Vec<f32> = (0..n)
+                    .map(|j| match (extremes, j % 97) {
+                        (true, 0) => -0.0,
+                        (true, 1) => f32::from_bits(1 + seed),
+                        (true, 2) => 3.0e38,
+                        _ => {
+                            (seed as f32) * 10.0 + (i * 2 + k) as f32 * 0.5
+                                - ((j * 7919) % 1000) as f32 * 1e-2
+                        }
+                    })
+                    .collect();
+                let mut data = vec![0u8; n * 4];
+                encode_f32(&mut data, &values);
+                tensors.push(KvTensor {
+                    name: format!("l{i}.{kind}"),
+                    dtype: TensorDtype::F32,
+                    shape: vec![LAYOUT.kv_heads, LAYOUT.block_tokens, LAYOUT.head_dim],
+                    data,
+                });
+            }
+        }
+        KvPayload {
+            encoding: KvEncoding::Float {
+                dtype: TensorDtype::F32,
+            },
+            tensors,
+        }
+    }
+
+    fn float_block(seed: u32) -> KvPayload {
+        float_block_with(seed, true)
+    }
+
+    #[test]
+    fn float_blocks_round_trip_bit_exactly_fresh_and_appended() {
+        let blocks: Vec<KvPayload> = (0..4).map(float_block).collect();
+        let refs: Vec<&KvPayload> = blocks.iter().collect();
+        let mut kv = SequenceKv::new(LAYOUT);
+        kv.import_blocks(&refs[..2])
+            .expect("import into an empty sequence");
+        assert_eq!(
+            (kv.len(), kv.capacity()),
+            (128, 128 + 64 * IMPORT_SPARE_BLOCKS)
+        );
+        kv.import_blocks(&refs[2..3]).expect("append one");
+        kv.import_blocks(&refs[3..]).expect("append another");
+        assert_eq!(kv.len(), 256);
+        let out = kv.export_blocks(0, 4, None).expect("export");
+        assert!(
+            out == blocks,
+            "exported bytes differ from the imported ones"
+        );
+        let tail = kv.export_blocks(2, 2, None).expect("export a range");
+        assert!(tail == blocks[2..]);
+        // Truncated to 0 and imported again: fresh buffers, same bytes.
+        kv.truncate(0);
+        kv.import_blocks(&refs[1..2])
+            .expect("import after truncate");
+        assert!(kv.export_blocks(0, 1, None).expect("export") == blocks[1..2]);
+    }
+
+    #[test]
+    fn half_precision_blocks_widen_exactly() {
+        let n = LAYOUT.kv_heads * LAYOUT.block_tokens * LAYOUT.head_dim;
+        for dtype in [TensorDtype::F16, TensorDtype::Bf16] {
+            let raw: Vec<u16> = (0..n)
+                .map(|j| (j as u16).wrapping_mul(37) & 0x7bff)
+                .collect();
+            let widened: Vec<f32> = raw
+                .iter()
+                .map(|&b| match dtype {
+                    TensorDtype::F16 => half::f16::from_bits(b).to_f32(),
+                    _ => half::bf16::from_bits(b).to_f32(),
+                })
+                .collect();
+            let data: Vec<u8> = raw.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let tensors = (0..LAYOUT.num_layers)
+                .flat_map(|i| ["k", "v"].map(|kind| format!("l{i}.{kind}")))
+                .map(|name| KvTensor {
+                    name,
+                    dtype,
+                    shape: vec![LAYOUT.kv_heads, LAYOUT.block_tokens, LAYOUT.head_dim],
+                    data: data.clone(),
+                })
+                .collect();
+            let p = KvPayload {
+                encoding: KvEncoding::Float { dtype },
+                tensors,
+            };
+            let mut kv = SequenceKv::new(LAYOUT);
+            kv.import_blocks(&[&p]).expect("import");
+            let out = kv.export_blocks(0, 1, None).expect("export");
+            let mut expected = vec![0u8; n * 4];
+            encode_f32(&mut expected, &widened);
+            assert!(
+                out[0].tensors.iter().all(|t| t.data == expected),
+                "{dtype:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn quantized_blocks_import_within_the_quantization_step() {
+        let float = float_block_with(0, false);
+        let mut kv = SequenceKv::new(LAYOUT);
+        kv.import_blocks(&[&float]).expect("import");
+        for bits in [8u8, 4] {
+            let q = kv
+                .export_blocks(0, 1, Some(bits))
+                .expect("export quantized");
+            let mut back = SequenceKv::new(LAYOUT);
+            back.import_blocks(&[&q[0]]).expect("import quantized");
+            let out = back.export_blocks(0, 1, None).expect("export");
+            for (a, b) in out[0].tensors.iter().zip(&float.tensors) {
+                let (mut x, mut y) = (vec![0f32; a.data.len() / 4], vec![0f32; b.data.len() / 4]);
+                decode_f32(&mut x, &a.data, TensorDtype::F32).expect("decode");
+                decode_f32(&mut y, &b.data, TensorDtype::F32).expect("decode");
+                // Each group of 64 is quantized to 2^bits levels over its range.
+                for (gx, gy) in x.chunks(64).zip(y.chunks(64)) {
+                    let (lo, hi) = gy
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                    let step = (hi - lo) / ((1u32 << bits) - 1) as f32;
+                    // Rounding to the nearest level is half a step, but MLX adjusts the
+                    // scale so that the group's extreme is exact (a slightly larger step);
+                    // then the f16 rounding of the scale and bias.
+                    let bound = step + hi.abs().max(lo.abs()) * 2e-3;
+                    for (p, q) in gx.iter().zip(gy) {
+                        let err = (p - q).abs();
+                        assert!(
+                            err <= bound,
+                            "{bits}-bit {}: {p} for {q} (error {err}, step {step})",
+                            a.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_payloads_leave_the_sequence_unchanged() {
+        let good = float_block(1);
+        let mut kv = SequenceKv::new(LAYOUT);
+        kv.import_blocks(&[&good]).expect("import");
+        let mut wrong_shape = float_block(2);
+        wrong_shape.tensors[3].shape = vec![2, 64, 32];
+        let mut missing = float_block(2);
+        missing.tensors.pop();
+        let mut u32_float = float_block(2);
+        u32_float.encoding = KvEncoding::Float {
+            dtype: TensorDtype::U32,
+        };
+        for t in &mut u32_float.tensors {
+            t.dtype = TensorDtype::U32;
+        }
+        let mut short = float_block(2);
+        short.tensors[0].data.truncate(10);
+        for bad in [&wrong_shape, &missing, &u32_float, &short] {
+            assert!(matches!(
+                kv.import_blocks(&[&good, bad]),
+                Err(Error::KvPayload(_))
+            ));
+            assert_eq!(kv.len(), 64);
+        }
+        assert!(kv.export_blocks(0, 1, None).expect("export")[0] == good);
+    }
+
+    #[test]
+    fn byte_helpers_reject_mismatched_lengths() {
+        let mut dst = [0f32; 4];
+        assert!(decode_f32(&mut dst, &[0u8; 15], TensorDtype::F32).is_err());
+        assert!(decode_f32(&mut dst, &[0u8; 16], TensorDtype::U32).is_err());
+        assert!(decode_f32(&mut dst, &[0u8; 8], TensorDtype::F16).is_ok());
+    }
 }
