@@ -404,8 +404,8 @@ impl LlamaModel {
 
     /// Attention with both matmuls in MLX and the masked softmax on the host
     /// ([`host_attention`]): per sequence `b`, `q[b]` (`[heads, rows, dim]` after RoPE)
-    /// against its keys and values (`[1, kv_heads, offset + rows, dim]`). Returns
-    /// `[1, heads, rows, dim]` per sequence.
+    /// against its keys and values (`[1, kv_heads, offset + rows, dim]`). Returns one array,
+    /// `[sequences, heads, rows, dim]`.
     fn host_attention(
         &self,
         q: &Array,
@@ -418,17 +418,18 @@ impl LlamaModel {
         let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
         // Queries grouped by the KV head they share: [1, kv_heads, group × rows, dim].
         let grouped_rows = nh / nkv.max(1) * rows;
+        let n = rows_of(written.len())?;
+        let grouped = q
+            .reshape(&[n, nkv, grouped_rows, hd])
+            .ctx("grouping queries")?;
         let mut scores = Vec::with_capacity(written.len());
         for (b, (keys, _)) in written.iter().enumerate() {
-            let qb = if written.len() == 1 {
-                q.clone()
+            let qb = if n == 1 {
+                grouped.clone()
             } else {
                 let b = b as i32;
-                q.try_index(b..b + 1).ctx("batch row")?
+                grouped.try_index(b..b + 1).ctx("batch row")?
             };
-            let qb = qb
-                .reshape(&[1, nkv, grouped_rows, hd])
-                .ctx("grouping queries")?;
             let kt = keys.transpose_axes(&[0, 1, 3, 2]).ctx("transposing keys")?;
             scores.push(qb.matmul(&kt).ctx("attention scores")?);
         }
@@ -451,9 +452,15 @@ impl LlamaModel {
             host_attention::causal_softmax(shape, scale, data, &mut p);
             let p = Array::from_slice(&p, &[1, nkv, grouped_rows, rows_of(shape.keys)?]);
             let o = p.matmul(values).ctx("attention values")?;
-            outs.push(o.reshape(&[1, nh, rows, hd]).ctx("ungrouping heads")?);
+            outs.push(o);
         }
-        Ok(outs)
+        // One reshape for the whole batch: [sequences, heads, rows, dim].
+        let all = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            mlx_rs::ops::concatenate(&outs, 0).ctx("joining batch rows")?
+        };
+        Ok(vec![all.reshape(&[n, nh, rows, hd]).ctx("ungrouping heads")?])
     }
 
     /// `x + down(silu(gate(h)) · up(h))` with `h = norm(x)`.
