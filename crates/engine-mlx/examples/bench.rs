@@ -165,11 +165,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 }
                 let secs = t.elapsed().as_secs_f64();
+                // Sequence j's first run (the same prompt in every batch) is the reference.
                 for (j, o) in outs.iter().enumerate() {
-                    if bsz == 1 || j >= solo.len() {
-                        if bsz == 1 || j == solo.len() {
-                            solo.push(o.clone());
-                        }
+                    if j == solo.len() {
+                        solo.push(o.clone());
                     }
                 }
                 let same = outs

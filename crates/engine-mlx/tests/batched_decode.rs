@@ -9,6 +9,9 @@ use common::block_on;
 use engine_mlx::{AttentionKind, EngineConfig, MlxEngine};
 use std::sync::Arc;
 
+/// Per sequence, per step: the sampled token and the logits it was sampled from.
+type Trace = Vec<Vec<(TokenId, Vec<f32>)>>;
+
 /// Prompts of different lengths, so the sequences sit at different positions in a batch.
 fn prompts(vocab: u32) -> Vec<Vec<TokenId>> {
     [37u32, 90, 5, 160]
@@ -23,10 +26,10 @@ fn prompts(vocab: u32) -> Vec<Vec<TokenId>> {
 }
 
 /// Greedy tokens and the logits each step sampled from, for `seqs` stepped together.
-async fn run(engine: &MlxEngine, seqs: &[SequenceId], steps: u32) -> Vec<Vec<(TokenId, Vec<f32>)>> {
+async fn run(engine: &MlxEngine, seqs: &[SequenceId], steps: u32) -> Trace {
     let greedy = Arc::new(SamplingParams::greedy());
     let mut feeds: Vec<Option<TokenId>> = vec![None; seqs.len()];
-    let mut out: Vec<Vec<(TokenId, Vec<f32>)>> = vec![Vec::new(); seqs.len()];
+    let mut out: Trace = vec![Vec::new(); seqs.len()];
     for step in 0..steps {
         // Sequence j joins at step j (and the first one leaves early): the batch changes.
         let active: Vec<usize> = (0..seqs.len())
@@ -53,7 +56,7 @@ async fn run(engine: &MlxEngine, seqs: &[SequenceId], steps: u32) -> Vec<Vec<(To
     out
 }
 
-fn check(attention: AttentionKind) -> Option<Vec<Vec<(TokenId, Vec<f32>)>>> {
+fn check(attention: AttentionKind) -> Option<Trace> {
     let (engine, _) = common::load(EngineConfig {
         attention,
         ..EngineConfig::default()

@@ -460,7 +460,9 @@ impl LlamaModel {
         } else {
             mlx_rs::ops::concatenate(&outs, 0).ctx("joining batch rows")?
         };
-        Ok(vec![all.reshape(&[n, nh, rows, hd]).ctx("ungrouping heads")?])
+        Ok(vec![all
+            .reshape(&[n, nh, rows, hd])
+            .ctx("ungrouping heads")?])
     }
 
     /// `x + down(silu(gate(h)) · up(h))` with `h = norm(x)`.
