@@ -703,13 +703,21 @@ impl Worker {
     /// One decode step per entry: every entry that feeds a token joins one batched forward
     /// pass (the weights are read once per step), then each entry samples with its own
     /// parameters. A bad entry (unknown sequence, token outside the vocabulary, full
-    /// context) gets its own error and does not stop the others.
+    /// context, a sequence named twice) gets its own error and does not stop the others.
     fn step(&mut self, batch: &[StepRequest]) -> Vec<Result<TokenId>> {
         let mut out: Vec<Option<Result<TokenId>>> = (0..batch.len()).map(|_| None).collect();
-        // Entries to feed, at most one per sequence in one pass (a repeated sequence runs in
-        // a later pass, after its first token).
+        // Entries to feed; a sequence may appear once per step (a second entry would sample
+        // from logits its first entry's token already moved past).
         let mut pending: Vec<usize> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (i, req) in batch.iter().enumerate() {
+            if !seen.insert(req.seq.0) {
+                out[i] = Some(Err(Error::Request(format!(
+                    "sequence {} appears more than once in one step",
+                    req.seq.0
+                ))));
+                continue;
+            }
             if let Some(t) = req.feed {
                 let checked = self
                     .seq(req.seq.0)
@@ -720,14 +728,10 @@ impl Worker {
                 }
             }
         }
-        while !pending.is_empty() {
-            let mut seen = std::collections::HashSet::new();
-            let (now, later): (Vec<usize>, Vec<usize>) =
-                pending.iter().partition(|&&i| seen.insert(batch[i].seq.0));
-            pending = later;
-            if let Err(e) = self.feed_batch(batch, &now) {
+        if !pending.is_empty() {
+            if let Err(e) = self.feed_batch(batch, &pending) {
                 let msg = e.to_string();
-                for &i in &now {
+                for &i in &pending {
                     out[i] = Some(Err(Error::Request(format!("decode step failed: {msg}"))));
                 }
             }

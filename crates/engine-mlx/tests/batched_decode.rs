@@ -114,3 +114,35 @@ fn batched_decode_equals_solo_bit_for_bit_with_both_kernels() {
     eprintln!("host vs MLX attention: max |logit diff| after the prefill = {worst:e}");
     assert!(worst < 1e-2, "host and MLX attention disagree by {worst}");
 }
+
+#[test]
+fn a_sequence_named_twice_in_one_step_is_refused_for_its_second_entry() {
+    let Some((engine, _)) = common::shared() else {
+        return;
+    };
+    block_on(async {
+        let vocab = engine.model().vocab_size as u32;
+        let s = engine.open_sequence().await.expect("open");
+        engine
+            .prefill(s, prompts(vocab).remove(0))
+            .await
+            .expect("prefill");
+        let greedy = Arc::new(SamplingParams::greedy());
+        let req = |feed| StepRequest {
+            seq: s,
+            feed,
+            params: greedy.clone(),
+            step: 0,
+            generated: Arc::from(Vec::new()),
+        };
+        let out = engine
+            .step(vec![req(None), req(Some(5))])
+            .await
+            .expect("step");
+        assert!(out[0].is_ok(), "{:?}", out[0]);
+        assert!(out[1].is_err(), "{:?}", out[1]);
+        // The refused entry fed nothing.
+        assert_eq!(engine.sequence_len(s).await.expect("len"), 37);
+        engine.release(s).await.expect("release");
+    });
+}
