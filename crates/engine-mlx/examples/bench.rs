@@ -29,6 +29,29 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// `n` greedy decode steps of sequence `s` at batch 1 (the first samples the prefill's logits).
+async fn greedy_steps(
+    engine: &MlxEngine,
+    s: agent_session::SequenceId,
+    n: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let greedy = Arc::new(SamplingParams::greedy());
+    let mut feed = None;
+    for step in 0..n {
+        let r = engine
+            .step(vec![StepRequest {
+                seq: s,
+                feed,
+                params: greedy.clone(),
+                step,
+                generated: Arc::from(Vec::new()),
+            }])
+            .await?;
+        feed = r.into_iter().next().transpose()?;
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -106,19 +129,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
             let t = Instant::now();
-            let mut feed = None;
-            for step in 0..16u32 {
-                let r = engine
-                    .step(vec![StepRequest {
-                        seq: s,
-                        feed,
-                        params: greedy.clone(),
-                        step,
-                        generated: Arc::from(Vec::new()),
-                    }])
-                    .await?;
-                feed = r.into_iter().next().transpose()?;
-            }
+            greedy_steps(&engine, s, 16).await?;
             println!(
                 "decode @4096: {:.1} tok/s",
                 15.0 / t.elapsed().as_secs_f64()
@@ -208,19 +219,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if chunk == n as usize {
                     let t = Instant::now();
                     let c0 = cpu_seconds();
-                    let mut feed = None;
-                    for step in 0..64u32 {
-                        let r = engine
-                            .step(vec![StepRequest {
-                                seq: s,
-                                feed,
-                                params: greedy.clone(),
-                                step,
-                                generated: Arc::from(Vec::new()),
-                            }])
-                            .await?;
-                        feed = r.into_iter().next().transpose()?;
-                    }
+                    greedy_steps(&engine, s, 64).await?;
                     // 63 forward passes (the first token comes from the prefill's logits).
                     dec.push(63.0 / t.elapsed().as_secs_f64());
                     dec_cpu.push(63.0 / (cpu_seconds() - c0));
