@@ -61,15 +61,7 @@ fn send(server: &Server, headers: &[(&str, &str)], body: &Value) -> Turn {
     let resp = server.post("/v1/messages", headers, body);
     assert_eq!(resp.status, 200, "{}\n{}", resp.text, server.log_text());
     let v = resp.json();
-    let text = v["content"]
-        .as_array()
-        .map(|blocks| {
-            blocks
-                .iter()
-                .filter_map(|b| b["text"].as_str())
-                .collect::<String>()
-        })
-        .unwrap_or_default();
+    let text = semantic_e2e::anthropic_text(&v);
     let u = &v["usage"];
     let tier = resp
         .header("x-semantic-cache")

@@ -81,15 +81,7 @@ fn answer(api: Api, r: &Response) -> Answer {
                 .to_string(),
         },
         Api::Anthropic => Answer {
-            text: v["content"]
-                .as_array()
-                .map(|blocks| {
-                    blocks
-                        .iter()
-                        .filter_map(|b| b["text"].as_str())
-                        .collect::<String>()
-                })
-                .unwrap_or_default(),
+            text: semantic_e2e::anthropic_text(&v),
             tokens: v["usage"]["output_tokens"].as_u64().unwrap_or(0),
             finish: v["stop_reason"].as_str().unwrap_or_default().to_string(),
         },

@@ -163,16 +163,26 @@ impl Server {
 
     /// POSTs JSON; returns (status, headers as lower-case pairs, body JSON).
     pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
-        let mut req = ureq::post(&format!("{}{path}", self.base)).timeout(Duration::from_secs(600));
+        Response::read(self.send_post(path, headers, body, Duration::from_secs(600)))
+    }
+
+    /// Sends a JSON POST; any HTTP status is a response, a transport error panics.
+    fn send_post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+        timeout: Duration,
+    ) -> ureq::Response {
+        let mut req = ureq::post(&format!("{}{path}", self.base)).timeout(timeout);
         for (k, v) in headers {
             req = req.set(k, v);
         }
-        let r = match req.send_json(body.clone()) {
+        match req.send_json(body.clone()) {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
             Err(e) => panic!("POST {path}: {e}"),
-        };
-        Response::read(r)
+        }
     }
 
     /// GETs a path.
@@ -197,15 +207,7 @@ impl Server {
     /// POSTs JSON and returns as soon as the response headers arrive; the body (an SSE
     /// stream when the status is 200 and the request asked for one) is read as it comes.
     pub fn post_stream(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Stream {
-        let mut req = ureq::post(&format!("{}{path}", self.base)).timeout(Duration::from_secs(900));
-        for (k, v) in headers {
-            req = req.set(k, v);
-        }
-        let r = match req.send_json(body.clone()) {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {path}: {e}"),
-        };
+        let r = self.send_post(path, headers, body, Duration::from_secs(900));
         Stream {
             status: r.status(),
             headers: header_pairs(&r),
@@ -317,6 +319,19 @@ impl Response {
     pub fn sse_events(&self) -> Vec<(String, String)> {
         parse_sse(BufReader::new(self.text.as_bytes()))
     }
+}
+
+/// The text of an Anthropic Messages response: its `text` content blocks, joined.
+pub fn anthropic_text(message: &Value) -> String {
+    message["content"]
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter_map(|b| b["text"].as_str())
+                .collect::<String>()
+        })
+        .unwrap_or_default()
 }
 
 /// Parses an SSE stream into (event, data) pairs.

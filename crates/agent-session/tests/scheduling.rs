@@ -143,25 +143,6 @@ fn a_dropped_generation_frees_its_reservation_and_sequence() {
     assert_eq!(stats.active, 0);
 }
 
-/// Pending once, then ready: lets the other futures of a `join` run.
-struct YieldNow(bool);
-
-impl std::future::Future for YieldNow {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            std::task::Poll::Ready(())
-        } else {
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    }
-}
-
 #[test]
 fn a_long_prefill_is_chunked_and_a_short_request_decodes_before_it_ends() {
     let s = stack(4, 16);
@@ -253,7 +234,7 @@ fn stats_show_time_in_queue_prefilling_and_the_decode_batch() {
         let mut max_prefilling = 0;
         while done.load(std::sync::atomic::Ordering::Relaxed) < 2 {
             max_prefilling = max_prefilling.max(snapshot().prefilling);
-            YieldNow(false).await;
+            testkit::yield_once().await;
         }
         max_prefilling
     };

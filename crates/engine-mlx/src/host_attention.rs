@@ -41,7 +41,9 @@ pub fn causal_softmax(shape: Scores, scale: f32, scores: &[f32], out: &mut [f32]
     let threads = if shape.rows * shape.keys < 1 << 18 {
         1
     } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+        // Asked once: on Linux the answer reads cgroup files, too slow for every layer.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)))
     };
     softmax_threads(shape, scale, scores, out, threads);
 }

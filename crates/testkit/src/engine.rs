@@ -53,8 +53,15 @@ pub struct FakeEngine {
     yielding: bool,
 }
 
-/// A future that is pending once (and wakes itself), like a call that crosses a channel.
-struct YieldOnce(bool);
+/// A future that is pending once (and wakes itself), like a call that crosses a channel:
+/// lets the other futures of a `join` run. Made by [`yield_once`].
+#[derive(Debug)]
+pub struct YieldOnce(bool);
+
+/// Yields to the executor once (see [`YieldOnce`]).
+pub fn yield_once() -> YieldOnce {
+    YieldOnce(false)
+}
 
 impl std::future::Future for YieldOnce {
     type Output = ();
@@ -118,7 +125,7 @@ impl FakeEngine {
 
     async fn pause(&self) {
         if self.yielding {
-            YieldOnce(false).await;
+            yield_once().await;
         }
     }
 

@@ -9,7 +9,7 @@ mod formatter;
 mod store;
 
 pub use clock::ManualClock;
-pub use engine::{FakeEngine, FakeEngineStats};
+pub use engine::{yield_once, FakeEngine, FakeEngineStats, YieldOnce};
 pub use formatter::ToyFormatter;
 pub use store::MemoryStore;
 
