@@ -58,6 +58,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Same BLAS kernels as the server (see engine_mlx::blas).
+    engine_mlx::blas::reexec_with_native_kernels()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
     let runs: usize = args

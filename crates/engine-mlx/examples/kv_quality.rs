@@ -229,6 +229,8 @@ async fn run(
 }
 
 fn main() -> AnyResult<()> {
+    // Same BLAS kernels as the server (see engine_mlx::blas).
+    engine_mlx::blas::reexec_with_native_kernels()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |f: &str| {
         args.iter()

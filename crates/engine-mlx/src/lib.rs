@@ -17,6 +17,7 @@
 //! ```
 
 pub mod arch;
+pub mod blas;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -65,6 +65,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> AnyResult<()> {
+    // Same BLAS kernels as the server (see engine_mlx::blas).
+    engine_mlx::blas::reexec_with_native_kernels()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |f: &str| {
         args.iter()

@@ -11,6 +11,11 @@ mod wiring;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // First, before any thread: OpenBLAS picks its kernels at load time and falls back to
+    // SSE3 ones on CPUs newer than itself (2.2x slower prefill); restart with the right ones.
+    if let Err(e) = engine_mlx::blas::reexec_with_native_kernels() {
+        eprintln!("semantic: warning: could not restart with native BLAS kernels: {e}");
+    }
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -143,6 +143,7 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
         weights = %model.weight_format,
         block_tokens = model.spec.block_tokens(),
         bytes_per_block = model.spec.bytes_per_block(),
+        blas = %engine_mlx::blas::core_name().unwrap_or_else(|| "not OpenBLAS".into()),
         "model loaded"
     );
     let config = service_config(&settings, engine.as_ref());

@@ -313,6 +313,9 @@ impl Installed {
                 let mut env: Vec<(String, OsString)> = Vec::new();
                 if let Some(blas) = &self.openblas {
                     env.push(("LD_PRELOAD".into(), blas.into()));
+                    if let Some(core) = openblas_coretype() {
+                        env.push(("OPENBLAS_CORETYPE".into(), core.into()));
+                    }
                 }
                 Ok(Spec {
                     label: target.label().into(),
@@ -335,4 +338,32 @@ impl Installed {
             Target::Ours => bail!("not a peer"),
         }
     }
+}
+
+/// The OpenBLAS kernels for mlx-lm: the ones our server runs with. OpenBLAS 0.3.21 takes
+/// CPUs newer than itself for a Prescott (SSE3 kernels, half the prefill speed); the server
+/// then restarts itself with `OPENBLAS_CORETYPE` (see `engine_mlx::blas`), and mlx-lm, on the
+/// same library, gets the same setting here: SkylakeX with AVX-512, Haswell with AVX2 + FMA
+/// (on a CPU that OpenBLAS recognises these are the kernels it picks anyway). A value the
+/// user set is inherited as it is.
+fn openblas_coretype() -> Option<&'static str> {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+            && has!("avx512cd")
+        {
+            return Some("SkylakeX");
+        }
+        if has!("avx2") && has!("fma") {
+            return Some("Haswell");
+        }
+    }
+    None
 }
