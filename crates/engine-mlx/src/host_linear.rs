@@ -118,7 +118,10 @@ impl PackedMatrix {
         if bits != 4 && bits != 8 {
             return Err(invalid(format!("{bits}-bit codes (supported: 4, 8)")));
         }
-        if group_size == 0 || group_size % BLOCK != 0 || in_features % group_size != 0 {
+        if group_size == 0
+            || !group_size.is_multiple_of(BLOCK)
+            || !in_features.is_multiple_of(group_size)
+        {
             return Err(invalid(format!(
                 "group size {group_size} for {in_features} inputs (needs a multiple of {BLOCK} \
                  dividing the input size)"

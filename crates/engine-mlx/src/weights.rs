@@ -440,7 +440,7 @@ impl HostLinear {
             if shape.len() != 2
                 || !matches!(bits, 4 | 8)
                 || group == 0
-                || group % BLOCK != 0
+                || !group.is_multiple_of(BLOCK)
                 || w.dtype() != Dtype::Uint32
             {
                 return Ok(None);
@@ -556,8 +556,9 @@ pub enum LinearWeights {
 pub struct Linear {
     /// The MLX weights.
     pub weights: LinearWeights,
-    /// The host copy for decode steps, when built and the file's weights allow it.
-    pub host: Option<HostLinear>,
+    /// The host copy for decode steps, when built and the file's weights allow it (boxed:
+    /// layers hold several linears side by side).
+    pub host: Option<Box<HostLinear>>,
 }
 
 impl Linear {
@@ -586,7 +587,7 @@ impl Linear {
             None
         };
         let host = if host {
-            HostLinear::from_raw(&parts, bias.as_ref())?
+            HostLinear::from_raw(&parts, bias.as_ref())?.map(Box::new)
         } else {
             None
         };
