@@ -30,6 +30,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let isa = Isa::detected();
     println!("isa {}", isa.name());
+    // A whole decode step's products in model order (30 layers, then the head): the weights
+    // stream from memory as in a real step.
+    let layers: Vec<[PackedMatrix; 4]> = (0..30)
+        .map(|_| {
+            [
+                matrix(4, 960, 576),
+                matrix(4, 576, 576),
+                matrix(4, 3072, 576),
+                matrix(4, 576, 1536),
+            ]
+        })
+        .collect();
+    let head = matrix(8, 49152, 576);
+    for rows in [1usize, 2, 4, 8] {
+        let x: Vec<f32> = (0..rows * 1536)
+            .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let mut y = vec![0.0f32; rows * 49152];
+        let mut best = f64::INFINITY;
+        for _ in 0..10 {
+            let t = Instant::now();
+            for l in &layers {
+                for m in l {
+                    let (i, o) = (m.in_features(), m.out_features());
+                    m.matmul(&x[..rows * i], rows, &mut y[..rows * o])?;
+                }
+            }
+            head.matmul(&x[..rows * 576], rows, &mut y)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("model step, {rows} rows: {:.2} ms (best of 10)", best * 1e3);
+    }
     for (name, bits, out, inp) in shapes {
         let w = matrix(bits, out, inp);
         for rows in [1usize, 4, 8] {

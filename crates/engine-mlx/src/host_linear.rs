@@ -87,15 +87,15 @@ pub struct PackedMatrix {
     bits: u32,
     out_features: usize,
     in_features: usize,
-    /// Codes, per output feature then per block: 16 bytes a 4-bit block (element `j` in the
-    /// low nibble of byte `j`, element `j + 16` in its high nibble, as in GGUF), 32 bytes an
-    /// 8-bit block (one byte per element).
-    codes: Vec<u8>,
-    /// `d` of each block, `[out_features, blocks]`.
-    scales: Vec<f32>,
-    /// `m` of each block, `[out_features, blocks]`.
-    mins: Vec<f32>,
+    /// Blocks, per output feature then along the input axis, each one record read as a
+    /// single stream: `d` (f32 LE), `m` (f32 LE), then the codes: 16 bytes a 4-bit block
+    /// (element `j` in the low nibble of byte `j`, element `j + 16` in its high nibble, as in
+    /// GGUF), 32 bytes an 8-bit block (one byte per element).
+    data: Vec<u8>,
 }
+
+/// Bytes of a block record's header (`d` and `m`, f32 each).
+const HEADER: usize = 8;
 
 fn invalid(reason: impl Into<String>) -> Error {
     Error::HostKernel(reason.into())
@@ -146,9 +146,8 @@ impl PackedMatrix {
             )));
         }
         let block_bytes = bits as usize * BLOCK / 8;
-        let mut codes = vec![0u8; out_features * blocks * block_bytes];
-        let mut d = Vec::with_capacity(out_features * blocks);
-        let mut m = Vec::with_capacity(out_features * blocks);
+        let record = HEADER + block_bytes;
+        let mut data = vec![0u8; out_features * blocks * record];
         let mask = (1u32 << bits) - 1;
         for o in 0..out_features {
             let row = &words[o * row_words..][..row_words];
@@ -157,8 +156,12 @@ impl PackedMatrix {
                 ((row[e / per_word] >> shift) & mask) as u8
             };
             for b in 0..blocks {
-                let dst = &mut codes[(o * blocks + b) * block_bytes..][..block_bytes];
+                let rec = &mut data[(o * blocks + b) * record..][..record];
+                let (head, dst) = rec.split_at_mut(HEADER);
                 let e0 = b * BLOCK;
+                let g = o * groups + e0 / group_size;
+                head[..4].copy_from_slice(&scales[g].to_le_bytes());
+                head[4..].copy_from_slice(&biases[g].to_le_bytes());
                 if bits == 4 {
                     for (j, byte) in dst.iter_mut().enumerate() {
                         *byte = code(e0 + j) | (code(e0 + j + 16) << 4);
@@ -168,18 +171,13 @@ impl PackedMatrix {
                         *byte = code(e0 + j);
                     }
                 }
-                let g = o * groups + e0 / group_size;
-                d.push(scales[g]);
-                m.push(biases[g]);
             }
         }
         Ok(PackedMatrix {
             bits,
             out_features,
             in_features,
-            codes,
-            scales: d,
-            mins: m,
+            data,
         })
     }
 
@@ -198,9 +196,7 @@ impl PackedMatrix {
                 )));
             }
             all.out_features += p.out_features;
-            all.codes.extend_from_slice(&p.codes);
-            all.scales.extend_from_slice(&p.scales);
-            all.mins.extend_from_slice(&p.mins);
+            all.data.extend_from_slice(&p.data);
         }
         Ok(all)
     }
@@ -222,22 +218,22 @@ impl PackedMatrix {
 
     /// Host memory held, in bytes.
     pub fn byte_len(&self) -> usize {
-        self.codes.len() + 4 * (self.scales.len() + self.mins.len())
+        self.data.len()
     }
 
     fn blocks(&self) -> usize {
         self.in_features / BLOCK
     }
 
-    fn block_bytes(&self) -> usize {
-        self.bits as usize * BLOCK / 8
+    fn record(&self) -> usize {
+        HEADER + self.bits as usize * BLOCK / 8
     }
 
     /// The weight at (`o`, `i`), dequantized (tests and references).
     pub fn weight(&self, o: usize, i: usize) -> f32 {
         let (b, j) = (i / BLOCK, i % BLOCK);
-        let k = o * self.blocks() + b;
-        let block = &self.codes[k * self.block_bytes()..][..self.block_bytes()];
+        let rec = &self.data[(o * self.blocks() + b) * self.record()..][..self.record()];
+        let (d, m, block) = split_record(rec);
         let q = if self.bits == 4 {
             if j < 16 {
                 block[j] & 0x0f
@@ -247,7 +243,7 @@ impl PackedMatrix {
         } else {
             block[j]
         };
-        self.scales[k] * f32::from(q) + self.mins[k]
+        d * f32::from(q) + m
     }
 
     /// `y = x Wᵀ` for `rows` input rows: `x` is `[rows, in_features]` and `y`
@@ -367,9 +363,7 @@ impl PackedMatrix {
         let blocks = self.blocks();
         assert!(blocks * BLOCK == self.in_features && x.len() >= rows * self.in_features);
         assert!(range.end <= self.out_features && yt.len() >= range.len() * rows);
-        assert!(self.codes.len() >= self.out_features * blocks * self.block_bytes());
-        assert!(self.scales.len() >= self.out_features * blocks);
-        assert!(self.mins.len() >= self.out_features * blocks);
+        assert!(self.data.len() >= self.out_features * blocks * self.record());
     }
 }
 
@@ -394,6 +388,12 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
+/// `(d, m, codes)` of a block record.
+fn split_record(rec: &[u8]) -> (f32, f32, &[u8]) {
+    let f = |i: usize| f32::from_le_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+    (f(0), f(4), &rec[HEADER..])
+}
+
 /// The portable kernel: per block `w_j = q_j × d + m`, `acc += w_j × x_j` in element order.
 fn scalar_rows<const R: usize, const BITS: u32>(
     w: &PackedMatrix,
@@ -402,13 +402,12 @@ fn scalar_rows<const R: usize, const BITS: u32>(
     yt: &mut [f32],
 ) {
     w.check_kernel_args(R, x, &range, yt);
-    let (n_in, blocks, bb) = (w.in_features, w.blocks(), w.block_bytes());
+    let (n_in, blocks, rl) = (w.in_features, w.blocks(), w.record());
     for (o, out) in range.zip(yt.chunks_exact_mut(R)) {
-        let codes = &w.codes[o * blocks * bb..][..blocks * bb];
-        let ds = &w.scales[o * blocks..][..blocks];
-        let ms = &w.mins[o * blocks..][..blocks];
+        let recs = &w.data[o * blocks * rl..][..blocks * rl];
         let mut acc = [0.0f32; R];
-        for (b, ((block, &d), &m)) in codes.chunks_exact(bb).zip(ds).zip(ms).enumerate() {
+        for (b, rec) in recs.chunks_exact(rl).enumerate() {
+            let (d, m, block) = split_record(rec);
             let mut wb = [0.0f32; BLOCK];
             if BITS == 4 {
                 for (j, &byte) in block.iter().enumerate() {
@@ -457,9 +456,12 @@ fn avx2_entry<const R: usize, const BITS: u32>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PackedMatrix, BLOCK};
+    use super::{PackedMatrix, BLOCK, HEADER};
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    /// How far ahead of the block being read the kernels prefetch, in bytes.
+    const PREFETCH: usize = 2048;
 
     /// AVX-512: per block the 32 weights become two 16-lane vectors `w = q × d + m` (lanes
     /// `0..16` and `16..32`); per row two accumulators, `acc_lo += w_lo × x_lo` and
@@ -475,7 +477,7 @@ mod x86 {
         yt: &mut [f32],
     ) {
         let (n_in, blocks) = (w.in_features, w.blocks());
-        let bb = BITS as usize * BLOCK / 8;
+        let rl = HEADER + BITS as usize * BLOCK / 8;
         let nibble = _mm_set1_epi8(0x0f);
         let xp = x.as_ptr();
         for (o, out) in range.zip(yt.chunks_exact_mut(R)) {
@@ -484,11 +486,13 @@ mod x86 {
             // SAFETY: output `o` < out_features owns `blocks × bb` code bytes and `blocks`
             // scales and mins; each row of `x` holds `blocks × 32` floats (caller's contract).
             unsafe {
-                let cp = w.codes.as_ptr().add(o * blocks * bb);
-                let dp = w.scales.as_ptr().add(o * blocks);
-                let mp = w.mins.as_ptr().add(o * blocks);
+                let rp = w.data.as_ptr().add(o * blocks * rl);
                 for b in 0..blocks {
-                    let c = cp.add(b * bb);
+                    let r = rp.add(b * rl);
+                    // Past page boundaries, where the hardware prefetcher stops (the pointer
+                    // is never read; prefetches do not fault).
+                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(PREFETCH).cast());
+                    let c = r.add(HEADER);
                     let (lo, hi) = if BITS == 4 {
                         let raw = _mm_loadu_si128(c.cast());
                         let l = _mm_and_si128(raw, nibble);
@@ -499,8 +503,8 @@ mod x86 {
                         let h = _mm_loadu_si128(c.add(16).cast());
                         (_mm512_cvtepu8_epi32(l), _mm512_cvtepu8_epi32(h))
                     };
-                    let d = _mm512_set1_ps(*dp.add(b));
-                    let m = _mm512_set1_ps(*mp.add(b));
+                    let d = _mm512_set1_ps(r.cast::<f32>().read_unaligned());
+                    let m = _mm512_set1_ps(r.add(4).cast::<f32>().read_unaligned());
                     let wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m);
                     let wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m);
                     for r in 0..R {
@@ -538,7 +542,7 @@ mod x86 {
         yt: &mut [f32],
     ) {
         let (n_in, blocks) = (w.in_features, w.blocks());
-        let bb = BITS as usize * BLOCK / 8;
+        let rl = HEADER + BITS as usize * BLOCK / 8;
         let nibble = _mm_set1_epi8(0x0f);
         let xp = x.as_ptr();
         for (o, out) in range.zip(yt.chunks_exact_mut(R)) {
@@ -546,11 +550,11 @@ mod x86 {
             let mut hi_acc = [_mm256_setzero_ps(); R];
             // SAFETY: as in `avx512_rows`.
             unsafe {
-                let cp = w.codes.as_ptr().add(o * blocks * bb);
-                let dp = w.scales.as_ptr().add(o * blocks);
-                let mp = w.mins.as_ptr().add(o * blocks);
+                let rp = w.data.as_ptr().add(o * blocks * rl);
                 for b in 0..blocks {
-                    let c = cp.add(b * bb);
+                    let r = rp.add(b * rl);
+                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(PREFETCH).cast());
+                    let c = r.add(HEADER);
                     let (l, h) = if BITS == 4 {
                         let raw = _mm_loadu_si128(c.cast());
                         (
@@ -560,8 +564,8 @@ mod x86 {
                     } else {
                         (_mm_loadu_si128(c.cast()), _mm_loadu_si128(c.add(16).cast()))
                     };
-                    let d = _mm256_set1_ps(*dp.add(b));
-                    let m = _mm256_set1_ps(*mp.add(b));
+                    let d = _mm256_set1_ps(r.cast::<f32>().read_unaligned());
+                    let m = _mm256_set1_ps(r.add(4).cast::<f32>().read_unaligned());
                     let dq = |v: __m128i| {
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, m)
                     };
@@ -732,8 +736,12 @@ mod tests {
         for i in 0..32 {
             assert_eq!(m.weight(0, i), 2.0 * (i % 16) as f32 - 1.0);
         }
-        assert_eq!(m.codes[0], 0x00);
-        assert_eq!(m.codes[1], 0x11);
+        assert_eq!(
+            m.data[..HEADER],
+            [2.0f32.to_le_bytes(), (-1.0f32).to_le_bytes()].concat()
+        );
+        assert_eq!(m.data[HEADER], 0x00);
+        assert_eq!(m.data[HEADER + 1], 0x11);
         let both = PackedMatrix::concat(vec![m.clone(), m]).expect("concat");
         assert_eq!(both.out_features(), 2);
         assert_eq!(both.weight(1, 5), 9.0);
