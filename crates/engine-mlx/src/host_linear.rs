@@ -73,9 +73,17 @@ impl Isa {
 
     /// Whether this CPU can run kernels for `self`.
     pub fn supported(self) -> bool {
-        match (self, Isa::detected()) {
-            (Isa::Scalar, _) | (Isa::Avx2, Isa::Avx2 | Isa::Avx512) => true,
-            (a, b) => a == b,
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
     }
 }
