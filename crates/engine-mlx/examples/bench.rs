@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p engine-mlx --example bench --config <mlx cargo config> -- \
 //!     [MODEL] [--quantized] [--no-fuse] [--mlx-attention|--host-attention] [--runs N]
-//!     [--long] [--cpu] [--depth] [--batch]
+//!     [--long] [--cpu] [--depth] [--batch] [--mlx-decode]
 //! ```
 //! Prints prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s for 64
 //! greedy tokens after it (batch 1), and with `--long` the same for a 2048-token prompt, as
@@ -11,9 +11,10 @@
 //! also prints tokens per CPU-second of the process (useful on a busy machine). `--depth`
 //! times each 256-token chunk of a 4,096-token prefill and a decode step at that depth;
 //! `--batch` prints aggregate decode tokens/s of 1, 2, 4 and 8 sequences stepped together.
+//! `--mlx-decode` runs the decode steps' linear layers on MLX instead of the host kernel.
 
 use agent_session::{InferenceEngine, SamplingParams, StepRequest};
-use engine_mlx::{AttentionKind, EngineConfig, MlxEngine, WeightFormat};
+use engine_mlx::{AttentionKind, DecodeKernel, EngineConfig, MlxEngine, WeightFormat};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,6 +92,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             AttentionKind::Host
         } else {
             AttentionKind::default()
+        },
+        decode_kernel: if flag("--mlx-decode") {
+            DecodeKernel::Mlx
+        } else {
+            DecodeKernel::default()
         },
         ..EngineConfig::default()
     };

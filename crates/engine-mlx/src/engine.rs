@@ -1,7 +1,7 @@
 //! The engine handle ([`MlxEngine`], Send + Sync) and its worker thread, which owns every
 //! MLX object (arrays are Send but not Sync, and MLX streams are thread-local).
 
-use crate::arch::{self, AttentionKind, BuildOptions, CausalLm, Logits};
+use crate::arch::{self, AttentionKind, BuildOptions, CausalLm, DecodeKernel, Logits};
 use crate::config::ModelConfig;
 use crate::error::{Error, MlxContext, Result};
 use crate::formatter::MlxChatFormatter;
@@ -44,6 +44,9 @@ pub struct EngineConfig {
     pub bind_to_weights: bool,
     /// Attention kernel (part of the model fingerprint: it changes the KV's last bits).
     pub attention: AttentionKind,
+    /// Kernel of the decode steps' linear layers (part of the model fingerprint when it
+    /// applies to the weights: it changes the decoded tokens' KV in the last bits).
+    pub decode_kernel: DecodeKernel,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             hf_cache_dir: None,
             bind_to_weights: true,
             attention: AttentionKind::default(),
+            decode_kernel: DecodeKernel::default(),
         }
     }
 }
@@ -178,103 +182,131 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     // The weights' identity (file name, size, header / config and shard hashes): part of the
     // fingerprint unless `bind_to_weights` is off.
     let mut ident = blake3::Hasher::new();
-    let (config, header, hf_config, formatter, spec, id, weight_desc) = match &source {
-        Resolved::Gguf(path) => {
-            let header = GgufHeader::read(path)?;
-            let config = ModelConfig::from_gguf(&header)?;
-            let formatter = MlxChatFormatter::from_gguf(&header)?;
-            let meta = header.metadata_json();
-            let spec = ModelCacheSpec::from_gguf_metadata(&meta, cfg.block_tokens)
-                .and_then(|s| s.with_kv_storage(storage))
-                .map_err(|source| Error::Spec {
-                    path: path.clone(),
-                    source,
-                })?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            ident.update(name.as_bytes());
-            ident.update(&header.file_size.to_le_bytes());
-            ident.update(hash_prefix(path, header.data_offset)?.as_bytes());
-            let id = path
-                .file_stem()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            // The weight type of most matrices, for the descriptor.
-            let mut counts: HashMap<&'static str, usize> = HashMap::new();
-            for t in header.tensors.iter().filter(|t| t.shape.len() == 2) {
-                *counts.entry(t.ggml_type.name()).or_default() += 1;
-            }
-            let main = counts
-                .into_iter()
-                .max_by_key(|(_, n)| *n)
-                .map(|(k, _)| k)
-                .unwrap_or("F32");
-            let quantized = header.tensors.iter().any(|t| t.ggml_type.is_quantized());
-            let desc = match (cfg.weight_format, quantized) {
-                (WeightFormat::F32, true) => format!("f32 (dequantized from {main})"),
-                (WeightFormat::F32, false) => format!("f32 (from {main})"),
-                (WeightFormat::Quantized, true) => {
-                    format!("quantized ({main} as MLX affine, group 32)")
+    let (config, header, hf_config, formatter, spec, id, mut weight_desc, host_decode) =
+        match &source {
+            Resolved::Gguf(path) => {
+                let header = GgufHeader::read(path)?;
+                let config = ModelConfig::from_gguf(&header)?;
+                let formatter = MlxChatFormatter::from_gguf(&header)?;
+                let meta = header.metadata_json();
+                let spec = ModelCacheSpec::from_gguf_metadata(&meta, cfg.block_tokens)
+                    .and_then(|s| s.with_kv_storage(storage))
+                    .map_err(|source| Error::Spec {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                ident.update(name.as_bytes());
+                ident.update(&header.file_size.to_le_bytes());
+                ident.update(hash_prefix(path, header.data_offset)?.as_bytes());
+                let id = path
+                    .file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                // The weight type of most matrices, for the descriptor.
+                let mut counts: HashMap<&'static str, usize> = HashMap::new();
+                for t in header.tensors.iter().filter(|t| t.shape.len() == 2) {
+                    *counts.entry(t.ggml_type.name()).or_default() += 1;
                 }
-                (WeightFormat::Quantized, false) => format!("f32 (from {main})"),
-            };
-            (config, Some(header), None, formatter, spec, id, desc)
-        }
-        Resolved::Dir(dir) => {
-            let cpath = dir.join("config.json");
-            let text = std::fs::read_to_string(&cpath).map_err(|source| Error::Io {
-                path: cpath.clone(),
-                source,
-            })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Invalid {
-                path: cpath.clone(),
-                field: "(file)".into(),
-                reason: e.to_string(),
-            })?;
-            let config = ModelConfig::from_hf_config(&cpath, &v)?;
-            let formatter = MlxChatFormatter::from_dir(dir)?;
-            let spec = ModelCacheSpec::from_config(&v, cfg.block_tokens)
-                .and_then(|s| s.with_kv_storage(storage))
-                .map_err(|source| Error::Spec {
+                let main = counts
+                    .into_iter()
+                    .max_by_key(|(_, n)| *n)
+                    .map(|(k, _)| k)
+                    .unwrap_or("F32");
+                let quantized = header.tensors.iter().any(|t| t.ggml_type.is_quantized());
+                // Every quantized GGUF type loaded here (Q4_0, Q4_1, Q8_0) has 4- or 8-bit blocks
+                // of 32: the host decode kernel reads them all.
+                let host_decode = quantized;
+                let desc = match (cfg.weight_format, quantized) {
+                    (WeightFormat::F32, true) => format!("f32 (dequantized from {main})"),
+                    (WeightFormat::F32, false) => format!("f32 (from {main})"),
+                    (WeightFormat::Quantized, true) => {
+                        format!("quantized ({main} as MLX affine, group 32)")
+                    }
+                    (WeightFormat::Quantized, false) => format!("f32 (from {main})"),
+                };
+                (
+                    config,
+                    Some(header),
+                    None,
+                    formatter,
+                    spec,
+                    id,
+                    desc,
+                    host_decode,
+                )
+            }
+            Resolved::Dir(dir) => {
+                let cpath = dir.join("config.json");
+                let text = std::fs::read_to_string(&cpath).map_err(|source| Error::Io {
                     path: cpath.clone(),
                     source,
                 })?;
-            ident.update(text.as_bytes());
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|source| Error::Io {
-                    path: dir.clone(),
-                    source,
-                })?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            files.sort();
-            for f in &files {
-                let size = std::fs::metadata(f)
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::Invalid {
+                        path: cpath.clone(),
+                        field: "(file)".into(),
+                        reason: e.to_string(),
+                    })?;
+                let config = ModelConfig::from_hf_config(&cpath, &v)?;
+                let formatter = MlxChatFormatter::from_dir(dir)?;
+                let spec = ModelCacheSpec::from_config(&v, cfg.block_tokens)
+                    .and_then(|s| s.with_kv_storage(storage))
+                    .map_err(|source| Error::Spec {
+                        path: cpath.clone(),
+                        source,
+                    })?;
+                ident.update(text.as_bytes());
+                let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
                     .map_err(|source| Error::Io {
-                        path: f.clone(),
+                        path: dir.clone(),
                         source,
                     })?
-                    .len();
-                ident.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
-                ident.update(&size.to_le_bytes());
-                ident.update(hash_prefix(f, 1 << 20)?.as_bytes());
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                files.sort();
+                for f in &files {
+                    let size = std::fs::metadata(f)
+                        .map_err(|source| Error::Io {
+                            path: f.clone(),
+                            source,
+                        })?
+                        .len();
+                    ident.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+                    ident.update(&size.to_le_bytes());
+                    ident.update(hash_prefix(f, 1 << 20)?.as_bytes());
+                }
+                let id = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let quant = v.get("quantization").is_some();
+                let q = v.get("quantization");
+                let int = |k: &str| q.and_then(|q| q.get(k)).and_then(|x| x.as_i64());
+                let host_decode = quant
+                    && matches!(int("bits").unwrap_or(4), 4 | 8)
+                    && int("group_size").unwrap_or(64) % 32 == 0;
+                let desc = match (cfg.weight_format, quant) {
+                    (WeightFormat::F32, true) => "f32 (dequantized from MLX affine)".to_owned(),
+                    (WeightFormat::Quantized, true) => "quantized (MLX affine)".to_owned(),
+                    _ => "f32".to_owned(),
+                };
+                (
+                    config,
+                    None,
+                    Some(v),
+                    formatter,
+                    spec,
+                    id,
+                    desc,
+                    host_decode,
+                )
             }
-            let id = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let quant = v.get("quantization").is_some();
-            let desc = match (cfg.weight_format, quant) {
-                (WeightFormat::F32, true) => "f32 (dequantized from MLX affine)".to_owned(),
-                (WeightFormat::Quantized, true) => "quantized (MLX affine)".to_owned(),
-                _ => "f32".to_owned(),
-            };
-            (config, None, Some(v), formatter, spec, id, desc)
-        }
-    };
+        };
     if cfg.bind_to_weights {
         fp.update(b"\0weights-identity\0");
         fp.update(ident.finalize().as_bytes());
@@ -294,6 +326,16 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     // So do the BLAS kernels under MLX's CPU matmuls (OpenBLAS's core type).
     fp.update(b"\0blas\0");
     fp.update(crate::blas::core_name().unwrap_or_default().as_bytes());
+    // Decode steps on the host kernel round differently from MLX's matmuls; recorded only
+    // where it applies, so models it cannot serve keep their fingerprint.
+    if cfg.decode_kernel == DecodeKernel::Host && host_decode {
+        fp.update(b"\0decode\0");
+        fp.update(cfg.decode_kernel.name().as_bytes());
+        weight_desc.push_str(&format!(
+            "; decode: host 4/8-bit kernel ({})",
+            crate::host_linear::Isa::detected().name()
+        ));
+    }
     let descriptor = ModelDescriptor {
         id,
         fingerprint: fp.finalize().to_hex().to_string(),
@@ -342,6 +384,7 @@ impl MlxEngine {
             format: config.weight_format,
             fuse_projections: config.fuse_projections,
             attention: config.attention,
+            decode: config.decode_kernel,
         };
         let block_tokens = config.block_tokens as usize;
         let kv_bits = config.kv_bits;
@@ -763,14 +806,8 @@ impl Worker {
 
     /// Feeds `batch[i].feed` to each listed entry's sequence (distinct sequences) in one
     /// forward pass and keeps each one's new last logits. On error no sequence advances.
+    /// A single sequence takes the same path (the decode kernel, not a one-token prefill).
     fn feed_batch(&mut self, batch: &[StepRequest], entries: &[usize]) -> Result<()> {
-        if let [single] = entries {
-            let req = &batch[*single];
-            let t = req
-                .feed
-                .ok_or_else(|| Error::Request("nothing to feed".into()))?;
-            return self.run_forward(req.seq.0, &[t]);
-        }
         let mut taken: Vec<(u64, Sequence)> = Vec::with_capacity(entries.len());
         let mut tokens = Vec::with_capacity(entries.len());
         for &i in entries {

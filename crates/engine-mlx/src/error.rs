@@ -168,6 +168,10 @@ pub enum Error {
         /// MLX's message.
         message: String,
     },
+    /// The host decode kernel ([`crate::host_linear`]) was given weights or inputs it cannot
+    /// use (code width, group size, inconsistent lengths).
+    #[error("host linear kernel: {0}")]
+    HostKernel(String),
     /// The worker thread stopped or could not be started.
     #[error("the engine worker stopped")]
     WorkerStopped,

@@ -24,12 +24,13 @@ pub mod error;
 pub mod formatter;
 pub mod gguf;
 pub mod host_attention;
+pub mod host_linear;
 pub mod hub;
 pub mod kv;
 pub mod sampling;
 pub mod weights;
 
-pub use arch::AttentionKind;
+pub use arch::{AttentionKind, DecodeKernel};
 pub use config::{Family, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use engine::{inspect, EngineConfig, MlxEngine};
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, MlxContext, Result};
 use crate::gguf::GgufHeader;
+use crate::host_linear::{PackedMatrix, BLOCK};
 use mlx_rs::ops;
 use mlx_rs::{Array, Dtype};
 use std::collections::HashMap;
@@ -383,9 +384,148 @@ pub fn load_safetensors_dir(dir: &Path, config: &serde_json::Value) -> Result<Te
     })
 }
 
-/// A linear layer `y = x Wᵀ (+ b)` in its compute format.
+/// A linear layer's weights on the host in 4- or 8-bit blocks ([`PackedMatrix`]), with its
+/// bias, for decode steps ([`crate::DecodeKernel::Host`]).
 #[derive(Debug)]
-pub enum Linear {
+pub struct HostLinear {
+    matrix: PackedMatrix,
+    bias: Option<Vec<f32>>,
+}
+
+/// Reads an evaluated f32 array's values in row-major order (copying only when the array is
+/// a strided view) and hands them to `f`.
+fn with_host_f32<T>(a: &Array, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let read = |e: mlx_rs::error::AsSliceError| Error::HostKernel(format!("reading an array: {e}"));
+    let cast;
+    let a = if a.dtype() == Dtype::Float32 {
+        a
+    } else {
+        cast = a
+            .as_dtype(Dtype::Float32)
+            .ctx("casting for the host kernel")?;
+        &cast
+    };
+    match a.try_as_slice::<f32>() {
+        Ok(s) => f(s),
+        Err(mlx_rs::error::AsSliceError::NotContiguous) => {
+            let c = a.contiguous().ctx("copying for the host kernel")?;
+            f(c.try_as_slice::<f32>().map_err(read)?)
+        }
+        Err(e) => Err(read(e)),
+    }
+}
+
+impl HostLinear {
+    /// Packs `parts` (weights `[out_i, in]` stacked along the output axis) when every part is
+    /// MLX-affine quantized with 4 or 8 bits in groups of a multiple of 32 (all GGUF
+    /// quantizations this engine loads); `None` otherwise (the layer then decodes on MLX).
+    /// `bias` is the fused bias, `[Σ out_i]`.
+    pub fn from_raw(parts: &[RawTensor], bias: Option<&Array>) -> Result<Option<Self>> {
+        let mut packed = Vec::with_capacity(parts.len());
+        for p in parts {
+            let RawTensor::Quantized {
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } = p
+            else {
+                return Ok(None);
+            };
+            let shape = p.logical_shape();
+            let (Ok(bits), Ok(group)) = (u32::try_from(*bits), usize::try_from(*group_size)) else {
+                return Ok(None);
+            };
+            if shape.len() != 2
+                || !matches!(bits, 4 | 8)
+                || group == 0
+                || !group.is_multiple_of(BLOCK)
+                || w.dtype() != Dtype::Uint32
+            {
+                return Ok(None);
+            }
+            let (out, inp) = (shape[0] as usize, shape[1] as usize);
+            let words = w
+                .try_as_slice::<u32>()
+                .map_err(|e| Error::HostKernel(format!("reading packed weights: {e}")))?;
+            let m = with_host_f32(scales, |s| {
+                with_host_f32(biases, |b| {
+                    PackedMatrix::from_affine(bits, group, out, inp, words, s, b)
+                })
+            })?;
+            packed.push(m);
+        }
+        let matrix = PackedMatrix::concat(packed)?;
+        let bias = match bias {
+            Some(b) => {
+                let v = with_host_f32(b, |s| Ok(s.to_vec()))?;
+                if v.len() != matrix.out_features() {
+                    return Err(Error::HostKernel(format!(
+                        "a bias of {} values for {} outputs",
+                        v.len(),
+                        matrix.out_features()
+                    )));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Some(HostLinear { matrix, bias }))
+    }
+
+    /// The packed weights.
+    pub fn matrix(&self) -> &PackedMatrix {
+        &self.matrix
+    }
+
+    /// `x Wᵀ + b (+ residual)` for `x` of shape `[rows, in]` (evaluated here), computed on the
+    /// host; returns `[rows, out]`.
+    pub fn forward(&self, x: &Array, residual: Option<&Array>) -> Result<Array> {
+        let (n_in, n_out) = (self.matrix.in_features(), self.matrix.out_features());
+        let rows = match x.shape() {
+            [rows, cols] if *cols as usize == n_in => *rows as usize,
+            other => {
+                return Err(Error::HostKernel(format!(
+                    "input of shape {other:?} for {n_in} features"
+                )))
+            }
+        };
+        let mut all: Vec<&Array> = vec![x];
+        all.extend(residual);
+        mlx_rs::transforms::eval(all).ctx("evaluating a decode input")?;
+        let mut y = vec![0.0f32; rows * n_out];
+        with_host_f32(x, |xs| self.matrix.matmul(xs, rows, &mut y))?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(n_out) {
+                for (v, &b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+        if let Some(res) = residual {
+            with_host_f32(res, |r| {
+                if r.len() != y.len() {
+                    return Err(Error::HostKernel(format!(
+                        "a residual of {} values for {} outputs",
+                        r.len(),
+                        y.len()
+                    )));
+                }
+                for (v, &r) in y.iter_mut().zip(r) {
+                    *v += r;
+                }
+                Ok(())
+            })?;
+        }
+        let shape = [rows, n_out].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
+        Ok(Array::from_slice(&y, &shape))
+    }
+}
+
+/// The MLX weights of a linear layer, in the compute format.
+#[derive(Debug)]
+pub enum LinearWeights {
     /// Dense: `wt` is `Wᵀ`, a contiguous `[in, out]` matrix.
     Dense {
         /// The transposed weight.
@@ -410,13 +550,26 @@ pub enum Linear {
     },
 }
 
+/// A linear layer `y = x Wᵀ (+ b)`: MLX weights for prefill (and decode with
+/// [`crate::DecodeKernel::Mlx`]), and optionally host-packed blocks for decode steps.
+#[derive(Debug)]
+pub struct Linear {
+    /// The MLX weights.
+    pub weights: LinearWeights,
+    /// The host copy for decode steps, when built and the file's weights allow it (boxed:
+    /// layers hold several linears side by side).
+    pub host: Option<Box<HostLinear>>,
+}
+
 impl Linear {
     /// Builds the compute form of several same-input weights concatenated along the output
     /// axis (one matmul instead of several: q/k/v, gate/up). One part gives a plain linear.
+    /// With `host`, also packs the 4/8-bit weights for the host decode kernel.
     pub fn fused(
         parts: Vec<RawTensor>,
         biases: Vec<Option<RawTensor>>,
         format: WeightFormat,
+        host: bool,
     ) -> Result<Self> {
         let bias = if biases.iter().any(Option::is_some) {
             let mut bs = Vec::with_capacity(biases.len());
@@ -433,6 +586,45 @@ impl Linear {
         } else {
             None
         };
+        let host = if host {
+            HostLinear::from_raw(&parts, bias.as_ref())?.map(Box::new)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weights: LinearWeights::fused(parts, bias, format)?,
+            host,
+        })
+    }
+
+    /// `x Wᵀ + b` for `x` of shape `[rows, in]` (MLX).
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        self.weights.forward(x)
+    }
+
+    /// `x Wᵀ + residual` (one fused op for dense weights; MLX).
+    pub fn forward_residual(&self, x: &Array, residual: &Array) -> Result<Array> {
+        self.weights.forward_residual(x, residual)
+    }
+
+    /// `x Wᵀ + b (+ residual)`: on the host when `decode` and the layer has host weights,
+    /// else on MLX.
+    pub fn apply(&self, x: &Array, residual: Option<&Array>, decode: bool) -> Result<Array> {
+        match (&self.host, residual) {
+            (Some(h), _) if decode => h.forward(x, residual),
+            (_, Some(r)) => self.forward_residual(x, r),
+            (_, None) => self.forward(x),
+        }
+    }
+
+    /// The arrays this layer holds (to evaluate them once at load).
+    pub fn arrays(&self) -> Vec<&Array> {
+        self.weights.arrays()
+    }
+}
+
+impl LinearWeights {
+    fn fused(parts: Vec<RawTensor>, bias: Option<Array>, format: WeightFormat) -> Result<Self> {
         let all_quant_same = parts
             .iter()
             .all(|p| matches!(p, RawTensor::Quantized { .. }))
@@ -479,7 +671,7 @@ impl Linear {
                     ops::concatenate(v, 0).ctx("fusing quantized weights")
                 }
             };
-            return Ok(Linear::Quantized {
+            return Ok(LinearWeights::Quantized {
                 w: cat(&ws)?,
                 scales: cat(&ss)?,
                 qbiases: cat(&bs)?,
@@ -500,17 +692,17 @@ impl Linear {
         // Stored as a contiguous `[in, out]` copy: one-row products (decode) run faster through
         // BLAS as `x · Wᵀ` without a transpose flag (measured +15% decode on x86).
         let wt = w.t().contiguous().ctx("transposing a weight")?;
-        Ok(Linear::Dense { wt, bias })
+        Ok(LinearWeights::Dense { wt, bias })
     }
 
     /// `x Wᵀ + b` for `x` of shape `[rows, in]`.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         match self {
-            Linear::Dense { wt, bias } => match bias {
+            LinearWeights::Dense { wt, bias } => match bias {
                 Some(b) => ops::addmm(b, x, wt, None, None).ctx("linear (addmm)"),
                 None => x.matmul(wt).ctx("linear (matmul)"),
             },
-            Linear::Quantized {
+            LinearWeights::Quantized {
                 w,
                 scales,
                 qbiases,
@@ -531,7 +723,7 @@ impl Linear {
     /// `x Wᵀ + residual` (one fused op for dense weights).
     pub fn forward_residual(&self, x: &Array, residual: &Array) -> Result<Array> {
         match self {
-            Linear::Dense { wt, bias: None } => {
+            LinearWeights::Dense { wt, bias: None } => {
                 ops::addmm(residual, x, wt, None, None).ctx("linear + residual (addmm)")
             }
             _ => self.forward(x)?.add(residual).ctx("residual add"),
@@ -541,8 +733,8 @@ impl Linear {
     /// The arrays this layer holds (to evaluate them once at load).
     pub fn arrays(&self) -> Vec<&Array> {
         match self {
-            Linear::Dense { wt, bias } => std::iter::once(wt).chain(bias.iter()).collect(),
-            Linear::Quantized {
+            LinearWeights::Dense { wt, bias } => std::iter::once(wt).chain(bias.iter()).collect(),
+            LinearWeights::Quantized {
                 w,
                 scales,
                 qbiases,

@@ -6,12 +6,12 @@
 //! are 2-D `[rows, hidden]`: the tokens of one sequence (prefill), or one token of each
 //! sequence of a batched decode step; attention works per sequence on `[1, heads, tokens, dim]`.
 
-use super::{AttentionKind, BuildOptions, CausalLm, Logits};
+use super::{AttentionKind, BuildOptions, CausalLm, DecodeKernel, Logits};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{MlxContext, Result};
 use crate::host_attention;
 use crate::kv::{KvLayout, SequenceKv};
-use crate::weights::{norm_weight, Embedding, Linear, RawTensor, TensorMap};
+use crate::weights::{norm_weight, Embedding, HostLinear, Linear, RawTensor, TensorMap};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{nn, Array};
@@ -49,6 +49,8 @@ pub struct LlamaModel {
     embed: Embedding,
     /// Separate LM head; `None` when tied to the embedding.
     head: Option<Linear>,
+    /// The tied LM head (the embedding table) packed for the host decode kernel.
+    tied_head_host: Option<HostLinear>,
     final_norm: Array,
     layers: Vec<Layer>,
     /// Custom RoPE periods (llama3 scaling), else `None` (plain base).
@@ -92,6 +94,7 @@ impl LlamaModel {
         let (nh, nkv) = (c.num_heads as i64, c.num_kv_heads as i64);
         let inter = c.intermediate_size as i64;
         let fmt = options.format;
+        let host = options.decode == DecodeKernel::Host;
 
         let embed_raw = w.take("token_embd.weight")?;
         w.check_shape(
@@ -104,7 +107,12 @@ impl LlamaModel {
         } else {
             let t = w.take("output.weight")?;
             w.check_shape("output.weight", &t, &[c.vocab_size as i64, hidden])?;
-            Some(Linear::fused(vec![t], vec![None], fmt)?)
+            Some(Linear::fused(vec![t], vec![None], fmt, host)?)
+        };
+        let tied_head_host = if host && c.tie_word_embeddings {
+            HostLinear::from_raw(std::slice::from_ref(&embed_raw), None)?
+        } else {
+            None
         };
         let embed = Embedding::new(embed_raw, fmt)?;
         let final_norm = norm_weight(&mut w, "output_norm.weight", c.hidden_size)?;
@@ -156,20 +164,20 @@ impl LlamaModel {
                 (None, None)
             };
             let qkv = if options.fuse_projections {
-                Qkv::Fused(Linear::fused(vec![q, k, v], vec![qb, kb, vb], fmt)?)
+                Qkv::Fused(Linear::fused(vec![q, k, v], vec![qb, kb, vb], fmt, host)?)
             } else {
                 Qkv::Split {
-                    q: Linear::fused(vec![q], vec![qb], fmt)?,
-                    k: Linear::fused(vec![k], vec![kb], fmt)?,
-                    v: Linear::fused(vec![v], vec![vb], fmt)?,
+                    q: Linear::fused(vec![q], vec![qb], fmt, host)?,
+                    k: Linear::fused(vec![k], vec![kb], fmt, host)?,
+                    v: Linear::fused(vec![v], vec![vb], fmt, host)?,
                 }
             };
             let gate_up = if options.fuse_projections {
-                GateUp::Fused(Linear::fused(vec![gate, up], vec![gb, ub], fmt)?)
+                GateUp::Fused(Linear::fused(vec![gate, up], vec![gb, ub], fmt, host)?)
             } else {
                 GateUp::Split {
-                    gate: Linear::fused(vec![gate], vec![gb], fmt)?,
-                    up: Linear::fused(vec![up], vec![ub], fmt)?,
+                    gate: Linear::fused(vec![gate], vec![gb], fmt, host)?,
+                    up: Linear::fused(vec![up], vec![ub], fmt, host)?,
                 }
             };
             let layer = Layer {
@@ -178,9 +186,9 @@ impl LlamaModel {
                 qkv,
                 q_norm,
                 k_norm,
-                o: Linear::fused(vec![o], vec![ob], fmt)?,
+                o: Linear::fused(vec![o], vec![ob], fmt, host)?,
                 gate_up,
-                down: Linear::fused(vec![down], vec![db], fmt)?,
+                down: Linear::fused(vec![down], vec![db], fmt, host)?,
             };
             // Materialize layer by layer: the dequantized, unfused copies are freed at once,
             // which keeps the load's peak memory near the final size.
@@ -227,6 +235,7 @@ impl LlamaModel {
             config,
             embed,
             head,
+            tied_head_host,
             final_norm,
             layers,
             rope_freqs,
@@ -286,8 +295,9 @@ fn rows_of(n: usize) -> Result<i32> {
 }
 
 impl LlamaModel {
-    /// q, k and v of `h` (`[rows, hidden]`), each 2-D `[rows, heads × dim]`.
-    fn project_qkv(&self, layer: &Layer, h: &Array) -> Result<(Array, Array, Array)> {
+    /// q, k and v of `h` (`[rows, hidden]`), each 2-D `[rows, heads × dim]`; `decode`: a
+    /// decode step (host linears where built).
+    fn project_qkv(&self, layer: &Layer, h: &Array, decode: bool) -> Result<(Array, Array, Array)> {
         let c = &self.config;
         let (q_w, kv_w) = (
             (c.num_heads * c.head_dim) as i32,
@@ -295,21 +305,25 @@ impl LlamaModel {
         );
         match &layer.qkv {
             Qkv::Fused(lin) => {
-                let qkv = lin.forward(h)?;
+                let qkv = lin.apply(h, None, decode)?;
                 Ok((
                     qkv.try_index((.., ..q_w)).ctx("split q")?,
                     qkv.try_index((.., q_w..q_w + kv_w)).ctx("split k")?,
                     qkv.try_index((.., q_w + kv_w..)).ctx("split v")?,
                 ))
             }
-            Qkv::Split { q, k, v } => Ok((q.forward(h)?, k.forward(h)?, v.forward(h)?)),
+            Qkv::Split { q, k, v } => Ok((
+                q.apply(h, None, decode)?,
+                k.apply(h, None, decode)?,
+                v.apply(h, None, decode)?,
+            )),
         }
     }
 
     /// Attention of layer `index` for `kvs.len()` sequences with `rows` new tokens each,
     /// whose normed hidden states are `h` (`[sequences × rows, hidden]`, sequence-major):
     /// writes their K/V at each sequence's end (without advancing it) and returns
-    /// `[sequences × rows, heads × dim]`.
+    /// `[sequences × rows, heads × dim]`. `decode`: a decode step (host linears where built).
     fn attention(
         &self,
         index: usize,
@@ -317,11 +331,12 @@ impl LlamaModel {
         h: &Array,
         rows: i32,
         kvs: &mut [&mut SequenceKv],
+        decode: bool,
     ) -> Result<Array> {
         let c = &self.config;
         let n = rows_of(kvs.len())?;
         let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
-        let (q, k, v) = self.project_qkv(layer, h)?;
+        let (q, k, v) = self.project_qkv(layer, h, decode)?;
         let split = |x: Array, heads: i32| -> Result<Array> {
             x.reshape(&[n, rows, heads, hd])
                 .ctx("reshape")?
@@ -465,32 +480,35 @@ impl LlamaModel {
             .ctx("ungrouping heads")?])
     }
 
-    /// `x + down(silu(gate(h)) · up(h))` with `h = norm(x)`.
-    fn mlp(&self, layer: &Layer, x: &Array) -> Result<Array> {
+    /// `x + down(silu(gate(h)) · up(h))` with `h = norm(x)`; `decode`: a decode step.
+    fn mlp(&self, layer: &Layer, x: &Array, decode: bool) -> Result<Array> {
         let c = &self.config;
         let inter = c.intermediate_size as i32;
         let h = fast::rms_norm(x, Some(&layer.ffn_norm), c.rms_norm_eps).ctx("rms_norm")?;
         let (g, u) = match &layer.gate_up {
             GateUp::Fused(lin) => {
-                let gu = lin.forward(&h)?;
+                let gu = lin.apply(&h, None, decode)?;
                 (
                     gu.try_index((.., ..inter)).ctx("split gate")?,
                     gu.try_index((.., inter..)).ctx("split up")?,
                 )
             }
-            GateUp::Split { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
+            GateUp::Split { gate, up } => {
+                (gate.apply(&h, None, decode)?, up.apply(&h, None, decode)?)
+            }
         };
         let a = nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
-        layer.down.forward_residual(&a, x)
+        layer.down.apply(&a, Some(x), decode)
     }
 
-    /// Final norm and LM head over `[rows, hidden]`.
-    fn head(&self, x: &Array) -> Result<Array> {
+    /// Final norm and LM head over `[rows, hidden]`; `decode`: a decode step.
+    fn head(&self, x: &Array, decode: bool) -> Result<Array> {
         let x = fast::rms_norm(x, Some(&self.final_norm), self.config.rms_norm_eps)
             .ctx("final norm")?;
-        match &self.head {
-            Some(head) => head.forward(&x),
-            None => self.embed.as_head(&x),
+        match (&self.head, &self.tied_head_host) {
+            (Some(head), _) => head.apply(&x, None, decode),
+            (None, Some(host)) if decode => host.forward(&x, None),
+            (None, _) => self.embed.as_head(&x),
         }
     }
 }
@@ -522,9 +540,9 @@ impl CausalLm for LlamaModel {
         let mut x = self.embed.lookup(&ids)?; // [L, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
-            let o = self.attention(i, layer, &h, l, &mut [&mut *kv])?;
+            let o = self.attention(i, layer, &h, l, &mut [&mut *kv], false)?;
             x = layer.o.forward_residual(&o, &x)?;
-            x = self.mlp(layer, &x)?;
+            x = self.mlp(layer, &x, false)?;
         }
         kv.advance(tokens.len());
 
@@ -532,7 +550,7 @@ impl CausalLm for LlamaModel {
             Logits::Last => x.try_index((l - 1.., ..)).ctx("last position")?,
             Logits::All => x,
         };
-        let out = self.head(&x)?;
+        let out = self.head(&x, false)?;
         match logits {
             Logits::Last => out.reshape(&[-1]).ctx("reshape logits"),
             Logits::All => Ok(out),
@@ -558,14 +576,14 @@ impl CausalLm for LlamaModel {
             let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
             // The projections and the MLP see every sequence's row at once (the weights are
             // read once per step); attention is per sequence, over its own cache.
-            let o = self.attention(i, layer, &h, 1, kvs)?;
-            x = layer.o.forward_residual(&o, &x)?;
-            x = self.mlp(layer, &x)?;
+            let o = self.attention(i, layer, &h, 1, kvs, true)?;
+            x = layer.o.apply(&o, Some(&x), true)?;
+            x = self.mlp(layer, &x, true)?;
         }
         for kv in kvs.iter_mut() {
             kv.advance(1);
         }
-        self.head(&x)
+        self.head(&x, true)
     }
 
     fn arrays(&self) -> Vec<&Array> {

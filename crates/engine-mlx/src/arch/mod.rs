@@ -41,6 +41,31 @@ impl AttentionKind {
     }
 }
 
+/// Which kernel runs the linear layers of decode steps ([`CausalLm::decode_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeKernel {
+    /// MLX, as in prefill (f32 BLAS or `quantized_matmul`, per [`WeightFormat`]): the macOS
+    /// default (Metal).
+    #[cfg_attr(target_os = "macos", default)]
+    Mlx,
+    /// [`crate::host_linear`] on the CPU over the file's 4- or 8-bit blocks (Q4_0, Q4_1, Q8_0,
+    /// MLX 4/8-bit), for the linears whose weights are stored so; others stay on MLX. A
+    /// one-row product streams 5x fewer bytes than f32 BLAS: the default elsewhere. Prefill
+    /// always uses MLX.
+    #[cfg_attr(not(target_os = "macos"), default)]
+    Host,
+}
+
+impl DecodeKernel {
+    /// Short name for logs and the model fingerprint.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeKernel::Mlx => "mlx",
+            DecodeKernel::Host => "host",
+        }
+    }
+}
+
 /// Options that shape how a model is built for compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildOptions {
@@ -50,6 +75,8 @@ pub struct BuildOptions {
     pub fuse_projections: bool,
     /// Attention kernel.
     pub attention: AttentionKind,
+    /// Kernel of the decode steps' linear layers.
+    pub decode: DecodeKernel,
 }
 
 /// A decoder-only language model on MLX.
@@ -65,8 +92,9 @@ pub trait CausalLm {
     fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, logits: Logits) -> Result<Array>;
 
     /// One decode step for several sequences at once: `tokens[i]` is appended to `kvs[i]`.
-    /// Returns lazy f32 logits `[sequences, vocab]`. Row `i` must equal what
-    /// [`CausalLm::forward`] of that token alone gives (a batch never changes an answer).
+    /// Returns lazy f32 logits `[sequences, vocab]`. Row `i` must not depend on the other
+    /// sequences of the batch (a batch never changes an answer); with
+    /// [`DecodeKernel::Mlx`] it equals what [`CausalLm::forward`] of that token alone gives.
     fn decode_batch(&self, tokens: &[u32], kvs: &mut [&mut SequenceKv]) -> Result<Array>;
 
     /// Every weight array (evaluated once at load).
