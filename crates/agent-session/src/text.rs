@@ -87,15 +87,18 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return StopScan::Continue(std::mem::take(&mut self.pending));
         }
-        let mut first: Option<(usize, &String)> = None;
+        // The stop string completed first wins (the one generation reaches first, whatever
+        // the pieces), and of those ending together the longest; earlier pushes found none.
+        let mut first: Option<(usize, usize, &String)> = None;
         for s in &self.stops {
             if let Some(i) = self.pending.find(s.as_str()) {
-                if first.is_none_or(|(j, _)| i < j) {
-                    first = Some((i, s));
+                let end = i + s.len();
+                if first.is_none_or(|(e, j, _)| (end, i) < (e, j)) {
+                    first = Some((end, i, s));
                 }
             }
         }
-        if let Some((i, s)) = first {
+        if let Some((_, i, s)) = first {
             let stop = s.clone();
             let text = self.pending[..i].to_string();
             self.pending.clear();
@@ -138,19 +141,32 @@ mod tests {
                 stop: "STOP".into()
             }
         );
+        let mut m = StopMatcher::new(&["STOP".to_string(), "TO".to_string()]);
+        assert_eq!(
+            m.push("aOSSTOP"),
+            StopScan::Stopped {
+                text: "aOSS".into(),
+                stop: "TO".into()
+            }
+        );
         let mut m = StopMatcher::new(&["STOP".to_string()]);
         assert_eq!(m.push("ST"), StopScan::Continue("".into()));
         assert_eq!(m.push("AY"), StopScan::Continue("STAY".into()));
     }
 
     proptest! {
-        /// Whatever the split, the emitted text is the text before the first stop string.
+        /// Whatever the split, the emitted text is the text before the stop string that is
+        /// complete first ("aOSSTOP" with stops "STOP" and "TO" stops at "TO").
         #[test]
         fn split_invariant(text in "[abS TOP]{0,40}", cuts in proptest::collection::vec(0usize..40, 0..6)) {
             let stops = vec!["STOP".to_string(), "TO".to_string()];
+            // Generation stops when the first stop string is complete: the earliest end.
             let expected = {
-                let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
-                first.map(|i| text[..i].to_string()).unwrap_or_else(|| text.clone())
+                let first = stops
+                    .iter()
+                    .filter_map(|s| text.find(s.as_str()).map(|i| (i + s.len(), i)))
+                    .min();
+                first.map(|(_, i)| text[..i].to_string()).unwrap_or_else(|| text.clone())
             };
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(text.len())).collect();
             cuts.sort_unstable();

@@ -98,6 +98,14 @@ impl Target {
             Target::MlxLm => "mlx-lm",
         }
     }
+
+    /// Whether any of its cache survives a restart (semantic by itself, llama.cpp through
+    /// its slot files). mlx-lm keeps its prompt cache in memory only: its first turn after a
+    /// restart prefills the whole conversation, so `ttft` does not spend minutes measuring
+    /// that cold prefill again.
+    pub fn keeps_cache_across_restart(self) -> bool {
+        !matches!(self, Target::MlxLm)
+    }
 }
 
 /// Everything the scenarios share.

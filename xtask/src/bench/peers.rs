@@ -327,6 +327,10 @@ impl Installed {
                         "127.0.0.1".into(),
                         "--port".into(),
                         port.to_string().into(),
+                        // Our prefill chunk (SEMANTIC_MLX_PREFILL_STEP_SIZE's default): its
+                        // own default of 2,048 is slower at depth on MLX's CPU attention.
+                        "--prefill-step-size".into(),
+                        "256".into(),
                     ],
                     env,
                     port,
