@@ -543,7 +543,7 @@ pub fn read_block_file(
     for (name, _, _, len) in &header.layout {
         // One `read` per tensor straight into its buffer (zeroed by the allocator's fresh
         // pages, not by a pass over it), hashed right away while it is in cache.
-        let mut buf = vec![0u8; *len];
+        let mut buf = crate::prefault::zeroed(*len);
         file.read_exact(&mut buf)
             .map_err(|e| read_err(e, &format!("tensor {name:?}")))?;
         let digest = blake3::hash(&buf);

@@ -23,6 +23,7 @@ mod error;
 pub mod format;
 mod fsutil;
 mod port;
+mod prefault;
 mod store;
 
 pub use error::DiskStoreError;
