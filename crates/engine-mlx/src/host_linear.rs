@@ -254,6 +254,37 @@ impl PackedMatrix {
         d * f32::from(q) + m
     }
 
+    /// Row `o` of the matrix (output feature `o`, all inputs), dequantized into `out`
+    /// (`in_features` values): an embedding lookup from a tied table.
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) -> Result<()> {
+        if o >= self.out_features || out.len() != self.in_features {
+            return Err(invalid(format!(
+                "row {o} of {} into {} values ({} expected)",
+                self.out_features,
+                out.len(),
+                self.in_features
+            )));
+        }
+        let record = self.record();
+        let blocks = &self.data[o * self.blocks() * record..][..self.blocks() * record];
+        for (rec, dst) in blocks.chunks_exact(record).zip(out.chunks_exact_mut(BLOCK)) {
+            let (d, m, codes) = split_record(rec);
+            for (j, v) in dst.iter_mut().enumerate() {
+                let q = if self.bits == 4 {
+                    if j < 16 {
+                        codes[j] & 0x0f
+                    } else {
+                        codes[j - 16] >> 4
+                    }
+                } else {
+                    codes[j]
+                };
+                *v = d * f32::from(q) + m;
+            }
+        }
+        Ok(())
+    }
+
     /// `y = x Wᵀ` for `rows` input rows: `x` is `[rows, in_features]` and `y`
     /// `[rows, out_features]`, both row-major. Splits the outputs across the host pool's
     /// threads when the product is large enough; results never depend on that split.
