@@ -285,8 +285,8 @@ mod tests {
         let mut out: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
         let half = dims / 2;
         for head in out.chunks_exact_mut(hd) {
-            for i in 0..half {
-                let t = pos as f64 * scale / f64::from(periods[i]);
+            for (i, &p) in periods.iter().enumerate().take(half) {
+                let t = pos as f64 * scale / f64::from(p);
                 let (a, b) = if trad {
                     (2 * i, 2 * i + 1)
                 } else {
@@ -310,7 +310,7 @@ mod tests {
             let periods = Rope::periods(10_000.0, dims);
             for (i, &p) in periods.iter().enumerate() {
                 let exact = 10_000f64.powf((2 * i) as f64 / dims as f64);
-                prop_assert!((f64::from(p) / exact - 1.0).abs() < 1e-6);
+                prop_assert!((f64::from(p) / exact - 1.0).abs() < 1e-6, "period {}", i);
             }
             let rope = Rope::new(dims, trad, &periods, 0.5);
             let (c, s) = rope.table(pos);
