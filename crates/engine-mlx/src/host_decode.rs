@@ -141,10 +141,16 @@ pub struct AttentionShape {
     pub capacity: usize,
 }
 
+/// Below this many multiply-adds (`heads × keys × head_dim`) one token's attention runs on
+/// the calling thread alone.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
 /// One new token of one sequence: writes its `k`/`v` (`[kv_heads, head_dim]`) at position
 /// `pos` of `keys`/`values` (`[kv_heads, capacity, head_dim]`), then attends its queries `q`
 /// (`[heads, head_dim]`, after RoPE) to positions `0..=pos` with `softmax(scale · q·k)`, and
 /// writes `[heads, head_dim]` into `out`. `scores` is scratch space, reused between calls.
+/// Deep enough, the KV heads are split over the host kernel's thread pool; each is computed
+/// by the same code whatever the split.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_one(
     shape: AttentionShape,
@@ -164,43 +170,89 @@ pub fn attend_one(
         head_dim: hd,
         capacity,
     } = shape;
-    let group = heads / kv_heads.max(1);
-    let n = pos + 1;
-    for kh in 0..kv_heads {
-        let base = kh * capacity * hd;
-        keys[base + pos * hd..][..hd].copy_from_slice(&k[kh * hd..][..hd]);
-        values[base + pos * hd..][..hd].copy_from_slice(&v[kh * hd..][..hd]);
-        let ks = &keys[base..base + n * hd];
-        let vs = &values[base..base + n * hd];
-        let qs = &q[kh * group * hd..][..group * hd];
-        // Scores of the group's heads, [group, n].
-        scores.clear();
-        scores.resize(group * n, 0.0);
-        for (g, row) in scores.chunks_exact_mut(n).enumerate() {
-            let qh = &qs[g * hd..][..hd];
-            for (s, kr) in row.iter_mut().zip(ks.chunks_exact(hd)) {
-                *s = dot(qh, kr);
+    let kv_heads = kv_heads.max(1);
+    let group = heads / kv_heads;
+    let per_kv = (capacity * hd).max(1);
+    let (qg, og) = ((group * hd).max(1), (group * hd).max(1));
+    let heads_iter = keys
+        .chunks_exact_mut(per_kv)
+        .zip(values.chunks_exact_mut(per_kv))
+        .zip(k.chunks_exact(hd.max(1)).zip(v.chunks_exact(hd.max(1))))
+        .zip(q.chunks_exact(qg).zip(out.chunks_exact_mut(og)))
+        .take(kv_heads);
+    let pool = crate::host_linear::helper_pool();
+    match pool {
+        Some(pool) if kv_heads > 1 && heads * (pos + 1) * hd >= PARALLEL_MIN_MACS => {
+            pool.in_place_scope(|s| {
+                let mut all: Vec<_> = heads_iter.collect();
+                // The caller takes the first half of the heads, a helper the rest.
+                let rest = all.split_off(kv_heads.div_ceil(2));
+                s.spawn(move |_| {
+                    let mut scratch = Vec::new();
+                    for (((ks, vs), (kn, vn)), (qs, os)) in rest {
+                        attend_head(hd, group, pos, qs, kn, vn, ks, vs, scale, os, &mut scratch);
+                    }
+                });
+                for (((ks, vs), (kn, vn)), (qs, os)) in all {
+                    attend_head(hd, group, pos, qs, kn, vn, ks, vs, scale, os, scores);
+                }
+            });
+        }
+        _ => {
+            for (((ks, vs), (kn, vn)), (qs, os)) in heads_iter {
+                attend_head(hd, group, pos, qs, kn, vn, ks, vs, scale, os, scores);
             }
         }
-        let mut p = vec![0.0f32; group * n];
-        host_attention::causal_softmax(
-            Scores {
-                rows: group,
-                keys: n,
-                positions: 1,
-                offset: pos,
-            },
-            scale,
-            scores,
-            &mut p,
-        );
-        let o = &mut out[kh * group * hd..][..group * hd];
-        for (oh, pr) in o.chunks_exact_mut(hd).zip(p.chunks_exact(n)) {
-            oh.fill(0.0);
-            for (&pj, vr) in pr.iter().zip(vs.chunks_exact(hd)) {
-                for (acc, &x) in oh.iter_mut().zip(vr) {
-                    *acc += pj * x;
-                }
+    }
+}
+
+/// [`attend_one`] for one KV head and the `group` query heads that share it: `keys`/`values`
+/// are that head's `[capacity, hd]` rows, `q`/`out` its group's `[group, hd]`.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    hd: usize,
+    group: usize,
+    pos: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: &mut [f32],
+    values: &mut [f32],
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let n = pos + 1;
+    keys[pos * hd..][..hd].copy_from_slice(&k[..hd]);
+    values[pos * hd..][..hd].copy_from_slice(&v[..hd]);
+    let ks = &keys[..n * hd];
+    let vs = &values[..n * hd];
+    // Scores of the group's heads, [group, n], then their probabilities.
+    scores.clear();
+    scores.resize(2 * group * n, 0.0);
+    let (sc, p) = scores.split_at_mut(group * n);
+    for (g, row) in sc.chunks_exact_mut(n).enumerate() {
+        let qh = &q[g * hd..][..hd];
+        for (s, kr) in row.iter_mut().zip(ks.chunks_exact(hd)) {
+            *s = dot(qh, kr);
+        }
+    }
+    host_attention::causal_softmax(
+        Scores {
+            rows: group,
+            keys: n,
+            positions: 1,
+            offset: pos,
+        },
+        scale,
+        sc,
+        p,
+    );
+    for (oh, pr) in out.chunks_exact_mut(hd).zip(p.chunks_exact(n)) {
+        oh.fill(0.0);
+        for (&pj, vr) in pr.iter().zip(vs.chunks_exact(hd)) {
+            for (acc, &x) in oh.iter_mut().zip(vr) {
+                *acc += pj * x;
             }
         }
     }
@@ -298,6 +350,62 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Deep enough to split the KV heads over the pool: the same bits as each head alone.
+    #[test]
+    fn split_attention_equals_serial_heads() {
+        let (kv_heads, group, hd, capacity, pos) = (3, 3, 64, 1088, 1000);
+        let heads = kv_heads * group;
+        assert!(heads * (pos + 1) * hd >= PARALLEL_MIN_MACS);
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            capacity,
+        };
+        let keys0 = data(kv_heads * capacity * hd, 11);
+        let values0 = data(kv_heads * capacity * hd, 12);
+        let (q, k, v) = (
+            data(heads * hd, 13),
+            data(kv_heads * hd, 14),
+            data(kv_heads * hd, 15),
+        );
+        let (mut keys, mut values) = (keys0.clone(), values0.clone());
+        let mut out = vec![f32::NAN; heads * hd];
+        attend_one(
+            shape,
+            pos,
+            &q,
+            &k,
+            &v,
+            &mut keys,
+            &mut values,
+            0.125,
+            &mut out,
+            &mut Vec::new(),
+        );
+        let (mut keys2, mut values2) = (keys0, values0);
+        let mut serial = vec![f32::NAN; heads * hd];
+        let per = capacity * hd;
+        for h in 0..kv_heads {
+            attend_head(
+                hd,
+                group,
+                pos,
+                &q[h * group * hd..][..group * hd],
+                &k[h * hd..][..hd],
+                &v[h * hd..][..hd],
+                &mut keys2[h * per..][..per],
+                &mut values2[h * per..][..per],
+                0.125,
+                &mut serial[h * group * hd..][..group * hd],
+                &mut Vec::new(),
+            );
+        }
+        assert_eq!(out, serial);
+        assert_eq!(keys, keys2);
+        assert_eq!(values, values2);
     }
 
     proptest! {

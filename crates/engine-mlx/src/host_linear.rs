@@ -410,6 +410,12 @@ impl PackedMatrix {
 /// costs more than it saves).
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
+/// The host kernels' helper threads (`cores - 1`; none on one core), shared with the host
+/// decode step's attention ([`crate::host_decode`]).
+pub(crate) fn helper_pool() -> Option<&'static rayon::ThreadPool> {
+    pool()
+}
+
 /// The helper threads: the calling thread plus `cores - 1` helpers (none on one core).
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
