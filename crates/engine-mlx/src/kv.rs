@@ -955,7 +955,7 @@ mod tests {
 /// In-place host access to the KV buffers (the host decode step).
 ///
 /// Safety argument, relied on by the two `unsafe` blocks: a buffer handed out here is an
-/// evaluated, row-contiguous f32 MLX array of exactly the expected size ([`is_plain`]
+/// evaluated, row-contiguous f32 MLX array of exactly the expected size (`is_plain`
 /// checks), owned by its [`SequenceKv`], which the caller borrows mutably for as long as
 /// the slice lives. Its memory is its own: every buffer comes from an operation that
 /// allocates its output (a materialized zeros copy, `concatenate` when growing, a slice
