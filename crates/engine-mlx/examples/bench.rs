@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p engine-mlx --example bench --config <mlx cargo config> -- \
 //!     [MODEL] [--quantized] [--no-fuse] [--mlx-attention|--host-attention] [--runs N]
-//!     [--long] [--cpu] [--depth] [--batch] [--mlx-decode]
+//!     [--long] [--cpu] [--depth] [--batch] [--mlx-decode | --host-linears]
 //! ```
 //! Prints prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s for 64
 //! greedy tokens after it (batch 1), and with `--long` the same for a 2048-token prompt, as
@@ -11,7 +11,9 @@
 //! also prints tokens per CPU-second of the process (useful on a busy machine). `--depth`
 //! times each 256-token chunk of a 4,096-token prefill and a decode step at that depth;
 //! `--batch` prints aggregate decode tokens/s of 1, 2, 4 and 8 sequences stepped together.
-//! `--mlx-decode` runs the decode steps' linear layers on MLX instead of the host kernel.
+//! `--mlx-decode` runs the decode steps' linear layers on MLX instead of the host kernel;
+//! `--host-linears` keeps the host kernel for the linears but MLX ops between them (the
+//! decode path before the whole step moved to the host).
 
 use agent_session::{InferenceEngine, SamplingParams, StepRequest};
 use engine_mlx::{AttentionKind, DecodeKernel, EngineConfig, MlxEngine, WeightFormat};
@@ -95,6 +97,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         decode_kernel: if flag("--mlx-decode") {
             DecodeKernel::Mlx
+        } else if flag("--host-linears") {
+            DecodeKernel::HostLinears
         } else {
             DecodeKernel::default()
         },

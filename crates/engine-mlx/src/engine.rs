@@ -328,9 +328,14 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     fp.update(crate::blas::core_name().unwrap_or_default().as_bytes());
     // Decode steps on the host kernel round differently from MLX's matmuls; recorded only
     // where it applies, so models it cannot serve keep their fingerprint.
-    if cfg.decode_kernel == DecodeKernel::Host && host_decode {
+    // The whole-step host path (`host`) rounds differently again from the host linears with
+    // MLX ops between them (`host-linears`, the previous `host`).
+    if cfg.decode_kernel != DecodeKernel::Mlx && host_decode {
         fp.update(b"\0decode\0");
-        fp.update(cfg.decode_kernel.name().as_bytes());
+        fp.update(match cfg.decode_kernel {
+            DecodeKernel::Host => b"host-step".as_slice(),
+            _ => b"host".as_slice(),
+        });
         weight_desc.push_str(&format!(
             "; decode: host 4/8-bit kernel ({})",
             crate::host_linear::Isa::detected().name()

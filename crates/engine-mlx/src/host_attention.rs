@@ -72,7 +72,7 @@ const LANES: usize = 8;
 /// plain arithmetic and bit operations so that loops over it vectorize (libm's `expf` is a
 /// call per element: it was half the time of the softmax).
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Adding 1.5 · 2^23 rounds to an integer (ties to even) in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;

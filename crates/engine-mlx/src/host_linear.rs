@@ -254,6 +254,37 @@ impl PackedMatrix {
         d * f32::from(q) + m
     }
 
+    /// Row `o` of the matrix (output feature `o`, all inputs), dequantized into `out`
+    /// (`in_features` values): an embedding lookup from a tied table.
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) -> Result<()> {
+        if o >= self.out_features || out.len() != self.in_features {
+            return Err(invalid(format!(
+                "row {o} of {} into {} values ({} expected)",
+                self.out_features,
+                out.len(),
+                self.in_features
+            )));
+        }
+        let record = self.record();
+        let blocks = &self.data[o * self.blocks() * record..][..self.blocks() * record];
+        for (rec, dst) in blocks.chunks_exact(record).zip(out.chunks_exact_mut(BLOCK)) {
+            let (d, m, codes) = split_record(rec);
+            for (j, v) in dst.iter_mut().enumerate() {
+                let q = if self.bits == 4 {
+                    if j < 16 {
+                        codes[j] & 0x0f
+                    } else {
+                        codes[j - 16] >> 4
+                    }
+                } else {
+                    codes[j]
+                };
+                *v = d * f32::from(q) + m;
+            }
+        }
+        Ok(())
+    }
+
     /// `y = x Wᵀ` for `rows` input rows: `x` is `[rows, in_features]` and `y`
     /// `[rows, out_features]`, both row-major. Splits the outputs across the host pool's
     /// threads when the product is large enough; results never depend on that split.
@@ -378,6 +409,12 @@ impl PackedMatrix {
 /// Below this many multiply-adds a call runs on the calling thread alone (waking a helper
 /// costs more than it saves).
 const PARALLEL_MIN_MACS: usize = 1 << 17;
+
+/// The host kernels' helper threads (`cores - 1`; none on one core), shared with the host
+/// decode step's attention ([`crate::host_decode`]).
+pub(crate) fn helper_pool() -> Option<&'static rayon::ThreadPool> {
+    pool()
+}
 
 /// The helper threads: the calling thread plus `cores - 1` helpers (none on one core).
 fn pool() -> Option<&'static rayon::ThreadPool> {

@@ -50,6 +50,9 @@ pub struct SequenceKv {
     layers: Vec<(Array, Array)>,
     len: usize,
     capacity: usize,
+    /// Whether every buffer is evaluated and row-contiguous with its own memory since the
+    /// last change of `layers` ([`SequenceKv::prepare_host`]).
+    host_ready: bool,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -68,6 +71,7 @@ impl SequenceKv {
             layers: Vec::new(),
             len: 0,
             capacity: 0,
+            host_ready: false,
         }
     }
 
@@ -119,6 +123,7 @@ impl SequenceKv {
             }
         }
         self.capacity = new_cap;
+        self.host_ready = false;
         Ok(())
     }
 
@@ -133,6 +138,7 @@ impl SequenceKv {
             .layers
             .get_mut(layer)
             .ok_or_else(|| bad(format!("layer {layer} out of range")))?;
+        self.host_ready = false;
         k.try_index_mut((.., .., start..end, ..), k_new)
             .ctx("writing K")?;
         v.try_index_mut((.., .., start..end, ..), v_new)
@@ -149,6 +155,52 @@ impl SequenceKv {
             .get(layer)
             .map(|(k, v)| (k, v))
             .ok_or_else(|| bad(format!("layer {layer} out of range")))
+    }
+
+    /// Readies every buffer for [`SequenceKv::host_layer_mut`] (after
+    /// [`SequenceKv::reserve`]): evaluates them and replaces any that is not a row-contiguous
+    /// array of its own (the zeros of a fresh reservation are a broadcast scalar) by a
+    /// materialized copy. Cheap when nothing changed since the last call.
+    pub fn prepare_host(&mut self) -> Result<()> {
+        if self.host_ready {
+            return Ok(());
+        }
+        mlx_rs::transforms::eval(self.arrays()).ctx("evaluating KV")?;
+        let expected = self.host_elements();
+        for (k, v) in &mut self.layers {
+            for buf in [k, v] {
+                if !host_access::is_plain(buf, expected) {
+                    *buf = buf.contiguous().ctx("materializing KV")?;
+                    buf.eval().ctx("materializing KV")?;
+                    if !host_access::is_plain(buf, expected) {
+                        return Err(bad("a KV buffer cannot be read on the host"));
+                    }
+                }
+            }
+        }
+        self.host_ready = true;
+        Ok(())
+    }
+
+    fn host_elements(&self) -> usize {
+        self.layout.kv_heads * self.capacity * self.layout.head_dim
+    }
+
+    /// K and V of `layer` as mutable host memory, each `[kv_heads, capacity, head_dim]`
+    /// row-major: the decode step on the host reads the cached tokens and writes the new
+    /// token's K/V in place (position [`SequenceKv::len`], then
+    /// [`SequenceKv::advance`]). Needs [`SequenceKv::prepare_host`] since the buffers last
+    /// changed.
+    pub fn host_layer_mut(&mut self, layer: usize) -> Result<(&mut [f32], &mut [f32])> {
+        if !self.host_ready {
+            return Err(bad("KV buffers not prepared for host access"));
+        }
+        let expected = self.host_elements();
+        let (k, v) = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| bad(format!("layer {layer} out of range")))?;
+        host_access::pair_mut(k, v, expected)
     }
 
     /// Marks `n` more tokens as stored.
@@ -339,6 +391,7 @@ impl SequenceKv {
                     .ctx("writing imported V")?;
             }
         }
+        self.host_ready = false;
         mlx_rs::transforms::eval(self.arrays()).ctx("importing KV")?;
         self.len += n;
         Ok(())
@@ -896,5 +949,68 @@ mod tests {
         assert!(decode_f32(&mut dst, &[0u8; 15], TensorDtype::F32).is_err());
         assert!(decode_f32(&mut dst, &[0u8; 16], TensorDtype::U32).is_err());
         assert!(decode_f32(&mut dst, &[0u8; 8], TensorDtype::F16).is_ok());
+    }
+}
+
+/// In-place host access to the KV buffers (the host decode step).
+///
+/// Safety argument, relied on by the two `unsafe` blocks: a buffer handed out here is an
+/// evaluated, row-contiguous f32 MLX array of exactly the expected size (`is_plain`
+/// checks), owned by its [`SequenceKv`], which the caller borrows mutably for as long as
+/// the slice lives. Its memory is its own: every buffer comes from an operation that
+/// allocates its output (a materialized zeros copy, `concatenate` when growing, a slice
+/// update, or an import built from host data), and no other live array shares it: the
+/// only views ever taken of a buffer (the K/V returned by [`SequenceKv::write`], slices for
+/// export) live within the call that made them, and the engine evaluates each step
+/// synchronously, so no pending MLX work reads or writes the memory while the slice
+/// exists. The pointer comes straight from MLX's C API (no Rust reference is turned into a
+/// mutable one), and K and V are checked not to overlap.
+mod host_access {
+    #![allow(unsafe_code)]
+
+    use super::{bad, Result};
+    use mlx_rs::{Array, Dtype};
+
+    /// Whether `a` is an evaluated, row-contiguous f32 array of `expected` elements.
+    pub(super) fn is_plain(a: &Array, expected: usize) -> bool {
+        a.dtype() == Dtype::Float32
+            && a.size() == expected
+            && a.try_as_slice::<f32>().is_ok_and(|s| s.len() == expected)
+    }
+
+    fn data_ptr(a: &mut Array, expected: usize) -> Result<*mut f32> {
+        if !is_plain(a, expected) {
+            return Err(bad("a KV buffer is not a plain evaluated array"));
+        }
+        // SAFETY: `a` is a valid, evaluated array (checked above); MLX returns the address
+        // of its data (or null on error, checked below).
+        let p = unsafe { mlx_sys::mlx_array_data_float32(a.as_ptr()) } as *mut f32;
+        if p.is_null() {
+            return Err(bad("a KV buffer has no data"));
+        }
+        Ok(p)
+    }
+
+    /// `k` and `v` (each `expected` elements) as mutable slices.
+    pub(super) fn pair_mut<'a>(
+        k: &'a mut Array,
+        v: &'a mut Array,
+        expected: usize,
+    ) -> Result<(&'a mut [f32], &'a mut [f32])> {
+        let (pk, pv) = (data_ptr(k, expected)?, data_ptr(v, expected)?);
+        let (ak, av) = (pk as usize, pv as usize);
+        let bytes = expected * std::mem::size_of::<f32>();
+        if expected > 0 && ak < av + bytes && av < ak + bytes {
+            return Err(bad("K and V buffers overlap"));
+        }
+        // SAFETY: see the module comment: each pointer addresses `expected` f32 values of
+        // memory owned by that array alone, nothing else accesses it while `k` and `v` are
+        // mutably borrowed (the slices' lifetime), and the two ranges are disjoint.
+        unsafe {
+            Ok((
+                std::slice::from_raw_parts_mut(pk, expected),
+                std::slice::from_raw_parts_mut(pv, expected),
+            ))
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod formatter;
 pub mod gguf;
 pub mod host_attention;
+pub mod host_decode;
 pub mod host_linear;
 pub mod hub;
 pub mod kv;

@@ -479,6 +479,40 @@ impl HostLinear {
         &self.matrix
     }
 
+    /// `y = x Wᵀ + b (+ residual)` on host slices: `x` is `[rows, in]`, `y` and `residual`
+    /// `[rows, out]`, all row-major. The bias is added first, then the residual (as
+    /// [`HostLinear::forward`] does).
+    pub fn forward_host(
+        &self,
+        x: &[f32],
+        rows: usize,
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let n_out = self.matrix.out_features();
+        self.matrix.matmul(x, rows, y)?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(n_out) {
+                for (v, &b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+        if let Some(r) = residual {
+            if r.len() != y.len() {
+                return Err(Error::HostKernel(format!(
+                    "a residual of {} values for {} outputs",
+                    r.len(),
+                    y.len()
+                )));
+            }
+            for (v, &r) in y.iter_mut().zip(r) {
+                *v += r;
+            }
+        }
+        Ok(())
+    }
+
     /// `x Wᵀ + b (+ residual)` for `x` of shape `[rows, in]` (evaluated here), computed on the
     /// host; returns `[rows, out]`.
     pub fn forward(&self, x: &Array, residual: Option<&Array>) -> Result<Array> {
@@ -495,29 +529,10 @@ impl HostLinear {
         all.extend(residual);
         mlx_rs::transforms::eval(all).ctx("evaluating a decode input")?;
         let mut y = vec![0.0f32; rows * n_out];
-        with_host_f32(x, |xs| self.matrix.matmul(xs, rows, &mut y))?;
-        if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(n_out) {
-                for (v, &b) in row.iter_mut().zip(b) {
-                    *v += b;
-                }
-            }
-        }
-        if let Some(res) = residual {
-            with_host_f32(res, |r| {
-                if r.len() != y.len() {
-                    return Err(Error::HostKernel(format!(
-                        "a residual of {} values for {} outputs",
-                        r.len(),
-                        y.len()
-                    )));
-                }
-                for (v, &r) in y.iter_mut().zip(r) {
-                    *v += r;
-                }
-                Ok(())
-            })?;
-        }
+        with_host_f32(x, |xs| match residual {
+            Some(res) => with_host_f32(res, |r| self.forward_host(xs, rows, Some(r), &mut y)),
+            None => self.forward_host(xs, rows, None, &mut y),
+        })?;
         let shape = [rows, n_out].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
         Ok(Array::from_slice(&y, &shape))
     }

@@ -10,6 +10,7 @@ use super::{AttentionKind, BuildOptions, CausalLm, DecodeKernel, Logits};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{MlxContext, Result};
 use crate::host_attention;
+use crate::host_decode::{self, AttentionShape, Rope};
 use crate::kv::{KvLayout, SequenceKv};
 use crate::weights::{norm_weight, Embedding, HostLinear, Linear, RawTensor, TensorMap};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
@@ -57,6 +58,42 @@ pub struct LlamaModel {
     rope_freqs: Option<Array>,
     rope_scale: f32,
     attention_kind: AttentionKind,
+    /// What a decode step needs to run wholly on the host ([`DecodeKernel::Host`] when every
+    /// linear layer and the LM head have host weights); `None`: decode steps use MLX ops
+    /// between the linears.
+    host_step: Option<HostStep>,
+}
+
+/// Host copies of the small weights of a decode step on the host.
+#[derive(Debug)]
+struct HostStep {
+    rope: Rope,
+    final_norm: Vec<f32>,
+    layers: Vec<HostNorms>,
+}
+
+/// One layer's norm weights on the host.
+#[derive(Debug)]
+struct HostNorms {
+    attn: Vec<f32>,
+    ffn: Vec<f32>,
+    q: Option<Vec<f32>>,
+    k: Option<Vec<f32>>,
+}
+
+/// An evaluated f32 array's values, row-major.
+fn host_vec(a: &Array) -> Result<Vec<f32>> {
+    let a = a
+        .as_dtype(mlx_rs::Dtype::Float32)
+        .ctx("casting for the host")?
+        .contiguous()
+        .ctx("copying for the host")?;
+    Ok(a.try_as_slice::<f32>().map_err(slice_error)?.to_vec())
+}
+
+/// Whether a linear layer has host weights.
+fn on_host(l: &Linear) -> bool {
+    l.host.is_some()
 }
 
 /// RoPE periods `base^(2i/d)` with Llama 3 frequency scaling applied (as mlx-lm does).
@@ -94,7 +131,7 @@ impl LlamaModel {
         let (nh, nkv) = (c.num_heads as i64, c.num_kv_heads as i64);
         let inter = c.intermediate_size as i64;
         let fmt = options.format;
-        let host = options.decode == DecodeKernel::Host;
+        let host = options.decode != DecodeKernel::Mlx;
 
         let embed_raw = w.take("token_embd.weight")?;
         w.check_shape(
@@ -197,6 +234,8 @@ impl LlamaModel {
         }
 
         let half = c.rope_dims / 2;
+        // The periods RoPE turns with, on the host too (decode steps).
+        let mut host_periods = Rope::periods(c.rope_theta, c.rope_dims);
         let (rope_freqs, rope_scale) = match &c.rope_scaling {
             RopeScaling::None => (None, 1.0),
             RopeScaling::Linear { factor } => (None, 1.0 / factor.max(f32::MIN_POSITIVE)),
@@ -214,6 +253,7 @@ impl LlamaModel {
                     *high_freq_factor,
                     *original_max_position_embeddings,
                 );
+                host_periods.clone_from(&f);
                 (Some(Array::from_slice(&f, &[half as i32])), 1.0)
             }
             RopeScaling::FreqFactors => {
@@ -224,11 +264,41 @@ impl LlamaModel {
                     .map(|i| c.rope_theta.powf((2 * i) as f32 / c.rope_dims as f32))
                     .collect();
                 let periods = Array::from_slice(&periods, &[half as i32]);
-                (
-                    Some(periods.multiply(&factors).ctx("scaling RoPE periods")?),
-                    1.0,
-                )
+                let scaled = periods.multiply(&factors).ctx("scaling RoPE periods")?;
+                host_periods = host_vec(&scaled)?;
+                (Some(scaled), 1.0)
             }
+        };
+
+        let host_step = if options.decode == DecodeKernel::Host
+            && (head.as_ref().map_or(tied_head_host.is_some(), on_host))
+            && layers.iter().all(|l| {
+                let qkv = match &l.qkv {
+                    Qkv::Fused(x) => on_host(x),
+                    Qkv::Split { q, k, v } => on_host(q) && on_host(k) && on_host(v),
+                };
+                let gate_up = match &l.gate_up {
+                    GateUp::Fused(x) => on_host(x),
+                    GateUp::Split { gate, up } => on_host(gate) && on_host(up),
+                };
+                qkv && gate_up && on_host(&l.o) && on_host(&l.down)
+            }) {
+            let mut norms = Vec::with_capacity(layers.len());
+            for l in &layers {
+                norms.push(HostNorms {
+                    attn: host_vec(&l.attn_norm)?,
+                    ffn: host_vec(&l.ffn_norm)?,
+                    q: l.q_norm.as_ref().map(host_vec).transpose()?,
+                    k: l.k_norm.as_ref().map(host_vec).transpose()?,
+                });
+            }
+            Some(HostStep {
+                rope: Rope::new(c.rope_dims, c.rope_traditional, &host_periods, rope_scale),
+                final_norm: host_vec(&final_norm)?,
+                layers: norms,
+            })
+        } else {
+            None
         };
 
         let model = LlamaModel {
@@ -241,6 +311,7 @@ impl LlamaModel {
             rope_freqs,
             rope_scale,
             attention_kind: options.attention,
+            host_step,
         };
         mlx_rs::transforms::eval(model.arrays()).ctx("materializing weights")?;
         Ok(model)
@@ -513,6 +584,147 @@ impl LlamaModel {
     }
 }
 
+/// Runs a host linear layer (checked at load: [`HostStep`] exists only when all have one).
+fn host_of(l: &Linear) -> Result<&HostLinear> {
+    l.host.as_deref().ok_or_else(|| {
+        crate::error::Error::HostKernel("a linear layer without host weights".into())
+    })
+}
+
+/// Runs `parts` (each `[rows, out_i]`) on `x` and lays their outputs side by side in `y`
+/// (`[rows, Σ out_i]`), as one fused layer would.
+fn host_split(parts: &[&Linear], x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+    let width = y.len() / rows.max(1);
+    let mut at = 0;
+    for p in parts {
+        let h = host_of(p)?;
+        let n = h.matrix().out_features();
+        let mut part = vec![0.0f32; rows * n];
+        h.forward_host(x, rows, None, &mut part)?;
+        for (dst, src) in y.chunks_exact_mut(width).zip(part.chunks_exact(n)) {
+            dst[at..at + n].copy_from_slice(src);
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+impl LlamaModel {
+    /// Embedding rows of `tokens` on the host, `[tokens, hidden]`.
+    fn embed_host(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let hs = self.config.hidden_size;
+        let mut x = vec![0.0f32; tokens.len() * hs];
+        if let Some(table) = &self.tied_head_host {
+            for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(hs)) {
+                table.matrix().dequantize_row(t as usize, row)?;
+            }
+        } else {
+            let ids = Array::from_slice(tokens, &[rows_of(tokens.len())?]);
+            let e = self.embed.lookup(&ids)?;
+            x.copy_from_slice(&host_vec(&e)?);
+        }
+        Ok(x)
+    }
+
+    /// A decode step wholly on the host: see [`crate::host_decode`]. Each sequence's new
+    /// K/V are written in place into its buffers.
+    fn decode_host(
+        &self,
+        step: &HostStep,
+        tokens: &[u32],
+        kvs: &mut [&mut SequenceKv],
+    ) -> Result<Array> {
+        let c = &self.config;
+        let b = tokens.len();
+        let (hs, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (qw, kvw) = (nh * hd, nkv * hd);
+        let qkv_w = qw + 2 * kvw;
+        let eps = c.rms_norm_eps;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for kv in kvs.iter_mut() {
+            kv.reserve(kv.len() + 1)?;
+            kv.prepare_host()?;
+        }
+        let tables: Vec<(Vec<f32>, Vec<f32>)> =
+            kvs.iter().map(|kv| step.rope.table(kv.len())).collect();
+        let mut x = self.embed_host(tokens)?;
+        let mut h = vec![0.0f32; b * hs];
+        let mut x2 = vec![0.0f32; b * hs];
+        let mut qkv = vec![0.0f32; b * qkv_w];
+        let mut att = vec![0.0f32; b * qw];
+        let mut gu = vec![0.0f32; b * 2 * inter];
+        let mut act = vec![0.0f32; b * inter];
+        let mut scratch = Vec::new();
+        for (i, (layer, norms)) in self.layers.iter().zip(&step.layers).enumerate() {
+            host_decode::rms_norm(&x, &norms.attn, eps, &mut h);
+            match &layer.qkv {
+                Qkv::Fused(lin) => host_of(lin)?.forward_host(&h, b, None, &mut qkv)?,
+                Qkv::Split { q, k, v } => host_split(&[q, k, v], &h, b, &mut qkv)?,
+            }
+            for (r, ((row, out), kv)) in qkv
+                .chunks_exact_mut(qkv_w)
+                .zip(att.chunks_exact_mut(qw))
+                .zip(kvs.iter_mut())
+                .enumerate()
+            {
+                let (q, rest) = row.split_at_mut(qw);
+                let (k, v) = rest.split_at_mut(kvw);
+                if let (Some(qn), Some(kn)) = (&norms.q, &norms.k) {
+                    host_decode::rms_norm_in_place(q, qn, eps);
+                    host_decode::rms_norm_in_place(k, kn, eps);
+                }
+                let (cos, sin) = &tables[r];
+                step.rope.apply(q, hd, cos, sin);
+                step.rope.apply(k, hd, cos, sin);
+                let shape = AttentionShape {
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    capacity: kv.capacity(),
+                };
+                let pos = kv.len();
+                let (keys, values) = kv.host_layer_mut(i)?;
+                host_decode::attend_one(
+                    shape,
+                    pos,
+                    q,
+                    k,
+                    v,
+                    keys,
+                    values,
+                    scale,
+                    out,
+                    &mut scratch,
+                );
+            }
+            host_of(&layer.o)?.forward_host(&att, b, Some(&x), &mut x2)?;
+            std::mem::swap(&mut x, &mut x2);
+            host_decode::rms_norm(&x, &norms.ffn, eps, &mut h);
+            match &layer.gate_up {
+                GateUp::Fused(lin) => host_of(lin)?.forward_host(&h, b, None, &mut gu)?,
+                GateUp::Split { gate, up } => host_split(&[gate, up], &h, b, &mut gu)?,
+            }
+            host_decode::swiglu(&gu, inter, &mut act);
+            host_of(&layer.down)?.forward_host(&act, b, Some(&x), &mut x2)?;
+            std::mem::swap(&mut x, &mut x2);
+        }
+        for kv in kvs.iter_mut() {
+            kv.advance(1);
+        }
+        host_decode::rms_norm(&x, &step.final_norm, eps, &mut h);
+        let head = match (&self.head, &self.tied_head_host) {
+            (Some(head), _) => host_of(head)?,
+            (None, Some(tied)) => tied,
+            (None, None) => return Err(crate::error::Error::HostKernel("no host LM head".into())),
+        };
+        let vocab = head.matrix().out_features();
+        let mut logits = vec![0.0f32; b * vocab];
+        head.forward_host(&h, b, None, &mut logits)?;
+        Ok(Array::from_slice(&logits, &[rows_of(b)?, rows_of(vocab)?]))
+    }
+}
+
 impl CausalLm for LlamaModel {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -565,6 +777,9 @@ impl CausalLm for LlamaModel {
                 tokens.len(),
                 kvs.len()
             )));
+        }
+        if let Some(step) = &self.host_step {
+            return self.decode_host(step, tokens, kvs);
         }
         for kv in kvs.iter_mut() {
             kv.reserve(kv.len() + 1)?;

@@ -50,10 +50,17 @@ pub enum DecodeKernel {
     Mlx,
     /// [`crate::host_linear`] on the CPU over the file's 4- or 8-bit blocks (Q4_0, Q4_1, Q8_0,
     /// MLX 4/8-bit), for the linears whose weights are stored so; others stay on MLX. A
-    /// one-row product streams 5x fewer bytes than f32 BLAS: the default elsewhere. Prefill
-    /// always uses MLX.
+    /// one-row product streams 5x fewer bytes than f32 BLAS: the default elsewhere. When every
+    /// linear and the LM head have host weights, the whole step runs on the host
+    /// ([`crate::host_decode`]: norms, RoPE, attention over the KV buffers written in place,
+    /// SwiGLU), with no MLX op; otherwise as [`DecodeKernel::HostLinears`]. Prefill always
+    /// uses MLX.
     #[cfg_attr(not(target_os = "macos"), default)]
     Host,
+    /// The previous host path (A/B and diagnosis): the linears on the host kernel as with
+    /// [`DecodeKernel::Host`], everything between them (norms, RoPE, KV writes, attention,
+    /// SwiGLU) as MLX ops, with an evaluation before each host product.
+    HostLinears,
 }
 
 impl DecodeKernel {
@@ -62,6 +69,7 @@ impl DecodeKernel {
         match self {
             DecodeKernel::Mlx => "mlx",
             DecodeKernel::Host => "host",
+            DecodeKernel::HostLinears => "host-linears",
         }
     }
 }
