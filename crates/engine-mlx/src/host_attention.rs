@@ -136,18 +136,25 @@ fn rows_softmax(shape: Scores, scale: f32, first: usize, scores: &[f32], out: &m
     }
 }
 
+/// `n` reproducible test values in `[-half_range, half_range)` from `seed` (tests of the host
+/// kernels).
+#[cfg(test)]
+pub(crate) fn seeded(n: usize, seed: u32, half_range: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+            ((x >> 8) as f32 / (1u32 << 24) as f32) * (2.0 * half_range) - half_range
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
-                ((x >> 8) as f32 / (1u32 << 24) as f32) * 16.0 - 8.0
-            })
-            .collect()
+        seeded(n, seed, 8.0)
     }
 
     proptest! {

@@ -276,12 +276,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
-                ((x >> 8) as f32 / (1u32 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect()
+        crate::host_attention::seeded(n, seed, 2.0)
     }
 
     #[test]
