@@ -4,6 +4,7 @@
 use crate::agent::{AgentId, Namespace};
 use crate::TokenId;
 use block_pool::BlockHash;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Element type of a stored tensor.
@@ -39,8 +40,9 @@ pub struct KvTensor {
     pub dtype: TensorDtype,
     /// Shape.
     pub shape: Vec<usize>,
-    /// Little-endian row-major bytes; `len == product(shape) * dtype.size()`.
-    pub data: Vec<u8>,
+    /// Little-endian row-major bytes; `len == product(shape) * dtype.size()`. Shared and
+    /// cheap to clone: the tensors of a block read from disk are slices of one buffer.
+    pub data: Bytes,
 }
 
 impl KvTensor {

@@ -26,7 +26,7 @@ pub use ports::{
 pub use sampling::SamplingParams;
 pub use service::{
     AgentService, CacheReport, CacheTier, Completion, FinishReason, GenerateRequest,
-    GenerationEvent, ServiceConfig,
+    GenerationEvent, ServiceConfig, RESTORE_GROUP_BLOCKS,
 };
 
 /// A token id of the model's vocabulary.

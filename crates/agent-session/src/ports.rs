@@ -92,6 +92,14 @@ pub trait InferenceEngine: Send + Sync + 'static {
         seq: SequenceId,
         blocks: Vec<Arc<KvBlock>>,
     ) -> Result<(), EngineError>;
+    /// Announces that `tokens` more tokens (whole blocks) are about to be appended to `seq`
+    /// by one or more [`InferenceEngine::import_blocks`] calls (a restore that imports each
+    /// group of blocks as soon as it is read), so that the engine sizes its buffers once,
+    /// exactly as for a single import of them all. A hint: the default does nothing.
+    async fn plan_import(&self, seq: SequenceId, tokens: usize) -> Result<(), EngineError> {
+        let _ = (seq, tokens);
+        Ok(())
+    }
     /// Appends `tokens` in one forward pass and keeps the last position's logits for sampling.
     async fn prefill(&self, seq: SequenceId, tokens: Vec<TokenId>) -> Result<(), EngineError>;
     /// One decode step for several sequences at once (weights read once per step). Each entry

@@ -160,6 +160,49 @@ fn corrupt_block_is_a_miss_from_there_and_output_stays_right() {
 }
 
 #[test]
+fn a_restore_in_groups_keeps_the_blocks_before_a_bad_one_in_a_later_group() {
+    use agent_session::{AgentKey, CacheStore};
+    use std::str::FromStr;
+    let store = Arc::new(MemoryStore::new());
+    let stack = FakeStack::with_store(store.clone());
+    let r = request(Some("a"), convo(&[], &"long question ".repeat(60)));
+    let c1 = run(&stack, r.clone());
+    let key = AgentKey {
+        namespace: Namespace::default(),
+        agent: AgentId::new("a").expect("valid id"),
+    };
+    let manifest = block_on(store.load_manifest(&key))
+        .expect("store answers")
+        .expect("manifest saved");
+    let chain: Vec<block_pool::BlockHash> = manifest
+        .block_hashes
+        .iter()
+        .map(|h| block_pool::BlockHash::from_str(h).expect("hex hash"))
+        .collect();
+    // Past the first group of RESTORE_GROUP_BLOCKS, so that earlier groups were imported.
+    let bad = agent_session::RESTORE_GROUP_BLOCKS + 2;
+    assert!(chain.len() > bad + 1, "{} blocks", chain.len());
+    assert!(store.corrupt_block(&chain[bad]));
+
+    let restarted = FakeStack::with_store(store.clone());
+    let c2 = run(&restarted, r.clone());
+    assert_eq!(c2.cache.tier, CacheTier::Warm);
+    assert_eq!(
+        c2.cache.restored_tokens,
+        bad * 64,
+        "the blocks before the bad one"
+    );
+    assert_eq!(c2.cache.reused_tokens, bad * 64);
+    assert_eq!(c2.token_ids, c1.token_ids, "warm == cold");
+    let stats = restarted.engine.stats();
+    assert_eq!(stats.imported_blocks, bad as u64);
+    assert_eq!(
+        stats.prefilled_tokens as usize,
+        c1.cache.prompt_tokens - bad * 64
+    );
+}
+
+#[test]
 fn foreign_fingerprint_is_never_used() {
     let store = Arc::new(MemoryStore::new());
     let stack = FakeStack::with_store(store.clone());

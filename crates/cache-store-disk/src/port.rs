@@ -2,7 +2,9 @@
 //!
 //! Each method runs the matching `*_blocking` method on the calling thread (blocking file
 //! I/O, no runtime needed) and maps [`DiskStoreError`](crate::DiskStoreError) to
-//! [`StoreError`]. Only `flush` truly awaits (the writer's acknowledgement).
+//! [`StoreError`], except two that truly await: `load_blocks` (the blocks are read on a
+//! thread of their own, so that a restore can import one group of blocks while the next
+//! is read) and `flush` (the writer's acknowledgement).
 
 use crate::store::DiskCacheStore;
 use agent_session::{
@@ -27,7 +29,11 @@ impl CacheStore for DiskCacheStore {
         model_fingerprint: &str,
         hashes: &[BlockHash],
     ) -> Result<Vec<Arc<KvBlock>>, StoreError> {
-        Ok(self.load_blocks_blocking(model_fingerprint, hashes))
+        // A load thread that could not run is a miss, like any other failed read.
+        Ok(self
+            .load_blocks_background(model_fingerprint, hashes)
+            .await
+            .unwrap_or_default())
     }
 
     async fn save_manifest(&self, manifest: &AgentManifest) -> Result<(), StoreError> {

@@ -565,6 +565,67 @@ impl Inner {
         }
     }
 
+    /// See [`DiskCacheStore::load_blocks_blocking`].
+    fn load_blocks(
+        &self,
+        model_fingerprint: &str,
+        hashes: &[BlockHash],
+        read_threads: usize,
+    ) -> Vec<Arc<KvBlock>> {
+        // Queued blocks come from memory; the rest from disk, several files at a time.
+        let queued: Vec<Option<Arc<KvBlock>>> = {
+            let st = self.lock();
+            hashes.iter().map(|h| st.pending.get(h).cloned()).collect()
+        };
+        let wanted: Vec<usize> = (0..hashes.len())
+            .filter(|&i| queued.get(i).is_some_and(Option::is_none))
+            .collect();
+        let mut read = self.read_many(hashes, &wanted, model_fingerprint, read_threads);
+
+        let mut out: Vec<Arc<KvBlock>> = Vec::with_capacity(hashes.len());
+        let (mut blocks_read, mut bytes_read) = (0u64, 0u64);
+        for (i, (hash, queued)) in hashes.iter().zip(queued).enumerate() {
+            let block = match queued {
+                Some(block) => block,
+                None => match read.remove(&i) {
+                    Some(Ok((block, len))) => {
+                        blocks_read += 1;
+                        bytes_read += len;
+                        Arc::new(block)
+                    }
+                    Some(Err(ReadMiss::Missing)) | None => {
+                        debug!(block = %hash, "block not stored: cache miss");
+                        break;
+                    }
+                    Some(Err(ReadMiss::Rejected)) => break,
+                },
+            };
+            if block.meta.hash != *hash || block.meta.model_fingerprint != model_fingerprint {
+                warn!(block = %hash, "queued block of another model: cache miss");
+                break;
+            }
+            if let Some(prev) = i.checked_sub(1).and_then(|p| hashes.get(p)) {
+                if block.meta.parent.as_ref() != Some(prev) {
+                    warn!(block = %hash, "block does not follow the previous one: cache miss");
+                    break;
+                }
+            }
+            out.push(block);
+        }
+        bump(&self.counters.blocks_read, blocks_read);
+        bump(&self.counters.bytes_read, bytes_read);
+        if !out.is_empty() {
+            let mut st = self.lock();
+            for block in &out {
+                let now = st.tick();
+                if let Some(entry) = st.index.get_mut(&block.meta.hash) {
+                    entry.last_use = now;
+                }
+            }
+        }
+        out
+    }
+
     /// Reads the blocks at `wanted` (indices into `hashes`) from disk, on up to
     /// `max_threads` threads. Reading stops early past the first index that fails, since
     /// the prefix ends there.
@@ -942,60 +1003,36 @@ impl DiskCacheStore {
         model_fingerprint: &str,
         hashes: &[BlockHash],
     ) -> Vec<Arc<KvBlock>> {
-        // Queued blocks come from memory; the rest from disk, several files at a time.
-        let queued: Vec<Option<Arc<KvBlock>>> = {
-            let st = self.inner.lock();
-            hashes.iter().map(|h| st.pending.get(h).cloned()).collect()
-        };
-        let wanted: Vec<usize> = (0..hashes.len())
-            .filter(|&i| queued.get(i).is_some_and(Option::is_none))
-            .collect();
-        let mut read = self
-            .inner
-            .read_many(hashes, &wanted, model_fingerprint, self.read_threads);
+        self.inner
+            .load_blocks(model_fingerprint, hashes, self.read_threads)
+    }
 
-        let mut out: Vec<Arc<KvBlock>> = Vec::with_capacity(hashes.len());
-        let (mut blocks_read, mut bytes_read) = (0u64, 0u64);
-        for (i, (hash, queued)) in hashes.iter().zip(queued).enumerate() {
-            let block = match queued {
-                Some(block) => block,
-                None => match read.remove(&i) {
-                    Some(Ok((block, len))) => {
-                        blocks_read += 1;
-                        bytes_read += len;
-                        Arc::new(block)
-                    }
-                    Some(Err(ReadMiss::Missing)) | None => {
-                        debug!(block = %hash, "block not stored: cache miss");
-                        break;
-                    }
-                    Some(Err(ReadMiss::Rejected)) => break,
-                },
-            };
-            if block.meta.hash != *hash || block.meta.model_fingerprint != model_fingerprint {
-                warn!(block = %hash, "queued block of another model: cache miss");
-                break;
-            }
-            if let Some(prev) = i.checked_sub(1).and_then(|p| hashes.get(p)) {
-                if block.meta.parent.as_ref() != Some(prev) {
-                    warn!(block = %hash, "block does not follow the previous one: cache miss");
-                    break;
-                }
-            }
-            out.push(block);
+    /// [`DiskCacheStore::load_blocks_blocking`] on a thread of its own; the result arrives
+    /// on the returned channel (closed without a value only if that thread could not
+    /// start or panicked). Lets an async caller overlap a load with other work, for
+    /// example importing the previous blocks into the engine, without blocking its
+    /// executor.
+    pub(crate) fn load_blocks_background(
+        &self,
+        model_fingerprint: &str,
+        hashes: &[BlockHash],
+    ) -> oneshot::Receiver<Vec<Arc<KvBlock>>> {
+        let (tx, rx) = oneshot::channel();
+        let inner = Arc::clone(&self.inner);
+        let (fp, hashes, threads) = (
+            model_fingerprint.to_owned(),
+            hashes.to_vec(),
+            self.read_threads,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("kv-load".into())
+            .spawn(move || {
+                let _ = tx.send(inner.load_blocks(&fp, &hashes, threads));
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start a block load thread: cache miss");
         }
-        bump(&self.inner.counters.blocks_read, blocks_read);
-        bump(&self.inner.counters.bytes_read, bytes_read);
-        if !out.is_empty() {
-            let mut st = self.inner.lock();
-            for block in &out {
-                let now = st.tick();
-                if let Some(entry) = st.index.get_mut(&block.meta.hash) {
-                    entry.last_use = now;
-                }
-            }
-        }
-        out
+        rx
     }
 
     /// Creates or replaces an agent's manifest (atomic, durable, synchronous).

@@ -73,7 +73,8 @@ fn malformed_blocks_are_refused_whole() {
     let store = open(dir.path());
     let blocks = chain(&tokens(3, 2 * BLOCK), FP, "", Kind::Float(TensorDtype::F32));
     let mut bad = (*blocks[1]).clone();
-    bad.payload.tensors[0].data.pop();
+    let t = &mut bad.payload.tensors[0];
+    t.data.truncate(t.data.len() - 1);
     let err = store
         .save_blocks_blocking(vec![blocks[0].clone(), Arc::new(bad)])
         .expect_err("inconsistent tensor");
@@ -167,6 +168,24 @@ fn decode_rejects_garbage_and_wrong_names() {
     assert!(matches!(
         decode_block(&bytes, &block.meta.hash, "another-model"),
         Err(DiskStoreError::ForeignModel { .. })
+    ));
+}
+
+#[test]
+fn files_of_an_older_format_version_are_refused() {
+    let block = small_block(Kind::Float(TensorDtype::F32), 1);
+    let bytes = encode_block(&block).expect("encode");
+    let current = format!("\"format_version\":\"{}\"", cache_store_disk::FORMAT_VERSION);
+    let at = bytes
+        .windows(current.len())
+        .position(|w| w == current.as_bytes())
+        .expect("the version is in the header");
+    // Version 1 (BLAKE3 tensor digests), same header length.
+    let mut old = bytes.clone();
+    old[at..at + current.len()].copy_from_slice(b"\"format_version\":\"1\"");
+    assert!(matches!(
+        decode_block(&old, &block.meta.hash, FP),
+        Err(DiskStoreError::Version { .. })
     ));
 }
 

@@ -7,7 +7,7 @@ use crate::error::{Error, MlxContext, Result};
 use crate::formatter::MlxChatFormatter;
 use crate::gguf::GgufHeader;
 use crate::hub;
-use crate::kv::SequenceKv;
+use crate::kv::{KvBuffers, KvPool, SequenceKv, IMPORT_SPARE_BLOCKS};
 use crate::sampling;
 use crate::weights::{self, WeightFormat};
 use agent_session::{
@@ -47,7 +47,15 @@ pub struct EngineConfig {
     /// Kernel of the decode steps' linear layers (part of the model fingerprint when it
     /// applies to the weights: it changes the decoded tokens' KV in the last bits).
     pub decode_kernel: DecodeKernel,
+    /// Spare KV buffer capacity, in tokens, kept for reuse by restores (released
+    /// sequences' buffers; one set of this size is allocated at start-up). 0: none.
+    /// `SEMANTIC_MLX_KV_POOL_TOKENS`.
+    pub kv_pool_tokens: usize,
 }
+
+/// Default of [`EngineConfig::kv_pool_tokens`]: a 4,096-token restore plus the spare block
+/// an import adds (17 blocks of 256 tokens).
+pub const DEFAULT_KV_POOL_TOKENS: usize = 4352;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -60,6 +68,7 @@ impl Default for EngineConfig {
             bind_to_weights: true,
             attention: AttentionKind::default(),
             decode_kernel: DecodeKernel::default(),
+            kv_pool_tokens: DEFAULT_KV_POOL_TOKENS,
         }
     }
 }
@@ -76,6 +85,7 @@ const STEP_ROUND_TRIP: Duration = Duration::from_millis(20);
 /// Commands to the worker thread.
 enum Command {
     Open(Reply<u64>),
+    PlanImport(u64, usize, Reply<()>),
     Import(u64, Vec<Arc<KvBlock>>, Reply<()>),
     Prefill(u64, Vec<TokenId>, Reply<()>),
     Step(Vec<StepRequest>, Reply<Vec<Result<TokenId>>>),
@@ -393,6 +403,7 @@ impl MlxEngine {
         };
         let block_tokens = config.block_tokens as usize;
         let kv_bits = config.kv_bits;
+        let kv_pool_tokens = config.kv_pool_tokens;
         std::thread::Builder::new()
             .name("engine-mlx".into())
             .spawn(move || {
@@ -409,12 +420,14 @@ impl MlxEngine {
                 match built {
                     Ok(model) => {
                         let _ = ready_tx.send(Ok(()));
+                        let pool = Worker::filled_pool(&*model, block_tokens, kv_pool_tokens);
                         Worker {
                             model,
                             seqs: HashMap::new(),
                             next_id: 1,
                             block_tokens,
                             kv_bits,
+                            pool,
                         }
                         .run(rx);
                     }
@@ -485,6 +498,10 @@ impl InferenceEngine for MlxEngine {
         Ok(self.call(|r| Command::Import(seq.0, blocks, r)).await?)
     }
 
+    async fn plan_import(&self, seq: SequenceId, tokens: usize) -> Result<(), EngineError> {
+        Ok(self.call(|r| Command::PlanImport(seq.0, tokens, r)).await?)
+    }
+
     async fn prefill(&self, seq: SequenceId, tokens: Vec<TokenId>) -> Result<(), EngineError> {
         Ok(self.call(|r| Command::Prefill(seq.0, tokens, r)).await?)
     }
@@ -540,9 +557,24 @@ struct Worker {
     next_id: u64,
     block_tokens: usize,
     kv_bits: Option<u8>,
+    /// Spare KV buffers for restores.
+    pool: KvPool,
 }
 
 impl Worker {
+    /// A pool of `max_tokens` holding one set of that size (allocated now, so that the first
+    /// restore after a start finds buffers); empty if the allocation fails.
+    fn filled_pool(model: &dyn CausalLm, block_tokens: usize, max_tokens: usize) -> KvPool {
+        let mut pool = KvPool::new(max_tokens);
+        if max_tokens >= block_tokens {
+            match KvBuffers::allocate(model.kv_layout(block_tokens), max_tokens) {
+                Ok(b) => pool.put(b),
+                Err(e) => tracing::warn!(error = %e, "no spare KV buffers allocated"),
+            }
+        }
+        pool
+    }
+
     /// Serves commands in arrival order, with one exception: a prefill chunk that arrives
     /// while sequences are decoding lets their next steps go first, up to
     /// [`DECODE_STEPS_PER_PREFILL_CHUNK`] per chunk. Without it a long cold prefill and the
@@ -610,6 +642,9 @@ impl Worker {
                     );
                     let _ = r.send(Ok(id));
                 }
+                Command::PlanImport(id, tokens, r) => {
+                    let _ = r.send(self.plan_import(id, tokens));
+                }
                 Command::Import(id, blocks, r) => {
                     let _ = r.send(self.import(id, &blocks));
                 }
@@ -644,11 +679,15 @@ impl Worker {
                     let _ = r.send(self.seq(id).map(|s| s.kv.len()));
                 }
                 Command::Release(id, r) => {
-                    let res = self
-                        .seqs
-                        .remove(&id)
-                        .map(|_| ())
-                        .ok_or(Error::UnknownSequence(id));
+                    let res = match self.seqs.remove(&id) {
+                        Some(mut s) => {
+                            if let Some(buffers) = s.kv.take_buffers() {
+                                self.pool.put(buffers);
+                            }
+                            Ok(())
+                        }
+                        None => Err(Error::UnknownSequence(id)),
+                    };
                     let _ = r.send(res);
                 }
                 Command::Logits(id, r) => {
@@ -689,6 +728,23 @@ impl Worker {
             )));
         }
         Ok(())
+    }
+
+    /// [`SequenceKv::plan_import`], into spare buffers from the pool when the sequence is
+    /// empty and one fits.
+    fn plan_import(&mut self, id: u64, tokens: usize) -> Result<()> {
+        let bt = self.block_tokens.max(1);
+        let s = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        let need = tokens.div_ceil(bt) * bt + IMPORT_SPARE_BLOCKS * bt;
+        if s.kv.is_empty() && s.kv.capacity() < need {
+            if let Some(buffers) = self.pool.take(need) {
+                if let Some(own) = s.kv.take_buffers() {
+                    self.pool.put(own);
+                }
+                s.kv.adopt_buffers(buffers)?;
+            }
+        }
+        s.kv.plan_import(tokens)
     }
 
     fn import(&mut self, id: u64, blocks: &[Arc<KvBlock>]) -> Result<()> {

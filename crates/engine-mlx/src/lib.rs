@@ -33,7 +33,7 @@ pub mod weights;
 
 pub use arch::{AttentionKind, DecodeKernel};
 pub use config::{Family, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
-pub use engine::{inspect, EngineConfig, MlxEngine};
+pub use engine::{inspect, EngineConfig, MlxEngine, DEFAULT_KV_POOL_TOKENS};
 pub use error::{Error, Result};
 pub use formatter::MlxChatFormatter;
 pub use weights::WeightFormat;

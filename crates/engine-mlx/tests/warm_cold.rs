@@ -156,6 +156,32 @@ fn restore_then_prefill_equals_cold_prefill() {
             "logits after a two-call import differ from the cold run"
         );
         engine.release(split).await.expect("release");
+        // A restore announced in advance (plan_import: buffers sized once, here taken from
+        // the pool of released sequences' buffers) and imported in parts, each decoded
+        // straight into them: same bytes, same logits.
+        let planned = engine.open_sequence().await.expect("open");
+        engine
+            .plan_import(planned, 4 * BLOCK)
+            .await
+            .expect("plan the import");
+        for part in blocks.chunks(2) {
+            engine
+                .import_blocks(planned, part.to_vec())
+                .await
+                .expect("import a part");
+        }
+        let again = engine.export_blocks(planned, 0, 4).await.expect("export");
+        assert!(again == exported, "blocks of a planned import differ");
+        prefill_aligned(&engine, planned, &tokens, 4 * BLOCK).await;
+        let planned_logits = engine.debug_logits(planned).await.expect("logits");
+        assert!(
+            planned_logits
+                .iter()
+                .zip(&cold_logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "logits after a planned import in parts differ from the cold run"
+        );
+        engine.release(planned).await.expect("release");
         let mixed = engine.open_sequence().await.expect("open");
         prefill_aligned(&engine, mixed, &tokens[..BLOCK], 0).await;
         engine

@@ -94,6 +94,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { var: "SEMANTIC_MLX_CACHE_BUDGET_MB", default: "1024", help: "RAM for hot KV blocks, in MiB; blocks = budget / bytes_per_block." },
     SettingDef { var: "SEMANTIC_MLX_MAX_BATCH_SIZE", default: "4", help: "Generations that run at once (1-64); more wait in the queue." },
     SettingDef { var: "SEMANTIC_MLX_MAX_QUEUE", default: "64", help: "Requests that may wait for a slot (0-10000); more get 429/529 with Retry-After." },
+    SettingDef { var: "SEMANTIC_MLX_KV_POOL_TOKENS", default: "4352", help: "Spare KV buffer capacity in tokens (0-1048576), allocated at start-up and refilled by released sequences, so restores skip fresh memory; 0 disables." },
     SettingDef { var: "SEMANTIC_MLX_PREFILL_STEP_SIZE", default: "256", help: "Prefill chunk in tokens; a positive multiple of the block size. Cache reuse happens in whole chunks." },
     SettingDef { var: "SEMANTIC_MLX_BLOCK_TOKENS", default: "256", help: "KV block size in tokens; a positive multiple of 64." },
     SettingDef { var: "SEMANTIC_MLX_KV_BITS", default: "null", help: "KV at rest: null (live dtype, bit-exact), 8 or 4 (MLX affine quantization, group 64; smaller, slightly lossy)." },
@@ -133,6 +134,8 @@ pub struct Settings {
     pub max_batch_size: usize,
     /// Waiting requests.
     pub max_queue: usize,
+    /// Spare KV buffer capacity for restores, in tokens (`SEMANTIC_MLX_KV_POOL_TOKENS`).
+    pub kv_pool_tokens: usize,
     /// Prefill chunk in tokens.
     pub prefill_step_size: usize,
     /// KV block size in tokens.
@@ -440,6 +443,12 @@ impl Settings {
                 0,
                 10_000,
             )?,
+            kv_pool_tokens: parse_range(
+                "SEMANTIC_MLX_KV_POOL_TOKENS",
+                &get("SEMANTIC_MLX_KV_POOL_TOKENS"),
+                0,
+                1 << 20,
+            )?,
             prefill_step_size,
             block_tokens,
             kv_bits,
@@ -537,6 +546,7 @@ mod tests {
         let s = Settings::load_with_env(&Layers::default(), &HashMap::new()).expect("defaults");
         assert_eq!(s.kv_bits, None);
         assert_eq!(s.prefill_step_size, 256);
+        assert_eq!(s.kv_pool_tokens, engine_mlx::DEFAULT_KV_POOL_TOKENS);
         assert_eq!(s.port, 8000);
         assert!(s.api_keys.is_empty());
         assert_eq!(s.sources["SEMANTIC_SERVER_PORT"].1, Source::Default);

@@ -97,6 +97,7 @@ fn load_engine(settings: &Settings) -> Result<LoadedModel, AppError> {
         kv_bits: settings.kv_bits,
         bind_to_weights: settings.validate_model_tag,
         attention: settings.attention.unwrap_or_default(),
+        kv_pool_tokens: settings.kv_pool_tokens,
         ..engine_mlx::EngineConfig::default()
     };
     let loaded = engine_mlx::MlxEngine::load(&model, config);

@@ -319,7 +319,7 @@ impl InferenceEngine for FakeEngine {
                         name: format!("l{l}.{kv}"),
                         dtype: TensorDtype::F32,
                         shape: vec![1, b, 2],
-                        data: data.clone(),
+                        data: data.clone().into(),
                     })
                 })
                 .collect();

@@ -50,7 +50,7 @@ pub fn payload(kind: Kind, layers: usize, tokens: usize, seed: u64) -> KvPayload
             name,
             dtype,
             shape,
-            data: bytes(s, n),
+            data: bytes(s, n).into(),
         }
     };
     for l in 0..layers {
