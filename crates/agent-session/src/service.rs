@@ -579,7 +579,8 @@ impl AgentService {
                 }
             }
         };
-        let importer = async {
+        // Owns the receiver: however it ends, the reader's next send fails and it stops.
+        let importer = async move {
             let s = setup.await?;
             let mut prev = prev.copied();
             let mut kept_bytes: Vec<usize> = Vec::with_capacity(usable);
@@ -608,7 +609,6 @@ impl AgentService {
                     break;
                 }
             }
-            rx.close();
             Ok::<_, EngineError>((s, kept_bytes))
         };
         let ((), imported) = futures::future::join(reader, importer).await;
