@@ -508,10 +508,7 @@ pub fn decode_block(
     for (name, _, _, len) in &header.layout {
         let (bytes, tail) = body.split_at(*len.min(&body.len()));
         body = tail;
-        data.insert(
-            name.clone(),
-            (Bytes::copy_from_slice(bytes), digest(bytes)),
-        );
+        data.insert(name.clone(), (Bytes::copy_from_slice(bytes), digest(bytes)));
     }
     finish(header, data, expected_hash, model_fingerprint)
 }

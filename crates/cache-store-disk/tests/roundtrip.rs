@@ -175,7 +175,10 @@ fn decode_rejects_garbage_and_wrong_names() {
 fn files_of_an_older_format_version_are_refused() {
     let block = small_block(Kind::Float(TensorDtype::F32), 1);
     let bytes = encode_block(&block).expect("encode");
-    let current = format!("\"format_version\":\"{}\"", cache_store_disk::FORMAT_VERSION);
+    let current = format!(
+        "\"format_version\":\"{}\"",
+        cache_store_disk::FORMAT_VERSION
+    );
     let at = bytes
         .windows(current.len())
         .position(|w| w == current.as_bytes())
