@@ -731,10 +731,14 @@ impl Worker {
     }
 
     /// [`SequenceKv::plan_import`], into spare buffers from the pool when the sequence is
-    /// empty and one fits.
+    /// empty and one fits. With quantized KV at rest (`kv_bits`) the blocks are dequantized
+    /// through MLX into arrays of their own, so there is nothing to size in advance.
     fn plan_import(&mut self, id: u64, tokens: usize) -> Result<()> {
         let bt = self.block_tokens.max(1);
         let s = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        if self.kv_bits.is_some() {
+            return Ok(());
+        }
         let need = tokens.div_ceil(bt) * bt + IMPORT_SPARE_BLOCKS * bt;
         if s.kv.is_empty() && s.kv.capacity() < need {
             if let Some(buffers) = self.pool.take(need) {

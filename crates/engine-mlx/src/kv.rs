@@ -1080,6 +1080,42 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_hands_out_the_smallest_fitting_set_within_its_limit() {
+        let bt = LAYOUT.block_tokens;
+        let set = |blocks: usize| KvBuffers::allocate(LAYOUT, blocks * bt).expect("allocate");
+        let mut pool = KvPool::new(10 * bt);
+        pool.put(set(4));
+        pool.put(set(3));
+        assert_eq!(pool.held_tokens(), 7 * bt);
+        // Best fit, and never more than twice what is asked.
+        assert_eq!(pool.take(3 * bt).map(|b| b.capacity()), Some(3 * bt));
+        assert!(pool.take(bt).is_none(), "4 blocks for 1: too large");
+        assert!(pool.take(5 * bt).is_none(), "too small");
+        // Over the limit the oldest sets go; a set larger than the limit is not kept.
+        pool.put(set(5));
+        pool.put(set(4));
+        assert_eq!(pool.held_tokens(), 9 * bt);
+        assert_eq!(pool.take(4 * bt).map(|b| b.capacity()), Some(4 * bt));
+        pool.put(set(11));
+        assert_eq!(pool.held_tokens(), 5 * bt);
+
+        // A sequence given pooled buffers imports into them in place, bit-exactly, and
+        // gives them back whole.
+        let blocks: Vec<KvPayload> = (0..2).map(float_block).collect();
+        let refs: Vec<&KvPayload> = blocks.iter().collect();
+        let mut kv = SequenceKv::new(LAYOUT);
+        kv.adopt_buffers(pool.take(5 * bt).expect("the 5-block set"))
+            .expect("adopt");
+        kv.plan_import(2 * bt).expect("plan");
+        assert_eq!(kv.capacity(), 5 * bt, "the pooled set is large enough");
+        kv.import_blocks(&refs).expect("import");
+        assert!(kv.export_blocks(0, 2, None).expect("export") == blocks);
+        assert!(kv.adopt_buffers(set(2)).is_err(), "not empty");
+        let back = kv.take_buffers().expect("buffers");
+        assert_eq!((back.capacity(), kv.len(), kv.capacity()), (5 * bt, 0, 0));
+    }
+
+    #[test]
     fn half_precision_blocks_widen_exactly() {
         let n = LAYOUT.kv_heads * LAYOUT.block_tokens * LAYOUT.head_dim;
         for dtype in [TensorDtype::F16, TensorDtype::Bf16] {
@@ -1206,7 +1242,9 @@ mod tests {
 /// checks), owned by its [`SequenceKv`], which the caller borrows mutably for as long as
 /// the slice lives. Its memory is its own: every buffer comes from an operation that
 /// allocates its output (a materialized zeros copy, `concatenate` when growing, a slice
-/// update, or an import built from host data), and no other live array shares it: the
+/// update, or an import built from host data), possibly handed on whole through the
+/// [`KvPool`] from a released sequence (moved: the released one keeps no handle), and no
+/// other live array shares it: the
 /// only views ever taken of a buffer (the K/V returned by [`SequenceKv::write`], slices for
 /// export) live within the call that made them, and the engine evaluates each step
 /// synchronously, so no pending MLX work reads or writes the memory while the slice
