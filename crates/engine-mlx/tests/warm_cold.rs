@@ -70,6 +70,11 @@ fn blocks_of(
         .collect()
 }
 
+/// Whether two logit vectors are equal bit for bit (and equally long).
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 fn config(kv_bits: Option<u8>) -> EngineConfig {
     EngineConfig {
         block_tokens: BLOCK as u32,
@@ -120,11 +125,10 @@ fn restore_then_prefill_equals_cold_prefill() {
             // (b) Same chunks after the restored prefix → bit-identical logits.
             prefill_aligned(&engine, warm, &tokens, k * BLOCK).await;
             let warm_logits = engine.debug_logits(warm).await.expect("logits");
-            let same_bits = warm_logits
-                .iter()
-                .zip(&cold_logits)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same_bits, "k={k}: logits differ from the cold run");
+            assert!(
+                same_bits(&warm_logits, &cold_logits),
+                "k={k}: logits differ from the cold run"
+            );
             let warm_next = greedy_continue(&engine, warm, 8).await;
             assert_eq!(warm_next, cold_next, "k={k}: greedy continuation differs");
             // Blocks exported after the warm prefill equal the cold ones too.
@@ -149,10 +153,7 @@ fn restore_then_prefill_equals_cold_prefill() {
         prefill_aligned(&engine, split, &tokens, 4 * BLOCK).await;
         let split_logits = engine.debug_logits(split).await.expect("logits");
         assert!(
-            split_logits
-                .iter()
-                .zip(&cold_logits)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(&split_logits, &cold_logits),
             "logits after a two-call import differ from the cold run"
         );
         engine.release(split).await.expect("release");
@@ -175,10 +176,7 @@ fn restore_then_prefill_equals_cold_prefill() {
         prefill_aligned(&engine, planned, &tokens, 4 * BLOCK).await;
         let planned_logits = engine.debug_logits(planned).await.expect("logits");
         assert!(
-            planned_logits
-                .iter()
-                .zip(&cold_logits)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(&planned_logits, &cold_logits),
             "logits after a planned import in parts differ from the cold run"
         );
         engine.release(planned).await.expect("release");
@@ -200,10 +198,10 @@ fn restore_then_prefill_equals_cold_prefill() {
         assert_eq!(engine.sequence_len(cold).await.expect("len"), 2 * BLOCK);
         prefill_aligned(&engine, cold, &tokens, 2 * BLOCK).await;
         let again = engine.debug_logits(cold).await.expect("logits");
-        assert!(again
-            .iter()
-            .zip(&cold_logits)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            same_bits(&again, &cold_logits),
+            "logits after a truncation differ"
+        );
 
         // Misuse is reported, not a panic.
         assert!(
