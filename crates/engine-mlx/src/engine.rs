@@ -7,7 +7,7 @@ use crate::error::{Error, MlxContext, Result};
 use crate::formatter::MlxChatFormatter;
 use crate::gguf::GgufHeader;
 use crate::hub;
-use crate::kv::{KvBuffers, KvPool, SequenceKv, IMPORT_SPARE_BLOCKS};
+use crate::kv::{import_capacity, KvBuffers, KvPool, SequenceKv};
 use crate::sampling;
 use crate::weights::{self, WeightFormat};
 use agent_session::{
@@ -734,12 +734,11 @@ impl Worker {
     /// empty and one fits. With quantized KV at rest (`kv_bits`) the blocks are dequantized
     /// through MLX into arrays of their own, so there is nothing to size in advance.
     fn plan_import(&mut self, id: u64, tokens: usize) -> Result<()> {
-        let bt = self.block_tokens.max(1);
         let s = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
         if self.kv_bits.is_some() {
             return Ok(());
         }
-        let need = tokens.div_ceil(bt) * bt + IMPORT_SPARE_BLOCKS * bt;
+        let need = import_capacity(self.block_tokens, tokens);
         if s.kv.is_empty() && s.kv.capacity() < need {
             if let Some(buffers) = self.pool.take(need) {
                 if let Some(own) = s.kv.take_buffers() {

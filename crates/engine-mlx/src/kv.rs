@@ -21,6 +21,13 @@ pub const IMPORT_SPARE_BLOCKS: usize = 1;
 /// 16-block (189 MB) import of the default model took 110 ms on one thread.
 pub const IMPORT_THREADS: usize = 4;
 
+/// Capacity, in tokens, of the buffers an import of `tokens` tokens into an empty sequence
+/// creates: whole blocks plus [`IMPORT_SPARE_BLOCKS`].
+pub fn import_capacity(block_tokens: usize, tokens: usize) -> usize {
+    let bt = block_tokens.max(1);
+    tokens.div_ceil(bt) * bt + IMPORT_SPARE_BLOCKS * bt
+}
+
 fn import_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| {
@@ -253,13 +260,12 @@ impl SequenceKv {
     /// caller reads the blocks meanwhile, and each part is then decoded straight into the
     /// buffers.
     pub fn plan_import(&mut self, tokens: usize) -> Result<()> {
-        let bt = self.layout.block_tokens.max(1);
         self.import_plan = self.len + tokens;
         if tokens == 0 {
             return Ok(());
         }
         if self.len == 0 {
-            let capacity = tokens.div_ceil(bt) * bt + IMPORT_SPARE_BLOCKS * bt;
+            let capacity = import_capacity(self.layout.block_tokens, tokens);
             if self.capacity < capacity {
                 // Zeros built on several threads as host data (an import of no block).
                 self.layers = self.import_tensors(&[], capacity)?;
@@ -433,7 +439,7 @@ impl SequenceKv {
         } else if self.len == 0 {
             // The imported arrays become the buffers: give them the room of the whole
             // announced import and the next prefill needs anyway.
-            let capacity = end + IMPORT_SPARE_BLOCKS * bt;
+            let capacity = import_capacity(bt, end);
             let imported = self.import_tensors(payloads, capacity)?;
             self.layers = imported;
             self.capacity = capacity;
@@ -677,8 +683,8 @@ pub struct KvBuffers {
 }
 
 impl KvBuffers {
-    /// Fresh, evaluated zero buffers of `capacity` tokens (rounded up to whole blocks),
-    /// built on several threads.
+    /// Fresh, evaluated zero buffers of at least `capacity` tokens (an import's capacity,
+    /// [`import_capacity`]), built on several threads.
     pub fn allocate(layout: KvLayout, capacity: usize) -> Result<Self> {
         let mut kv = SequenceKv::new(layout);
         kv.plan_import(capacity.saturating_sub(IMPORT_SPARE_BLOCKS * layout.block_tokens))?;

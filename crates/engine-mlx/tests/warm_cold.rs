@@ -75,6 +75,29 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
+/// `seq` holds every block of `exported` (imported somehow): its blocks export to the same
+/// bytes, and prefilling the rest of `tokens` gives the cold run's logits bit for bit. Then
+/// releases it.
+async fn equals_cold(
+    engine: &MlxEngine,
+    seq: SequenceId,
+    tokens: &[TokenId],
+    exported: &[KvPayload],
+    cold_logits: &[f32],
+    what: &str,
+) {
+    let n = exported.len();
+    let again = engine.export_blocks(seq, 0, n).await.expect("export");
+    assert!(again == exported, "blocks after {what} differ");
+    prefill_aligned(engine, seq, tokens, n * BLOCK).await;
+    let logits = engine.debug_logits(seq).await.expect("logits");
+    assert!(
+        same_bits(&logits, cold_logits),
+        "logits after {what} differ from the cold run"
+    );
+    engine.release(seq).await.expect("release");
+}
+
 fn config(kv_bits: Option<u8>) -> EngineConfig {
     EngineConfig {
         block_tokens: BLOCK as u32,
@@ -148,15 +171,15 @@ fn restore_then_prefill_equals_cold_prefill() {
             .import_blocks(split, blocks[1..].to_vec())
             .await
             .expect("import the rest");
-        let again = engine.export_blocks(split, 0, 4).await.expect("export");
-        assert!(again == exported, "blocks imported in two calls differ");
-        prefill_aligned(&engine, split, &tokens, 4 * BLOCK).await;
-        let split_logits = engine.debug_logits(split).await.expect("logits");
-        assert!(
-            same_bits(&split_logits, &cold_logits),
-            "logits after a two-call import differ from the cold run"
-        );
-        engine.release(split).await.expect("release");
+        equals_cold(
+            &engine,
+            split,
+            &tokens,
+            &exported,
+            &cold_logits,
+            "a two-call import",
+        )
+        .await;
         // A restore announced in advance (plan_import: buffers sized once, here taken from
         // the pool of released sequences' buffers) and imported in parts, each decoded
         // straight into them: same bytes, same logits.
@@ -171,15 +194,8 @@ fn restore_then_prefill_equals_cold_prefill() {
                 .await
                 .expect("import a part");
         }
-        let again = engine.export_blocks(planned, 0, 4).await.expect("export");
-        assert!(again == exported, "blocks of a planned import differ");
-        prefill_aligned(&engine, planned, &tokens, 4 * BLOCK).await;
-        let planned_logits = engine.debug_logits(planned).await.expect("logits");
-        assert!(
-            same_bits(&planned_logits, &cold_logits),
-            "logits after a planned import in parts differ from the cold run"
-        );
-        engine.release(planned).await.expect("release");
+        let what = "a planned import in parts";
+        equals_cold(&engine, planned, &tokens, &exported, &cold_logits, what).await;
         let mixed = engine.open_sequence().await.expect("open");
         prefill_aligned(&engine, mixed, &tokens[..BLOCK], 0).await;
         engine
