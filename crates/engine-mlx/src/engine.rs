@@ -104,6 +104,23 @@ pub struct MlxEngine {
     tx: mpsc::Sender<Command>,
     descriptor: ModelDescriptor,
     kv_bits: Option<u8>,
+    /// The worker thread, joined on drop.
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for MlxEngine {
+    /// Closes the worker's queue and waits for it to free every MLX object it owns (model,
+    /// sequences, spare KV buffers). A worker left running could still be freeing them while
+    /// the process exits and MLX's globals are torn down, which corrupts the heap.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, closed));
+        if let Some(worker) = self.worker.take() {
+            if worker.join().is_err() {
+                tracing::warn!("the engine worker panicked");
+            }
+        }
+    }
 }
 
 /// What was found at the path or id given to [`MlxEngine::load`].
@@ -404,7 +421,7 @@ impl MlxEngine {
         let block_tokens = config.block_tokens as usize;
         let kv_bits = config.kv_bits;
         let kv_pool_tokens = config.kv_pool_tokens;
-        std::thread::Builder::new()
+        let worker = std::thread::Builder::new()
             .name("engine-mlx".into())
             .spawn(move || {
                 let built = (|| -> Result<Box<dyn CausalLm>> {
@@ -450,6 +467,7 @@ impl MlxEngine {
                 tx,
                 descriptor,
                 kv_bits,
+                worker: Some(worker),
             },
             Arc::new(formatter),
         ))
