@@ -22,6 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod formatter;
+pub mod fused_attention;
 pub mod gguf;
 pub mod host_attention;
 pub mod host_decode;
