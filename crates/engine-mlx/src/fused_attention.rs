@@ -446,7 +446,7 @@ mod x86 {
         out: &mut [[f32; HD]; ROWS],
     ) {
         let n = HD / 16;
-        debug_assert!(HD % 16 == 0 && n <= MAX_HD_VECTORS);
+        debug_assert!(HD.is_multiple_of(16) && n <= MAX_HD_VECTORS);
         let mut acc = [[_mm512_setzero_ps(); MAX_HD_VECTORS]; ROWS];
         for ((a, o), &c) in acc.iter_mut().zip(out.iter()).zip(correction) {
             let c = _mm512_set1_ps(c);
