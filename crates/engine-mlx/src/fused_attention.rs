@@ -77,7 +77,7 @@ pub fn causal_attention(
     let pool = crate::host_linear::helper_pool();
     let macs = shape.heads * shape.positions * (shape.offset + shape.positions) * shape.head_dim;
     let threads = match pool {
-        Some(p) if macs >= 1 << 20 => p.current_num_threads() + 1,
+        Some(p) if macs >= 1 << 17 => p.current_num_threads() + 1,
         _ => 1,
     };
     attention_threads(shape, scale, q, keys, values, out, threads, Isa::detected())
@@ -283,14 +283,7 @@ fn blocks_body<const HD: usize, K: Kernels>(
             .enumerate()
         {
             let start = tile * TILE;
-            for (t, key) in kt_src.chunks_exact(HD).enumerate() {
-                for (row, &x) in kt.iter_mut().zip(key) {
-                    row[t] = x;
-                }
-            }
-            for row in kt.iter_mut() {
-                row[kt_src.len() / HD..].fill(0.0);
-            }
+            K::transpose::<HD>(kt_src, &mut kt);
             for s in states.iter_mut() {
                 if s.visible.iter().any(|&v| v > start) {
                     tile_update::<HD, K>(s, &kt, v, start, scale);
@@ -308,10 +301,46 @@ fn blocks_body<const HD: usize, K: Kernels>(
     }
 }
 
+/// `row` folded into [`LANES`] lanes, then the lanes pairwise: a fixed order.
+#[inline(always)]
+fn lanes_fold(row: &[f32; TILE], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    for c in row.chunks_exact(LANES) {
+        for (acc, &x) in lanes.iter_mut().zip(c) {
+            *acc = f(*acc, x);
+        }
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] = f(lanes[l], lanes[l + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// The largest element (any order gives the same bits).
+#[inline(always)]
+fn lanes_max(row: &[f32; TILE]) -> f32 {
+    lanes_fold(row, f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+/// The sum, in [`lanes_fold`]'s order.
+#[inline(always)]
+fn lanes_sum(row: &[f32; TILE]) -> f32 {
+    lanes_fold(row, 0.0, |a, b| a + b)
+}
+
 /// The two products of a tile, per instruction set. Every implementation computes each
 /// element with the same fused multiply-adds in the same order (over `d` for a score, over
 /// the tile's keys for an output), so they agree to the bit.
 trait Kernels {
+    /// `kt[d][t] = keys[t][d]` for the `keys.len() / HD` keys (at most [`TILE`]), zeros for
+    /// the rest of the tile.
+    fn transpose<const HD: usize>(keys: &[f32], kt: &mut [[f32; TILE]]) {
+        transpose_plain::<HD>(keys, kt);
+    }
     /// `scores[r][t] = Σ_d q[r][d] · kt[d][t]`, `d` ascending.
     fn scores<const HD: usize>(
         q: &[[f32; HD]; ROWS],
@@ -326,6 +355,20 @@ trait Kernels {
         correction: &[f32; ROWS],
         out: &mut [[f32; HD]; ROWS],
     );
+}
+
+/// [`Kernels::transpose`] in plain Rust.
+#[inline(always)]
+fn transpose_plain<const HD: usize>(keys: &[f32], kt: &mut [[f32; TILE]]) {
+    for (t, key) in keys.chunks_exact(HD).take(TILE).enumerate() {
+        for (row, &x) in kt.iter_mut().zip(key) {
+            row[t] = x;
+        }
+    }
+    let n = (keys.len() / HD).min(TILE);
+    for row in kt.iter_mut() {
+        row[n..].fill(0.0);
+    }
 }
 
 /// Plain Rust (any CPU; vectorized by the compiler where it can).
@@ -390,6 +433,16 @@ mod x86 {
 
     impl Kernels for Avx512 {
         #[inline(always)]
+        fn transpose<const HD: usize>(keys: &[f32], kt: &mut [[f32; TILE]]) {
+            if keys.len() == TILE * HD && kt.len() >= HD && HD.is_multiple_of(16) {
+                // SAFETY: as for `scores`; the lengths were checked just above.
+                unsafe { transpose_avx512::<HD>(keys, kt) }
+            } else {
+                super::transpose_plain::<HD>(keys, kt);
+            }
+        }
+
+        #[inline(always)]
         fn scores<const HD: usize>(
             q: &[[f32; HD]; ROWS],
             kt: &[[f32; TILE]],
@@ -410,6 +463,58 @@ mod x86 {
             // SAFETY: as for `scores`.
             unsafe { weighted_sum_avx512::<HD>(p, v, correction, out) }
         }
+    }
+
+    /// A full tile (`keys`: [`TILE`] × `HD` floats, `kt`: at least `HD` rows), transposed
+    /// 16 × 16 floats at a time in registers.
+    #[target_feature(enable = "avx512f,fma")]
+    fn transpose_avx512<const HD: usize>(keys: &[f32], kt: &mut [[f32; TILE]]) {
+        for kb in 0..V {
+            for db in 0..HD / 16 {
+                let rows: [__m512; 16] = std::array::from_fn(|i| {
+                    // SAFETY: key `kb·16 + i` < TILE has HD floats from `db·16 + 16 ≤ HD`.
+                    unsafe { _mm512_loadu_ps(keys.as_ptr().add((kb * 16 + i) * HD + db * 16)) }
+                });
+                for (j, col) in transpose16(rows).into_iter().enumerate() {
+                    // SAFETY: row `db·16 + j` < HD of `kt` has TILE floats from `kb·16 + 16`.
+                    unsafe { _mm512_storeu_ps(kt[db * 16 + j].as_mut_ptr().add(kb * 16), col) };
+                }
+            }
+        }
+    }
+
+    /// The transpose of a 16 × 16 block held as 16 rows.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(a: [__m512; 16]) -> [__m512; 16] {
+        let zero = _mm512_setzero_ps();
+        // Pairs of rows interleaved within each 128-bit lane.
+        let mut t = [zero; 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]);
+        }
+        // u[4m + c], lane L: column 4L + c of rows 4m..4m + 4.
+        let mut u = [zero; 16];
+        for m in 0..4 {
+            let (p, q, r, s) = (t[4 * m], t[4 * m + 1], t[4 * m + 2], t[4 * m + 3]);
+            u[4 * m] = _mm512_shuffle_ps::<0x44>(p, r);
+            u[4 * m + 1] = _mm512_shuffle_ps::<0xEE>(p, r);
+            u[4 * m + 2] = _mm512_shuffle_ps::<0x44>(q, s);
+            u[4 * m + 3] = _mm512_shuffle_ps::<0xEE>(q, s);
+        }
+        // Column 4L + c: lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+        let mut out = [zero; 16];
+        for c in 0..4 {
+            let wa = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let wb = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let xa = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let xb = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(wa, xa);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(wb, xb);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(wa, xa);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(wb, xb);
+        }
+        out
     }
 
     #[target_feature(enable = "avx512f,fma")]
@@ -489,51 +594,44 @@ fn tile_update<const HD: usize, K: Kernels>(
 ) {
     let mut scores = [[0.0f32; TILE]; ROWS];
     K::scores::<HD>(&s.q, kt, &mut scores);
-    let mut correction = [1.0f32; ROWS];
-    for (r, row) in scores.iter_mut().enumerate() {
-        let visible = s.visible[r].saturating_sub(start).min(TILE);
-        if visible == 0 {
-            // A tile past this row's last key: nothing changes.
-            *row = [0.0; TILE];
-            continue;
+    // The rows go through each step together, so their dependency chains overlap.
+    let visible: [usize; ROWS] =
+        std::array::from_fn(|r| s.visible[r].saturating_sub(start).min(TILE));
+    let mut tile_max = [f32::NEG_INFINITY; ROWS];
+    for ((row, &n), m) in scores.iter_mut().zip(&visible).zip(&mut tile_max) {
+        for (t, x) in row.iter_mut().enumerate() {
+            let y = *x * scale;
+            *x = if t < n { y } else { f32::NEG_INFINITY };
         }
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        for (c, chunk) in row.chunks_exact(LANES).enumerate() {
-            for (l, (m, &x)) in lanes.iter_mut().zip(chunk).enumerate() {
-                let x = if c * LANES + l < visible {
-                    x * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let tile_max = lanes
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        let max = if tile_max > s.max[r] {
-            tile_max
+        *m = lanes_max(row);
+    }
+    let max: [f32; ROWS] = std::array::from_fn(|r| {
+        if tile_max[r] > s.max[r] {
+            tile_max[r]
         } else {
             s.max[r]
-        };
-        // 0 before the first tile (the running sum and output are still 0).
-        correction[r] = if s.max[r] == f32::NEG_INFINITY {
+        }
+    });
+    let correction: [f32; ROWS] = std::array::from_fn(|r| {
+        if visible[r] == 0 {
+            // A tile past this row's last key: nothing changes.
+            1.0
+        } else if s.max[r] == f32::NEG_INFINITY {
+            // The row's first tile (its running sum and output are still 0).
             0.0
         } else {
-            exp_approx(s.max[r] - max)
-        };
+            exp_approx(s.max[r] - max[r])
+        }
+    });
+    for ((row, &n), &m) in scores.iter_mut().zip(&visible).zip(&max) {
         for (t, x) in row.iter_mut().enumerate() {
-            let e = exp_approx(*x * scale - max);
-            *x = if t < visible { e } else { 0.0 };
+            let e = exp_approx(*x - m);
+            *x = if t < n { e } else { 0.0 };
         }
-        let mut sums = [0.0f32; LANES];
-        for c in row.chunks_exact(LANES) {
-            for (acc, &e) in sums.iter_mut().zip(c) {
-                *acc += e;
-            }
-        }
-        s.sum[r] = s.sum[r] * correction[r] + sums.iter().sum::<f32>();
-        s.max[r] = max;
+    }
+    for r in 0..ROWS {
+        s.sum[r] = s.sum[r] * correction[r] + lanes_sum(&scores[r]);
+        s.max[r] = max[r];
     }
     K::weighted_sum::<HD>(&scores, v, &correction, &mut s.out);
 }
@@ -587,6 +685,27 @@ mod tests {
             c.shape, scale, q, k, v, &mut out, threads, isa
         ));
         out
+    }
+
+    #[test]
+    fn tiles_are_transposed_whole_and_partial() {
+        for n in [TILE, 17, 1] {
+            let keys = seeded(n * 64, n as u32, 3.0);
+            let mut plain = vec![[f32::NAN; TILE]; 64];
+            transpose_plain::<64>(&keys, &mut plain);
+            for (d, row) in plain.iter().enumerate() {
+                for (t, &x) in row.iter().enumerate() {
+                    let want = if t < n { keys[t * 64 + d] } else { 0.0 };
+                    assert_eq!(x.to_bits(), want.to_bits(), "key {t}, element {d}");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if Isa::Avx512.supported() && std::arch::is_x86_feature_detected!("fma") {
+                let mut fast = vec![[f32::NAN; TILE]; 64];
+                <x86::Avx512 as Kernels>::transpose::<64>(&keys, &mut fast);
+                assert_eq!(fast, plain, "{n} keys");
+            }
+        }
     }
 
     /// Every instruction set this CPU has gives the bits of plain Rust.

@@ -171,6 +171,30 @@ pub fn attend_one(
         capacity,
     } = shape;
     let kv_heads = kv_heads.max(1);
+    let chunk = crate::fused_attention::Chunk {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        positions: 1,
+        offset: pos,
+        capacity,
+    };
+    if chunk.supported() && chunk.fits(q.len(), keys.len(), out.len()) && pos < capacity {
+        // The prefill's fused kernel: each KV head's keys and values are read once for the
+        // whole group of query heads.
+        let per_kv = capacity * hd;
+        for ((kd, vd), (kn, vn)) in keys
+            .chunks_exact_mut(per_kv)
+            .zip(values.chunks_exact_mut(per_kv))
+            .zip(k.chunks_exact(hd).zip(v.chunks_exact(hd)))
+        {
+            kd[pos * hd..][..hd].copy_from_slice(kn);
+            vd[pos * hd..][..hd].copy_from_slice(vn);
+        }
+        if crate::fused_attention::causal_attention(chunk, scale, q, keys, values, out) {
+            return;
+        }
+    }
     let group = heads / kv_heads;
     let per_kv = (capacity * hd).max(1);
     let (qg, og) = ((group * hd).max(1), (group * hd).max(1));
@@ -347,10 +371,11 @@ mod tests {
         out
     }
 
-    /// Deep enough to split the KV heads over the pool: the same bits as each head alone.
+    /// A head size without a fused kernel (24), deep enough to split the KV heads over the
+    /// pool: the same bits as each head alone.
     #[test]
     fn split_attention_equals_serial_heads() {
-        let (kv_heads, group, hd, capacity, pos) = (3, 3, 64, 1088, 1000);
+        let (kv_heads, group, hd, capacity, pos) = (3, 3, 24, 1088, 1000);
         let heads = kv_heads * group;
         assert!(heads * (pos + 1) * hd >= PARALLEL_MIN_MACS);
         let shape = AttentionShape {
@@ -428,8 +453,9 @@ mod tests {
         /// Attention of one token matches an f64 reference over the same K/V, and the new
         /// K/V land at `pos`.
         #[test]
-        fn attention_matches_reference(pos in 0usize..70, kv_heads in 1usize..4, group in 1usize..4, seed in any::<u32>()) {
-            let (hd, capacity) = (16, 72);
+        fn attention_matches_reference(pos in 0usize..70, kv_heads in 1usize..4, group in 1usize..4, seed in any::<u32>(), fused in any::<bool>()) {
+            // 16: the fused kernel; 24: the per-head path for head sizes it has no kernel for.
+            let (hd, capacity) = (if fused { 16 } else { 24 }, 72);
             let heads = kv_heads * group;
             let shape = AttentionShape { heads, kv_heads, head_dim: hd, capacity };
             let mut keys = data(kv_heads * capacity * hd, seed);
