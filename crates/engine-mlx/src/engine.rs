@@ -349,7 +349,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
     fp.update(b"\0weights\0");
     fp.update(cfg.weight_format.name().as_bytes());
     fp.update(b"\0attention\0");
-    fp.update(cfg.attention.name().as_bytes());
+    fp.update(cfg.attention.fingerprint().as_bytes());
     // So do the BLAS kernels under MLX's CPU matmuls (OpenBLAS's core type).
     fp.update(b"\0blas\0");
     fp.update(crate::blas::core_name().unwrap_or_default().as_bytes());

@@ -25,18 +25,30 @@ pub enum AttentionKind {
     /// `mlx_rs::fast::scaled_dot_product_attention`: fused on Metal (the macOS default).
     #[cfg_attr(target_os = "macos", default)]
     Mlx,
-    /// [`crate::host_attention`] on the CPU, over the evaluated KV buffers: several times
+    /// On the CPU, over the evaluated KV buffers: [`crate::fused_attention`] for prefill
+    /// chunks and decode steps (head sizes it has a kernel for), else MLX matmuls with
+    /// [`crate::host_attention`]'s softmax; also `silu(gate) · up` on the host. Several times
     /// faster than MLX's CPU fallback at depth (the default elsewhere).
     #[cfg_attr(not(target_os = "macos"), default)]
     Host,
 }
 
 impl AttentionKind {
-    /// Short name for logs and the model fingerprint.
+    /// Short name for logs and settings.
     pub fn name(self) -> &'static str {
         match self {
             AttentionKind::Mlx => "mlx",
             AttentionKind::Host => "host",
+        }
+    }
+
+    /// What the kind adds to the model fingerprint: its name and the revision of its
+    /// kernels, raised whenever they change the KV's bits, so that KV cached by an older
+    /// build is never taken for this one's.
+    pub fn fingerprint(self) -> &'static str {
+        match self {
+            AttentionKind::Mlx => "mlx",
+            AttentionKind::Host => "host/fused-attention-1/host-swiglu",
         }
     }
 }
