@@ -175,6 +175,16 @@ pub enum GenerationEvent {
     /// cost (it only gives up its place in the queue); answering `false` here cancels it
     /// before any work.
     Admitted,
+    /// `done` of the `total` prompt tokens this turn must compute are prefilled (sent after
+    /// each chunk). Answering `false` stops the prefill there: the sequence is released and
+    /// the turn commits nothing (blocks cached by earlier turns stay), so a client that hangs
+    /// up during a long prompt stops costing compute within one chunk.
+    Prefilling {
+        /// Tokens prefilled so far in this turn.
+        done: usize,
+        /// Tokens this turn prefills in all.
+        total: usize,
+    },
     /// The prompt is processed; the first token follows.
     Started(CacheReport),
     /// New answer text (whole characters).
@@ -692,9 +702,18 @@ impl AgentService {
 
         // 3. Prefill the rest in aligned chunks.
         for chunk in prefill_chunks(reused, len, step) {
+            let end = chunk.end;
             if let Err(e) = self.engine.prefill(seq, tokens[chunk].to_vec()).await {
                 let _ = self.engine.release(seq).await;
                 return Err(e.into());
+            }
+            let progress = GenerationEvent::Prefilling {
+                done: end - reused,
+                total: len - reused,
+            };
+            if end < len && !on_event(progress) {
+                let _ = self.engine.release(seq).await;
+                return Err(ServiceError::Cancelled);
             }
         }
         let report = CacheReport {

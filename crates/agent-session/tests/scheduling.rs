@@ -155,6 +155,7 @@ fn a_long_prefill_is_chunked_and_a_short_request_decodes_before_it_ends() {
         move |ev: GenerationEvent| {
             let what = match ev {
                 GenerationEvent::Admitted => "admitted",
+                GenerationEvent::Prefilling { .. } => "prefilling",
                 GenerationEvent::Started(_) => "started",
                 GenerationEvent::Delta(_) => "delta",
                 GenerationEvent::Finished(_) => "finished",
@@ -216,7 +217,9 @@ fn stats_show_time_in_queue_prefilling_and_the_decode_batch() {
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(snapshot);
             }
-            GenerationEvent::Admitted | GenerationEvent::Finished(_) => {}
+            GenerationEvent::Admitted
+            | GenerationEvent::Prefilling { .. }
+            | GenerationEvent::Finished(_) => {}
         }
         true
     });
@@ -316,4 +319,44 @@ fn dropping_a_queued_generation_gives_up_its_place_at_once() {
     let (first, third) = block_on(futures::future::join(running, next));
     assert!(first.is_ok() && third.is_ok(), "{first:?} {third:?}");
     assert_eq!(s.engine.stats().open_sequences, 2);
+}
+
+#[test]
+fn a_client_that_hangs_up_during_a_long_prefill_stops_it_within_a_chunk() {
+    let s = stack(4, 16);
+    let long = req(0, 160, 4);
+    let mut progress = Vec::new();
+    let out = block_on(s.service.generate(long.clone(), |ev| {
+        if let GenerationEvent::Prefilling { done, total } = ev {
+            progress.push((done, total));
+            // The client hangs up after the second chunk.
+            return progress.len() < 2;
+        }
+        true
+    }));
+    assert!(
+        matches!(out, Err(ServiceError::Cancelled)),
+        "cancelled: {out:?}"
+    );
+    let (done, total) = progress[1];
+    assert_eq!(
+        done,
+        2 * 64,
+        "progress counts this turn's tokens: {progress:?}"
+    );
+    assert!(total > 10 * 64, "{progress:?}");
+    assert_eq!(
+        s.engine.stats().prefill_calls.len(),
+        2,
+        "no chunk is prefilled after the hang-up"
+    );
+    assert_eq!(
+        s.engine.stats().open_sequences,
+        0,
+        "its sequence is released"
+    );
+    // Nothing was committed: the next turn of the agent starts cold and answers as a solo run.
+    let again = block_on(s.service.generate(long.clone(), |_| true)).expect("completes");
+    assert_eq!(again.cache.reused_tokens, 0, "{:?}", again.cache);
+    assert_eq!(again.token_ids, solo(&long).token_ids);
 }

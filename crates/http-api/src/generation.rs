@@ -152,6 +152,8 @@ pub(crate) async fn start(
                     admitted_flag.store(true, Ordering::Release);
                     return !tx.is_closed();
                 }
+                // Nothing to send: the client learns of the prompt with its first token.
+                GenerationEvent::Prefilling { .. } => return !tx.is_closed(),
                 GenerationEvent::Started(r) => Msg::Started(r),
                 GenerationEvent::Delta(t) => Msg::Delta(t),
                 GenerationEvent::Finished(c) => Msg::Finished(c),

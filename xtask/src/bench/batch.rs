@@ -1,5 +1,7 @@
 //! `batch`: aggregate decode tokens/s at 1, 2, 4 and 8 concurrent requests, and the TTFT
-//! of a short request while a 4,096-token cold prefill runs, against an idle server.
+//! of a short request while a 4,096-token cold prefill runs, against an idle server. Once
+//! the short request is answered, the long request's client hangs up, and the scenario
+//! times how soon the server stops (it checks for a client gone after every prefill chunk).
 //!
 //! The server runs with `SEMANTIC_MLX_MAX_BATCH_SIZE=8`. Each concurrency level sends N
 //! streaming requests at once (short prompts that make the model count, 64 answer tokens);
@@ -7,15 +9,16 @@
 //! window where all N are decoding (from the last stream's first token to the first
 //! stream's last token), over that window.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use super::client::{Chat, Client, Message, Streamed};
+use super::client::{metric, Chat, Client, Message, Streamed};
 use super::prompts;
 use super::report::{fmt_ratio, fmt_summary, Table};
 use super::server::Server;
@@ -43,9 +46,12 @@ struct Interference {
     run: usize,
     idle_ttft_s: f64,
     busy_ttft_s: f64,
-    long_ttft_s: f64,
+    /// The long request's first byte, when it came before its client hung up.
+    long_ttft_s: Option<f64>,
     /// The short request got its first token before the long prefill ended.
     short_first: bool,
+    /// From the long request's hang-up until the server ran no generation.
+    stopped_after_s: f64,
 }
 
 fn count_prompt(i: usize) -> Vec<Message> {
@@ -170,13 +176,18 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             &format!("Long {}-{run}:", ctx.stamp),
         )?;
         let long_client = client.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_long = stop.clone();
         let long = thread::spawn(move || {
-            long_client.chat(&Chat {
-                messages: &long_msgs,
-                max_tokens: 1,
-                agent: Some("long"),
-                extra: None,
-            })
+            long_client.chat_until(
+                &Chat {
+                    messages: &long_msgs,
+                    max_tokens: 1,
+                    agent: Some(&format!("long-{run}")),
+                    extra: None,
+                },
+                &stop_long,
+            )
         });
         // Let the long prefill start (a few chunks in).
         thread::sleep(Duration::from_millis(1500));
@@ -188,20 +199,24 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             extra: None,
         })?;
         let busy_first = busy_sent + Duration::from_secs_f64(busy.ttft_s);
-        let long = long
+        // The short request is answered: the long one's client hangs up, and the server
+        // stops its prefill (within a chunk) instead of finishing it.
+        stop.store(true, Ordering::Release);
+        let hung_up = Instant::now();
+        let (long_sent, long_ttft) = long
             .join()
             .map_err(|_| anyhow!("the long request's thread panicked"))??;
-        let long_first = long
-            .sent_at
-            .map(|t| t + Duration::from_secs_f64(long.ttft_s));
+        let stopped_after_s = wait_idle(&client)?.duration_since(hung_up).as_secs_f64();
+        let long_first = long_ttft.map(|t| long_sent + Duration::from_secs_f64(t));
         let i = Interference {
             run,
             idle_ttft_s: idle.ttft_s,
             busy_ttft_s: busy.ttft_s,
-            long_ttft_s: long.ttft_s,
-            short_first: long_first.is_some_and(|l| busy_first < l),
+            long_ttft_s: long_ttft,
+            short_first: long_first.is_none_or(|l| busy_first < l),
+            stopped_after_s,
         };
-        log("bench", format_args!("batch: short TTFT idle {:.0} ms, during a 4K prefill {:.0} ms (long TTFT {:.0} ms)", i.idle_ttft_s * 1e3, i.busy_ttft_s * 1e3, i.long_ttft_s * 1e3));
+        log("bench", format_args!("batch: short TTFT idle {:.0} ms, during a 4K prefill {:.0} ms; the 4K request hung up, server idle {:.0} ms later", i.idle_ttft_s * 1e3, i.busy_ttft_s * 1e3, i.stopped_after_s * 1e3));
         inter.push(i);
     }
     drop(server);
@@ -247,10 +262,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             .map(|i| i.busy_ttft_s * 1e3)
             .collect::<Vec<_>>(),
     );
-    let long = Summary::of(
+    let stopped = Summary::of(
         &inter
             .iter()
-            .map(|i| i.long_ttft_s * 1e3)
+            .map(|i| i.stopped_after_s * 1e3)
             .collect::<Vec<_>>(),
     );
     let first = inter.iter().filter(|i| i.short_first).count();
@@ -258,29 +273,46 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "short request TTFT, idle server ms",
         "while a 4,096-token cold prefill runs ms",
         "busy / idle",
-        "the 4K request's own TTFT ms",
         "short request first",
+        "4K request hung up: server idle after ms",
     ]);
     t2.row([
         fmt_summary(idle, 0),
         fmt_summary(busy, 0),
         fmt_ratio(busy.map(|s| s.median), idle.map(|s| s.median)),
-        fmt_summary(long, 0),
         format!("{first} of {}", inter.len()),
+        fmt_summary(stopped, 0),
     ]);
-    md.push_str("\nInterleaved prefill: a short request (~30 tokens) sent 1.5 s after a 4,096-token cold prompt:\n\n");
+    md.push_str("\nInterleaved prefill: a short request (~30 tokens) sent 1.5 s after a 4,096-token cold prompt; once it is answered, the long request's client hangs up:\n\n");
     md.push_str(&t2.render());
     md.push_str(
         "\nAggregate tokens/s counts the content pieces all streams received while every one \
          of them was decoding (one piece per token here), over that window; *overall* also \
          counts the ramp-up and tail. The short request's TTFT under load is bounded by \
-         the prefill chunk it has to wait for (`SEMANTIC_MLX_PREFILL_STEP_SIZE`, 256 tokens).\n",
+         the prefill chunk it has to wait for (`SEMANTIC_MLX_PREFILL_STEP_SIZE`, 256 tokens). \
+         *Server idle after*: from the hang-up until `semantic_requests_active` reads 0 (the \
+         service checks for a client gone after every prefill chunk).\n",
     );
     let json = json!({
         "scenario": "batch", "date": ctx.date, "command": ctx.command, "machine": ctx.machine,
         "runs": ctx.runs, "decode_tokens": DECODE_TOKENS, "levels": levels, "interference": inter,
     });
     ctx.publish(Scenario::Batch, &json, &md)
+}
+
+/// Polls `/metrics` until no generation runs; returns when.
+fn wait_idle(client: &Client) -> Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = client.get_text("/metrics")?;
+        if metric(&text, "semantic_requests_active") == Some(0.0) {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("the server still runs a generation 2 minutes after its client hung up");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! A blocking HTTP client for the benchmarks: streaming chat completions with the time of
 //! the first content byte, token counting, metrics. Talks to 127.0.0.1 only.
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -244,8 +246,8 @@ impl Client {
             .with_context(|| format!("count_tokens answered without input_tokens: {answer}"))
     }
 
-    /// Send a streaming chat completion (OpenAI API, temperature 0) and time it.
-    pub fn chat(&self, chat: &Chat<'_>) -> Result<Streamed> {
+    /// The JSON body of a streaming chat completion (temperature 0).
+    fn chat_body(&self, chat: &Chat<'_>) -> String {
         let mut body = json!({
             "model": self.model,
             "messages": chat.messages,
@@ -259,7 +261,56 @@ impl Client {
                 obj.insert(k.clone(), v.clone());
             }
         }
-        let text = body.to_string();
+        body.to_string()
+    }
+
+    /// Sends `chat` as [`Client::chat`] does, on a connection of its own, and hangs up
+    /// (closes the connection) as soon as `stop` is set, unless the response began first.
+    /// Returns when it was sent and the seconds until the response's first byte (`None`:
+    /// it hung up before). The server sends nothing before the prompt is processed, so the
+    /// first byte comes with the first token.
+    pub fn chat_until(&self, chat: &Chat<'_>, stop: &AtomicBool) -> Result<(Instant, Option<f64>)> {
+        let body = self.chat_body(chat);
+        let host = self.base.trim_start_matches("http://");
+        let mut stream =
+            TcpStream::connect(host).with_context(|| format!("cannot connect to {host}"))?;
+        stream.set_read_timeout(Some(Duration::from_millis(10)))?;
+        let mut head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Accept: text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        if let Some(agent) = chat.agent {
+            head.push_str(&format!("x-agent-id: {agent}\r\n"));
+        }
+        head.push_str("\r\n");
+        let sent = Instant::now();
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body.as_bytes())?;
+        let mut byte = [0u8; 1];
+        loop {
+            match stream.read(&mut byte) {
+                Ok(0) => bail!("the server closed the connection without an answer"),
+                Ok(_) => return Ok((sent, Some(sent.elapsed().as_secs_f64()))),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if stop.load(Ordering::Acquire) {
+                        // Dropping the stream closes the connection.
+                        return Ok((sent, None));
+                    }
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("waiting for the answer")),
+            }
+        }
+    }
+
+    /// Send a streaming chat completion (OpenAI API, temperature 0) and time it.
+    pub fn chat(&self, chat: &Chat<'_>) -> Result<Streamed> {
+        let text = self.chat_body(chat);
         let mut req = self
             .agent
             .post(&self.url("/v1/chat/completions"))

@@ -529,7 +529,7 @@ impl LlamaModel {
         let per_q = chunk.heads * rows * hd;
         let per_kv = chunk.kv_heads * rows * hd;
         if qs.len() != per_q * kvs.len() || ks.len() != per_kv * kvs.len() || vs.len() != ks.len() {
-            return Err(crate::error::Error::Request(
+            return Err(crate::error::Error::HostKernel(
                 "attention inputs do not match the model's heads".into(),
             ));
         }
@@ -547,7 +547,7 @@ impl LlamaModel {
             let at = shape.offset * hd;
             let per_head = shape.capacity * hd;
             if at + rows * hd > per_head {
-                return Err(crate::error::Error::Request(
+                return Err(crate::error::Error::HostKernel(
                     "the KV buffers have no room for the chunk".into(),
                 ));
             }
@@ -566,8 +566,8 @@ impl LlamaModel {
             let ob = &mut out[b * per_q..][..per_q];
             let qb = &qs[b * per_q..][..per_q];
             if !fused_attention::causal_attention(shape, scale, qb, keys, values, ob) {
-                return Err(crate::error::Error::Request(
-                    "attention scores do not match the KV layout".into(),
+                return Err(crate::error::Error::HostKernel(
+                    "the fused attention does not fit the KV layout".into(),
                 ));
             }
         }
@@ -651,11 +651,16 @@ impl LlamaModel {
         let (g, u) = match &layer.gate_up {
             GateUp::Fused(lin) if self.attention_kind == AttentionKind::Host => {
                 // On the CPU backend, `silu(gate) · up` on the host: MLX's compiled kernel
-                // calls libm's `fmaf` per element (7 % of a long prefill).
+                // calls libm's `fmaf` per element, through the PLT.
                 let gu = lin.apply(&h, None, decode)?;
                 let a = {
                     let data = gu.try_as_slice::<f32>().map_err(slice_error)?;
                     let rows = data.len() / (2 * c.intermediate_size).max(1);
+                    if rows * 2 * c.intermediate_size != data.len() {
+                        return Err(crate::error::Error::HostKernel(
+                            "gate/up output does not match the MLP's width".into(),
+                        ));
+                    }
                     let mut a = vec![0.0f32; rows * c.intermediate_size];
                     host_decode::swiglu(data, c.intermediate_size, &mut a);
                     Array::from_slice(&a, &[rows_of(rows)?, inter])

@@ -48,8 +48,11 @@ pub struct ScriptedEngine {
     delay: Option<Duration>,
     gate: Option<Arc<tokio::sync::Semaphore>>,
     fail_at: Option<u32>,
+    prefill_delay: Option<Duration>,
     /// Decode steps run (all sequences).
     pub steps: AtomicUsize,
+    /// Prefill chunks run (all sequences).
+    pub prefills: AtomicUsize,
 }
 
 impl ScriptedEngine {
@@ -62,8 +65,16 @@ impl ScriptedEngine {
             delay: None,
             gate: None,
             fail_at: None,
+            prefill_delay: None,
             steps: AtomicUsize::new(0),
+            prefills: AtomicUsize::new(0),
         }
+    }
+
+    /// Sleeps this long in every prefill chunk.
+    pub fn slow_prefill(mut self, d: Duration) -> Self {
+        self.prefill_delay = Some(d);
+        self
     }
 
     /// Repeats the text forever (never emits the stop token).
@@ -112,6 +123,10 @@ impl InferenceEngine for ScriptedEngine {
         self.inner.import_blocks(seq, blocks).await
     }
     async fn prefill(&self, seq: SequenceId, tokens: Vec<TokenId>) -> Result<(), EngineError> {
+        if let Some(d) = self.prefill_delay {
+            tokio::time::sleep(d).await;
+        }
+        self.prefills.fetch_add(1, Ordering::Relaxed);
         self.inner.prefill(seq, tokens).await
     }
     async fn step(

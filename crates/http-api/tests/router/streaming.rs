@@ -95,6 +95,57 @@ async fn client_disconnect_cancels_generation() {
 }
 
 #[tokio::test]
+async fn a_client_gone_during_a_long_prefill_stops_it_within_a_chunk() {
+    let engine = Arc::new(ScriptedEngine::new("ok").slow_prefill(Duration::from_millis(20)));
+    let service = scripted_service(engine.clone(), None);
+    let app = http_api::router(http_api::AppState::new(service.clone()));
+    // About 3,000 byte tokens: dozens of chunks, over a second of prefill.
+    let mut body = chat(chat_messages(&"long prompt ".repeat(250)));
+    body["stream"] = json!(true);
+    let call = app.clone().oneshot(request(
+        axum::http::Method::POST,
+        "/v1/chat/completions",
+        &[("x-agent-id", "gone")],
+        Some(&body),
+    ));
+    // The client gives up while the prompt is still being prefilled (no byte sent yet).
+    assert!(tokio::time::timeout(Duration::from_millis(150), call)
+        .await
+        .is_err());
+    let mut stats = service.stats().await;
+    for _ in 0..500 {
+        stats = service.stats().await;
+        if stats.active == 0 && stats.requests == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.active, 0, "the generation stopped");
+    let chunks = engine.prefills.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        engine.prefills.load(std::sync::atomic::Ordering::Relaxed),
+        chunks,
+        "no more prefill"
+    );
+    assert!(
+        chunks < 20,
+        "stopped within a chunk of the hang-up: {chunks} chunks"
+    );
+    assert_eq!(
+        engine.steps.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing decoded"
+    );
+    assert_eq!(engine.open_sequences(), 0, "its sequence is released");
+    // The agent's next turn works.
+    let mut b = chat(chat_messages("short"));
+    b["max_tokens"] = json!(3);
+    let r = post(&app, "/v1/chat/completions", &[("x-agent-id", "gone")], b).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
 async fn non_streaming_disconnect_cancels_too() {
     let engine = Arc::new(
         ScriptedEngine::new("la ")
