@@ -176,9 +176,9 @@ pub enum GenerationEvent {
     /// before any work.
     Admitted,
     /// `done` of the `total` prompt tokens this turn must compute are prefilled (sent after
-    /// each chunk). Answering `false` stops the prefill there: the sequence is released and
-    /// the turn commits nothing (blocks cached by earlier turns stay), so a client that hangs
-    /// up during a long prompt stops costing compute within one chunk.
+    /// each chunk but the last). Answering `false` stops the prefill there: the sequence is
+    /// released and the turn commits nothing (blocks cached by earlier turns stay), so a
+    /// client that hangs up during a long prompt stops costing compute within one chunk.
     Prefilling {
         /// Tokens prefilled so far in this turn.
         done: usize,
