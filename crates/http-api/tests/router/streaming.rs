@@ -29,6 +29,23 @@ async fn open_stream(
     response.into_body().into_data_stream()
 }
 
+/// The service's stats once it has finished `requests` requests and runs none (or after
+/// 5 s of polling, for the caller's assertions to report).
+async fn settled(
+    service: &agent_session::AgentService,
+    requests: u64,
+) -> agent_session::service::ServiceStats {
+    let mut stats = service.stats().await;
+    for _ in 0..500 {
+        if stats.active == 0 && stats.requests == requests {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stats = service.stats().await;
+    }
+    stats
+}
+
 #[tokio::test]
 async fn client_disconnect_cancels_generation() {
     for (path, agent) in [("/v1/chat/completions", Some("c1")), ("/v1/messages", None)] {
@@ -55,15 +72,7 @@ async fn client_disconnect_cancels_generation() {
             assert!(!frame.is_empty());
         }
         drop(stream);
-        let svc = service.clone();
-        let mut stats = svc.stats().await;
-        for _ in 0..500 {
-            stats = svc.stats().await;
-            if stats.active == 0 && stats.requests == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let stats = settled(&service, 1).await;
         assert_eq!(stats.active, 0, "{path}: the generation stopped");
         assert!(
             stats.generated_tokens < 1000,
@@ -112,14 +121,7 @@ async fn a_client_gone_during_a_long_prefill_stops_it_within_a_chunk() {
     assert!(tokio::time::timeout(Duration::from_millis(150), call)
         .await
         .is_err());
-    let mut stats = service.stats().await;
-    for _ in 0..500 {
-        stats = service.stats().await;
-        if stats.active == 0 && stats.requests == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let stats = settled(&service, 1).await;
     assert_eq!(stats.active, 0, "the generation stopped");
     let chunks = engine.prefills.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(100)).await;
