@@ -14,11 +14,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use super::client::{metric, Chat, Client, Message, Streamed};
+use super::client::{Chat, Client, Message, Streamed};
 use super::prompts;
 use super::report::{fmt_ratio, fmt_summary, Table};
 use super::server::Server;
@@ -206,7 +206,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let (long_sent, long_ttft) = long
             .join()
             .map_err(|_| anyhow!("the long request's thread panicked"))??;
-        let stopped_after_s = wait_idle(&client)?.duration_since(hung_up).as_secs_f64();
+        let stopped_after_s = server.wait_idle()?.duration_since(hung_up).as_secs_f64();
         let long_first = long_ttft.map(|t| long_sent + Duration::from_secs_f64(t));
         let i = Interference {
             run,
@@ -298,21 +298,6 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "runs": ctx.runs, "decode_tokens": DECODE_TOKENS, "levels": levels, "interference": inter,
     });
     ctx.publish(Scenario::Batch, &json, &md)
-}
-
-/// Polls `/metrics` until no generation runs; returns when.
-fn wait_idle(client: &Client) -> Result<Instant> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let text = client.get_text("/metrics")?;
-        if metric(&text, "semantic_requests_active") == Some(0.0) {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > deadline {
-            bail!("the server still runs a generation 2 minutes after its client hung up");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[cfg(test)]

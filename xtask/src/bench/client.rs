@@ -310,6 +310,19 @@ impl Client {
 
     /// Send a streaming chat completion (OpenAI API, temperature 0) and time it.
     pub fn chat(&self, chat: &Chat<'_>) -> Result<Streamed> {
+        self.stream(chat, false)
+    }
+
+    /// As [`Client::chat`], but hangs up (closes the connection) at the first content piece:
+    /// for a turn whose TTFT is measured and whose answer nothing uses. `total_s` is then
+    /// the hang-up, and the usage the stream sends at its end is missing (our
+    /// `x-semantic-cache` header is kept). Wait for [`super::server::Server::wait_idle`]
+    /// before the next measurement.
+    pub fn chat_first(&self, chat: &Chat<'_>) -> Result<Streamed> {
+        self.stream(chat, true)
+    }
+
+    fn stream(&self, chat: &Chat<'_>, first_only: bool) -> Result<Streamed> {
         let text = self.chat_body(chat);
         let mut req = self
             .agent
@@ -365,6 +378,8 @@ impl Client {
                         }
                         out.pieces_s.push(at);
                         out.content.push_str(&t);
+                        // Dropping the reader before the end closes the connection.
+                        done |= first_only;
                     }
                     Piece::Usage(u) => merge_usage(&mut out.tokens, &u),
                     Piece::Done => done = true,

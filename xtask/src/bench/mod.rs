@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 
 use crate::util::{self, log};
-use server::Spec;
+use server::{IdleProbe, Spec};
 
 /// The benchmark scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -181,6 +181,7 @@ impl Ctx {
             port,
             ready_path: "/health/ready".into(),
             model_field: "default".into(),
+            idle: IdleProbe::Metrics,
             log: self.work.join("logs").join(format!("semantic-{label}.log")),
         })
     }

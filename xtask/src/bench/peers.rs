@@ -17,7 +17,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::server::Spec;
+use super::server::{IdleProbe, Spec};
 use super::Target;
 use crate::util::{self, log, step};
 
@@ -306,6 +306,7 @@ impl Installed {
                     port,
                     ready_path: "/health".into(),
                     model_field: "default".into(),
+                    idle: IdleProbe::Cpu,
                     log,
                 })
             }
@@ -336,6 +337,7 @@ impl Installed {
                     port,
                     ready_path: "/health".into(),
                     model_field: "default_model".into(),
+                    idle: IdleProbe::Cpu,
                     log,
                 })
             }

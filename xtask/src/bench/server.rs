@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::client::{Chat, Client, Message};
+use super::client::{metric, Chat, Client, Message};
 use crate::util::log;
 
 /// How to launch one server.
@@ -33,9 +33,25 @@ pub struct Spec {
     pub ready_path: String,
     /// The `model` field requests send.
     pub model_field: String,
+    /// How to tell that it runs no generation any more.
+    pub idle: IdleProbe,
     /// Where its stdout and stderr go (appended).
     pub log: PathBuf,
 }
+
+/// How the harness tells that a server runs no generation any more, after a client hung up
+/// (so that the next measurement does not share the CPU with a generation nobody reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleProbe {
+    /// `semantic_requests_active` in `/metrics` reads 0 (ours).
+    Metrics,
+    /// The process spends (almost) no CPU time over two probe windows in a row: for a peer
+    /// with no status of its own (mlx-lm stops at the next token it cannot write).
+    Cpu,
+}
+
+/// The probe window of [`IdleProbe::Cpu`].
+const CPU_WINDOW: Duration = Duration::from_millis(100);
 
 /// A running server.
 #[derive(Debug)]
@@ -184,6 +200,53 @@ impl Server {
         Ok(())
     }
 
+    /// Waits until the server runs no generation (see [`IdleProbe`]); returns when it was
+    /// first seen idle. Gives up after 2 minutes.
+    pub fn wait_idle(&self) -> Result<Instant> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let client = self.client();
+        let pid = self.child.as_ref().map(Child::id);
+        let mut quiet_since: Option<(Instant, u32)> = None;
+        let mut last_cpu = pid.and_then(cpu_ticks);
+        loop {
+            match self.spec.idle {
+                IdleProbe::Metrics => {
+                    let text = client.get_text("/metrics")?;
+                    if metric(&text, "semantic_requests_active") == Some(0.0) {
+                        return Ok(Instant::now());
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                IdleProbe::Cpu => {
+                    let window_start = Instant::now();
+                    thread::sleep(CPU_WINDOW);
+                    let Some(now) = pid.and_then(cpu_ticks) else {
+                        // No /proc (not Linux): a second is ten of mlx-lm's decode steps.
+                        thread::sleep(Duration::from_secs(1));
+                        return Ok(Instant::now());
+                    };
+                    // At most one clock tick (usually 10 ms) of CPU in a 100 ms window.
+                    let quiet = last_cpu.is_some_and(|before| now.saturating_sub(before) <= 1);
+                    last_cpu = Some(now);
+                    quiet_since = match (quiet, quiet_since) {
+                        (false, _) => None,
+                        (true, None) => Some((window_start, 1)),
+                        (true, Some((at, n))) => Some((at, n + 1)),
+                    };
+                    if let Some((at, 2..)) = quiet_since {
+                        return Ok(at);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} still runs a generation 2 minutes after its client hung up",
+                    self.spec.label
+                );
+            }
+        }
+    }
+
     /// Stop and start again (same arguments, same cache directory); returns the seconds
     /// the start took.
     pub fn restart(&mut self) -> Result<f64> {
@@ -204,6 +267,22 @@ impl Drop for Server {
     }
 }
 
+/// User + system CPU time of process `pid` so far, in clock ticks (Linux `/proc`).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line; the command name before
+/// them is in parentheses and may hold spaces.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// The last 30 lines a server wrote since `from` (its log is appended across restarts).
 fn log_tail(path: &std::path::Path, from: u64) -> String {
     let mut text = String::new();
@@ -213,4 +292,25 @@ fn log_tail(path: &std::path::Path, from: u64) -> String {
     }
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_after_the_command_name() {
+        let stat = "4242 (mlx_lm) server) S 1 4242 4242 0 -1 4194304 100 0 0 0 \
+                    1234 56 0 0 20 0 3 0 100 1000 10";
+        assert_eq!(parse_cpu_ticks(stat), Some(1234 + 56));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert_eq!(parse_cpu_ticks("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time() {
+        if cfg!(target_os = "linux") {
+            assert!(cpu_ticks(std::process::id()).is_some());
+        }
+    }
 }

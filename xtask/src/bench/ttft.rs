@@ -169,7 +169,19 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             let mut turn2 = plan.turn1.clone();
             turn2.push(Message::assistant(cold.content.clone()));
             turn2.push(Message::user(plan.q2.clone()));
-            let warm_ram = chat(&turn2)?;
+            let warm_ram = if target.keeps_cache_across_restart() {
+                chat(&turn2)?
+            } else {
+                // No turn 3 follows: the answer is not needed, only the first token.
+                let first = client.chat_first(&Chat {
+                    messages: &turn2,
+                    max_tokens: MAX_TOKENS,
+                    agent: Some(&agent),
+                    extra: extra.clone(),
+                })?;
+                server.wait_idle()?;
+                first
+            };
             if target == Target::LlamaCpp {
                 client.post_json(
                     &format!("/slots/{slot}?action=save"),
@@ -225,12 +237,22 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             turn3.push(Message::user(plan.q3.clone()));
             let extra = (target == Target::LlamaCpp)
                 .then(|| json!({ "id_slot": slot, "cache_prompt": true }));
-            let warm_disk = client.chat(&Chat {
+            let turn3_chat = Chat {
                 messages: &turn3,
                 max_tokens: MAX_TOKENS,
                 agent: Some(&agent),
                 extra,
-            })?;
+            };
+            // The last turn: ours reports its cache use in a header, so only the first token
+            // is awaited; llama.cpp's is in the usage at the end of the stream, so its answer
+            // is read to the end.
+            let warm_disk = if target == Target::Ours {
+                let first = client.chat_first(&turn3_chat)?;
+                server.wait_idle()?;
+                first
+            } else {
+                client.chat(&turn3_chat)?
+            };
             log(
                 "bench",
                 format_args!(
