@@ -102,6 +102,24 @@ pub struct PackedMatrix {
     data: Vec<u8>,
 }
 
+/// The codes of one block of [`BLOCK`] elements, `BITS`-bit codes packed little-endian into
+/// `ws`, in the record layout (4-bit: element `j` in the low nibble of byte `j`, element
+/// `j + 16` in its high nibble; 8-bit: a byte each).
+fn pack_block<const BITS: u32>(ws: &[u32], dst: &mut [u8]) {
+    let per_word = (32 / BITS) as usize;
+    let mask = (1u32 << BITS) - 1;
+    let code = |e: usize| ((ws[e / per_word] >> ((e % per_word) as u32 * BITS)) & mask) as u8;
+    if BITS == 4 {
+        for (j, byte) in dst.iter_mut().enumerate() {
+            *byte = code(j) | (code(j + 16) << 4);
+        }
+    } else {
+        for (j, byte) in dst.iter_mut().enumerate() {
+            *byte = code(j);
+        }
+    }
+}
+
 /// Bytes of a block record's header (`d` and `m`, f32 each).
 const HEADER: usize = 8;
 
@@ -156,30 +174,40 @@ impl PackedMatrix {
         let block_bytes = bits as usize * BLOCK / 8;
         let record = HEADER + block_bytes;
         let mut data = vec![0u8; out_features * blocks * record];
-        let mask = (1u32 << bits) - 1;
-        for o in 0..out_features {
-            let row = &words[o * row_words..][..row_words];
-            let code = |e: usize| -> u8 {
-                let shift = (e % per_word) as u32 * bits;
-                ((row[e / per_word] >> shift) & mask) as u8
-            };
-            for b in 0..blocks {
-                let rec = &mut data[(o * blocks + b) * record..][..record];
-                let (head, dst) = rec.split_at_mut(HEADER);
-                let e0 = b * BLOCK;
-                let g = o * groups + e0 / group_size;
-                head[..4].copy_from_slice(&scales[g].to_le_bytes());
-                head[4..].copy_from_slice(&biases[g].to_le_bytes());
-                if bits == 4 {
-                    for (j, byte) in dst.iter_mut().enumerate() {
-                        *byte = code(e0 + j) | (code(e0 + j + 16) << 4);
-                    }
-                } else {
-                    for (j, byte) in dst.iter_mut().enumerate() {
-                        *byte = code(e0 + j);
+        // Output rows `o0..` into `dst` (whole rows of records).
+        let fill = |o0: usize, dst: &mut [u8]| {
+            for (r, recs) in dst.chunks_exact_mut(blocks * record).enumerate() {
+                let o = o0 + r;
+                let row = &words[o * row_words..][..row_words];
+                for (b, rec) in recs.chunks_exact_mut(record).enumerate() {
+                    let (head, codes) = rec.split_at_mut(HEADER);
+                    let g = o * groups + b * BLOCK / group_size;
+                    head[..4].copy_from_slice(&scales[g].to_le_bytes());
+                    head[4..].copy_from_slice(&biases[g].to_le_bytes());
+                    let ws = &row[b * BLOCK / per_word..][..BLOCK / per_word];
+                    if bits == 4 {
+                        pack_block::<4>(ws, codes);
+                    } else {
+                        pack_block::<8>(ws, codes);
                     }
                 }
             }
+        };
+        let parts = pool().map_or(1, |p| p.current_num_threads() + 1);
+        let rows = out_features.div_ceil(parts).max(1);
+        match pool() {
+            Some(pool) if parts > 1 && out_features > 1 => pool.in_place_scope(|s| {
+                let mut pieces = data.chunks_mut(rows * blocks * record).enumerate();
+                let first = pieces.next();
+                for (k, dst) in pieces {
+                    let fill = &fill;
+                    s.spawn(move |_| fill(k * rows, dst));
+                }
+                if let Some((_, dst)) = first {
+                    fill(0, dst);
+                }
+            }),
+            _ => fill(0, &mut data),
         }
         Ok(PackedMatrix {
             bits,

@@ -394,6 +394,166 @@ pub struct HostLinear {
 
 /// Reads an evaluated f32 array's values in row-major order (copying only when the array is
 /// a strided view) and hands them to `f`.
+/// One MLX-affine quantized `[out, in]` matrix on the host.
+struct AffineHost<'a> {
+    words: &'a [u32],
+    scales: Vec<f32>,
+    biases: Vec<f32>,
+    out: usize,
+    group: usize,
+    bits: u32,
+}
+
+impl AffineHost<'_> {
+    /// Writes its weights `(o, i)` for inputs `rows` into `dst` (`[rows.len(), total]`,
+    /// columns from `offset`). `rows.start` is a multiple of the group size.
+    fn write_transposed(
+        &self,
+        rows: std::ops::Range<usize>,
+        total: usize,
+        offset: usize,
+        dst: &mut [f32],
+    ) {
+        /// Outputs decoded together, so each input's values go out as one run of 16.
+        const TILE: usize = 16;
+        let per_word = (32 / self.bits) as usize;
+        let n_in = self.words.len() * per_word / self.out.max(1);
+        let (row_words, groups) = (n_in / per_word, n_in / self.group);
+        let mask = (1u32 << self.bits) - 1;
+        let mut tile = vec![[0.0f32; TILE]; self.group];
+        for o0 in (0..self.out).step_by(TILE) {
+            let n = (self.out - o0).min(TILE);
+            for g in rows.start / self.group..rows.end.div_ceil(self.group) {
+                for t in 0..n {
+                    let o = o0 + t;
+                    let (scale, bias) = (self.scales[o * groups + g], self.biases[o * groups + g]);
+                    let words = &self.words[o * row_words + g * self.group / per_word..]
+                        [..self.group / per_word];
+                    for (w, &word) in words.iter().enumerate() {
+                        for k in 0..per_word {
+                            let q = (word >> (k as u32 * self.bits)) & mask;
+                            // Two roundings, as MLX's dequantize (a multiply, then an add).
+                            tile[w * per_word + k][t] = q as f32 * scale + bias;
+                        }
+                    }
+                }
+                for (j, vals) in tile.iter().enumerate() {
+                    let r = g * self.group + j - rows.start;
+                    dst[r * total + offset + o0..][..n].copy_from_slice(&vals[..n]);
+                }
+            }
+        }
+    }
+}
+
+/// `(parts stacked along the output axis)ᵀ` as a contiguous `[in, Σ out]` f32 array,
+/// dequantized on the host's threads; `None` unless every part is MLX-affine quantized
+/// with 4- or 8-bit codes in `u32` words. The values are the bits MLX's `dequantize` gives
+/// (a test checks): this replaces MLX's single-threaded dequantize and strided transpose,
+/// which took about half of a model's load time.
+fn dequantize_transposed(parts: &[RawTensor]) -> Result<Option<Array>> {
+    let read =
+        |e: mlx_rs::error::AsSliceError| Error::HostKernel(format!("reading packed weights: {e}"));
+    let mut hosts = Vec::with_capacity(parts.len());
+    let mut n_in = None;
+    for p in parts {
+        let RawTensor::Quantized {
+            w,
+            scales,
+            biases,
+            group_size,
+            bits,
+        } = p
+        else {
+            return Ok(None);
+        };
+        let shape = p.logical_shape();
+        let (Ok(bits), Ok(group)) = (u32::try_from(*bits), usize::try_from(*group_size)) else {
+            return Ok(None);
+        };
+        if shape.len() != 2 || !matches!(bits, 4 | 8) || w.dtype() != Dtype::Uint32 {
+            return Ok(None);
+        }
+        let (out, inp) = (shape[0] as usize, shape[1] as usize);
+        let per_word = (32 / bits) as usize;
+        if *n_in.get_or_insert(inp) != inp
+            || group == 0
+            || !group.is_multiple_of(per_word)
+            || !inp.is_multiple_of(group)
+        {
+            return Ok(None);
+        }
+        let words = w.try_as_slice::<u32>().map_err(read)?;
+        let scales = with_host_f32(scales, |s| Ok(s.to_vec()))?;
+        let biases = with_host_f32(biases, |b| Ok(b.to_vec()))?;
+        let cells = out * inp;
+        if words.len() * per_word != cells
+            || scales.len() * group != cells
+            || biases.len() * group != cells
+        {
+            return Err(Error::HostKernel(format!(
+                "a {out}x{inp} matrix with {} words, {} scales, {} biases",
+                words.len(),
+                scales.len(),
+                biases.len()
+            )));
+        }
+        hosts.push(AffineHost {
+            words,
+            scales,
+            biases,
+            out,
+            group,
+            bits,
+        });
+    }
+    let Some(n_in) = n_in else {
+        return Ok(None);
+    };
+    let total: usize = hosts.iter().map(|h| h.out).sum();
+    if n_in == 0 || total == 0 {
+        return Ok(None);
+    }
+    let mut data = vec![0.0f32; n_in * total];
+    let fill = |r0: usize, dst: &mut [f32]| {
+        let rows = r0..r0 + dst.len() / total;
+        let mut offset = 0;
+        for h in &hosts {
+            h.write_transposed(rows.clone(), total, offset, dst);
+            offset += h.out;
+        }
+    };
+    let pool = crate::host_linear::helper_pool();
+    let parts = pool.map_or(1, |p| p.current_num_threads() + 1);
+    // Whole groups of every part per thread (group sizes are powers of two in practice).
+    let align = hosts.iter().fold(1, |a, h| lcm(a, h.group));
+    let chunk = n_in.div_ceil(parts).div_ceil(align) * align;
+    match pool {
+        Some(pool) if parts > 1 => pool.in_place_scope(|s| {
+            let mut pieces = data.chunks_mut(chunk * total).enumerate();
+            let first = pieces.next();
+            for (k, dst) in pieces {
+                let fill = &fill;
+                s.spawn(move |_| fill(k * chunk, dst));
+            }
+            if let Some((_, dst)) = first {
+                fill(0, dst);
+            }
+        }),
+        _ => fill(0, &mut data),
+    }
+    let shape = [n_in, total].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
+    Ok(Some(Array::from_slice(&data, &shape)))
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x.max(1) * b
+}
+
 fn with_host_f32<T>(a: &Array, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let read = |e: mlx_rs::error::AsSliceError| Error::HostKernel(format!("reading an array: {e}"));
     let cast;
@@ -695,6 +855,9 @@ impl LinearWeights {
                 bias,
             });
         }
+        if let Some(wt) = dequantize_transposed(&parts)? {
+            return Ok(LinearWeights::Dense { wt, bias });
+        }
         let mut dense = Vec::with_capacity(parts.len());
         for p in &parts {
             dense.push(p.to_f32()?);
@@ -809,6 +972,9 @@ impl Embedding {
                 bits,
             }),
             (_, t) => {
+                if let Some(table_t) = dequantize_transposed(std::slice::from_ref(&t))? {
+                    return Ok(Embedding::Dense { table_t });
+                }
                 let table = t.to_f32()?;
                 let table_t = table.t().contiguous().ctx("transposing the embedding")?;
                 Ok(Embedding::Dense { table_t })
@@ -871,4 +1037,93 @@ pub fn norm_weight(map: &mut TensorMap, name: &str, dim: usize) -> Result<Array>
     let t = map.take(name)?;
     map.check_shape(name, &t, &[dim as i64])?;
     t.to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random MLX-affine quantized `[out, inp]` matrix.
+    fn quantized(out: usize, inp: usize, bits: i32, group: i32, seed: u64) -> RawTensor {
+        let mut x = seed | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let per_word = 32 / bits as usize;
+        let words: Vec<u32> = (0..out * inp / per_word).map(|_| next() as u32).collect();
+        let groups = out * inp / group as usize;
+        let mut float = |scale: f32| -> f32 { ((next() % 20_001) as f32 / 10_000.0 - 1.0) * scale };
+        let scales: Vec<f32> = (0..groups).map(|_| float(0.05)).collect();
+        let biases: Vec<f32> = (0..groups).map(|_| float(0.5)).collect();
+        let (o, i) = (out as i32, inp as i32);
+        RawTensor::Quantized {
+            w: Array::from_slice(&words, &[o, i / per_word as i32]),
+            scales: Array::from_slice(&scales, &[o, i / group]),
+            biases: Array::from_slice(&biases, &[o, i / group]),
+            group_size: group,
+            bits,
+        }
+    }
+
+    fn bits_of(a: &Array) -> Vec<u32> {
+        a.try_as_slice::<f32>()
+            .map(|s| s.iter().map(|v| v.to_bits()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn host_dequantize_gives_mlx_bits_transposed() -> Result<()> {
+        for (bits, group) in [(4, 32), (4, 64), (8, 32)] {
+            // Three parts of different heights stacked (a fused q/k/v), odd row counts.
+            let parts = vec![
+                quantized(48, 128, bits, group, 1),
+                quantized(16, 128, bits, group, 2),
+                quantized(37, 128, bits, group, 3),
+            ];
+            let host = dequantize_transposed(&parts)?
+                .ok_or_else(|| Error::HostKernel("not taken".into()))?;
+            let mut dense = Vec::new();
+            for p in &parts {
+                dense.push(p.to_f32()?);
+            }
+            let mlx = ops::concatenate(&dense, 0)
+                .ctx("concat")?
+                .t()
+                .contiguous()
+                .ctx("transpose")?;
+            assert_eq!(host.shape(), mlx.shape());
+            let expected = bits_of(&mlx);
+            assert_eq!(bits_of(&host), expected, "{bits}-bit, groups of {group}");
+            assert!(!expected.is_empty());
+            // The decode kernel's packing holds the same weights (rows split across threads).
+            let packed = HostLinear::from_raw(&parts, None)?
+                .ok_or_else(|| Error::HostKernel("not packed".into()))?;
+            let m = packed.matrix();
+            let total = m.out_features();
+            for i in 0..m.in_features() {
+                for o in 0..total {
+                    assert_eq!(
+                        m.weight(o, i).to_bits(),
+                        expected[i * total + o],
+                        "({o}, {i})"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn host_dequantize_declines_what_it_cannot_read() -> Result<()> {
+        let dense = RawTensor::Dense(Array::from_slice(&[1.0f32; 64], &[2, 32]));
+        assert!(dequantize_transposed(&[dense])?.is_none());
+        // Different input sizes cannot be stacked.
+        let parts = vec![quantized(8, 64, 4, 32, 4), quantized(8, 128, 4, 32, 5)];
+        assert!(dequantize_transposed(&parts)?.is_none());
+        assert!(dequantize_transposed(&[])?.is_none());
+        Ok(())
+    }
 }
