@@ -424,8 +424,7 @@ impl AffineHost<'_> {
         for o0 in (0..self.out).step_by(TILE) {
             let n = (self.out - o0).min(TILE);
             for g in rows.start / self.group..rows.end.div_ceil(self.group) {
-                for t in 0..n {
-                    let o = o0 + t;
+                for (t, o) in (o0..o0 + n).enumerate() {
                     let (scale, bias) = (self.scales[o * groups + g], self.biases[o * groups + g]);
                     let words = &self.words[o * row_words + g * self.group / per_word..]
                         [..self.group / per_word];
