@@ -193,22 +193,10 @@ impl PackedMatrix {
                 }
             }
         };
-        let parts = pool().map_or(1, |p| p.current_num_threads() + 1);
-        let rows = out_features.div_ceil(parts).max(1);
-        match pool() {
-            Some(pool) if parts > 1 && out_features > 1 => pool.in_place_scope(|s| {
-                let mut pieces = data.chunks_mut(rows * blocks * record).enumerate();
-                let first = pieces.next();
-                for (k, dst) in pieces {
-                    let fill = &fill;
-                    s.spawn(move |_| fill(k * rows, dst));
-                }
-                if let Some((_, dst)) = first {
-                    fill(0, dst);
-                }
-            }),
-            _ => fill(0, &mut data),
-        }
+        let rows = out_features.div_ceil(threads()).max(1);
+        for_each_piece(&mut data, rows * blocks * record, |k, dst| {
+            fill(k * rows, dst)
+        });
         Ok(PackedMatrix {
             bits,
             out_features,
@@ -368,19 +356,7 @@ impl PackedMatrix {
                 let range = o0..o0 + out.len() / n;
                 self.kernel(isa, n, xs, range, out);
             };
-            match pool() {
-                Some(pool) if parts > 1 => pool.in_place_scope(|s| {
-                    let mut pieces = yt.chunks_mut(chunk * n).enumerate();
-                    let first = pieces.next();
-                    for (i, out) in pieces {
-                        s.spawn(move |_| job(i * chunk, out));
-                    }
-                    if let Some((_, out)) = first {
-                        job(0, out);
-                    }
-                }),
-                _ => job(0, yt),
-            }
+            for_each_piece(yt, chunk * n, |i, out| job(i * chunk, out));
             // `yt` is [outputs, rows]: transpose into y.
             for (o, vals) in yt.chunks_exact(n).enumerate() {
                 for (r, &v) in vals.iter().enumerate() {
@@ -442,6 +418,40 @@ const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// decode step's attention ([`crate::host_decode`]).
 pub(crate) fn helper_pool() -> Option<&'static rayon::ThreadPool> {
     pool()
+}
+
+/// Threads a split job runs on: the calling thread and the helpers.
+pub(crate) fn threads() -> usize {
+    pool().map_or(1, |p| p.current_num_threads() + 1)
+}
+
+/// Runs `job(k, piece)` for each piece `k` of `data` cut into pieces of `piece_len` elements
+/// (the last may be shorter): the first on the calling thread, the others on the helper
+/// threads (all on the calling thread when there are none).
+pub(crate) fn for_each_piece<T: Send>(
+    data: &mut [T],
+    piece_len: usize,
+    job: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let piece_len = piece_len.max(1);
+    match pool() {
+        Some(pool) if data.len() > piece_len => pool.in_place_scope(|s| {
+            let job = &job;
+            let mut pieces = data.chunks_mut(piece_len).enumerate();
+            let first = pieces.next();
+            for (k, piece) in pieces {
+                s.spawn(move |_| job(k, piece));
+            }
+            if let Some((_, piece)) = first {
+                job(0, piece);
+            }
+        }),
+        _ => {
+            for (k, piece) in data.chunks_mut(piece_len).enumerate() {
+                job(k, piece);
+            }
+        }
+    }
 }
 
 /// The helper threads: the calling thread plus `cores - 1` helpers (none on one core).

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, MlxContext, Result};
 use crate::gguf::GgufHeader;
-use crate::host_linear::{PackedMatrix, BLOCK};
+use crate::host_linear::{self, PackedMatrix, BLOCK};
 use mlx_rs::ops;
 use mlx_rs::{Array, Dtype};
 use std::collections::HashMap;
@@ -522,25 +522,10 @@ fn dequantize_transposed(parts: &[RawTensor]) -> Result<Option<Array>> {
             offset += h.out;
         }
     };
-    let pool = crate::host_linear::helper_pool();
-    let parts = pool.map_or(1, |p| p.current_num_threads() + 1);
     // Whole groups of every part per thread (group sizes are powers of two in practice).
     let align = hosts.iter().fold(1, |a, h| lcm(a, h.group));
-    let chunk = n_in.div_ceil(parts).div_ceil(align) * align;
-    match pool {
-        Some(pool) if parts > 1 => pool.in_place_scope(|s| {
-            let mut pieces = data.chunks_mut(chunk * total).enumerate();
-            let first = pieces.next();
-            for (k, dst) in pieces {
-                let fill = &fill;
-                s.spawn(move |_| fill(k * chunk, dst));
-            }
-            if let Some((_, dst)) = first {
-                fill(0, dst);
-            }
-        }),
-        _ => fill(0, &mut data),
-    }
+    let chunk = n_in.div_ceil(host_linear::threads()).div_ceil(align) * align;
+    host_linear::for_each_piece(&mut data, chunk * total, |k, dst| fill(k * chunk, dst));
     let shape = [n_in, total].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
     Ok(Some(Array::from_slice(&data, &shape)))
 }
