@@ -394,6 +394,53 @@ pub struct HostLinear {
 
 /// Reads an evaluated f32 array's values in row-major order (copying only when the array is
 /// a strided view) and hands them to `f`.
+/// A 2-D MLX-affine quantized tensor with 4- or 8-bit codes in `u32` words, as the host
+/// kernels read it.
+struct AffineView<'a> {
+    words: &'a [u32],
+    scales: &'a Array,
+    biases: &'a Array,
+    out: usize,
+    inp: usize,
+    group: usize,
+    bits: u32,
+}
+
+impl RawTensor {
+    /// The host view of a 4/8-bit MLX-affine `[out, in]` tensor; `None` for anything else.
+    fn affine_view(&self) -> Result<Option<AffineView<'_>>> {
+        let RawTensor::Quantized {
+            w,
+            scales,
+            biases,
+            group_size,
+            bits,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let shape = self.logical_shape();
+        let (Ok(bits), Ok(group)) = (u32::try_from(*bits), usize::try_from(*group_size)) else {
+            return Ok(None);
+        };
+        if shape.len() != 2 || !matches!(bits, 4 | 8) || group == 0 || w.dtype() != Dtype::Uint32 {
+            return Ok(None);
+        }
+        let words = w
+            .try_as_slice::<u32>()
+            .map_err(|e| Error::HostKernel(format!("reading packed weights: {e}")))?;
+        Ok(Some(AffineView {
+            words,
+            scales,
+            biases,
+            out: shape[0] as usize,
+            inp: shape[1] as usize,
+            group,
+            bits,
+        }))
+    }
+}
+
 /// One MLX-affine quantized `[out, in]` matrix on the host.
 struct AffineHost<'a> {
     words: &'a [u32],
@@ -451,38 +498,28 @@ impl AffineHost<'_> {
 /// (a test checks): this replaces MLX's single-threaded dequantize and strided transpose,
 /// which took about half of a model's load time.
 fn dequantize_transposed(parts: &[RawTensor]) -> Result<Option<Array>> {
-    let read =
-        |e: mlx_rs::error::AsSliceError| Error::HostKernel(format!("reading packed weights: {e}"));
     let mut hosts = Vec::with_capacity(parts.len());
     let mut n_in = None;
     for p in parts {
-        let RawTensor::Quantized {
-            w,
+        let Some(AffineView {
+            words,
             scales,
             biases,
-            group_size,
+            out,
+            inp,
+            group,
             bits,
-        } = p
+        }) = p.affine_view()?
         else {
             return Ok(None);
         };
-        let shape = p.logical_shape();
-        let (Ok(bits), Ok(group)) = (u32::try_from(*bits), usize::try_from(*group_size)) else {
-            return Ok(None);
-        };
-        if shape.len() != 2 || !matches!(bits, 4 | 8) || w.dtype() != Dtype::Uint32 {
-            return Ok(None);
-        }
-        let (out, inp) = (shape[0] as usize, shape[1] as usize);
         let per_word = (32 / bits) as usize;
         if *n_in.get_or_insert(inp) != inp
-            || group == 0
             || !group.is_multiple_of(per_word)
             || !inp.is_multiple_of(group)
         {
             return Ok(None);
         }
-        let words = w.try_as_slice::<u32>().map_err(read)?;
         let scales = with_host_f32(scales, |s| Ok(s.to_vec()))?;
         let biases = with_host_f32(biases, |b| Ok(b.to_vec()))?;
         let cells = out * inp;
@@ -567,32 +604,21 @@ impl HostLinear {
     pub fn from_raw(parts: &[RawTensor], bias: Option<&Array>) -> Result<Option<Self>> {
         let mut packed = Vec::with_capacity(parts.len());
         for p in parts {
-            let RawTensor::Quantized {
-                w,
+            let Some(AffineView {
+                words,
                 scales,
                 biases,
-                group_size,
+                out,
+                inp,
+                group,
                 bits,
-            } = p
+            }) = p.affine_view()?
             else {
                 return Ok(None);
             };
-            let shape = p.logical_shape();
-            let (Ok(bits), Ok(group)) = (u32::try_from(*bits), usize::try_from(*group_size)) else {
-                return Ok(None);
-            };
-            if shape.len() != 2
-                || !matches!(bits, 4 | 8)
-                || group == 0
-                || !group.is_multiple_of(BLOCK)
-                || w.dtype() != Dtype::Uint32
-            {
+            if !group.is_multiple_of(BLOCK) {
                 return Ok(None);
             }
-            let (out, inp) = (shape[0] as usize, shape[1] as usize);
-            let words = w
-                .try_as_slice::<u32>()
-                .map_err(|e| Error::HostKernel(format!("reading packed weights: {e}")))?;
             let m = with_host_f32(scales, |s| {
                 with_host_f32(biases, |b| {
                     PackedMatrix::from_affine(bits, group, out, inp, words, s, b)
