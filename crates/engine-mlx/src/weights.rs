@@ -392,8 +392,6 @@ pub struct HostLinear {
     bias: Option<Vec<f32>>,
 }
 
-/// Reads an evaluated f32 array's values in row-major order (copying only when the array is
-/// a strided view) and hands them to `f`.
 /// A 2-D MLX-affine quantized tensor with 4- or 8-bit codes in `u32` words, as the host
 /// kernels read it.
 struct AffineView<'a> {
@@ -567,6 +565,7 @@ fn dequantize_transposed(parts: &[RawTensor]) -> Result<Option<Array>> {
     Ok(Some(Array::from_slice(&data, &shape)))
 }
 
+/// The least common multiple (group sizes of stacked parts).
 fn lcm(a: usize, b: usize) -> usize {
     let (mut x, mut y) = (a, b);
     while y != 0 {
@@ -575,6 +574,8 @@ fn lcm(a: usize, b: usize) -> usize {
     a / x.max(1) * b
 }
 
+/// Reads an evaluated f32 array's values in row-major order (copying only when the array is
+/// a strided view) and hands them to `f`.
 fn with_host_f32<T>(a: &Array, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let read = |e: mlx_rs::error::AsSliceError| Error::HostKernel(format!("reading an array: {e}"));
     let cast;
