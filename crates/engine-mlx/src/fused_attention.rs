@@ -8,7 +8,7 @@
 //! copied back into MLX and read again by the second matmul, and every pass paid for fresh
 //! memory. Here a block of 4 query rows keeps its scores for 64 keys in vector registers.
 //!
-//! Reproducibility: keys are taken in tiles of [`TILE`] counted from position 0, and every
+//! Reproducibility: keys are taken in tiles of `TILE` (64) counted from position 0, and every
 //! row is computed by the same sequence of operations (fused multiply-adds in a fixed order,
 //! reductions over fixed lanes) whatever the chunk it is in, its neighbours in the block,
 //! the thread split or the instruction set. A row's result depends only on its query and the
