@@ -605,24 +605,15 @@ impl HostLinear {
     pub fn from_raw(parts: &[RawTensor], bias: Option<&Array>) -> Result<Option<Self>> {
         let mut packed = Vec::with_capacity(parts.len());
         for p in parts {
-            let Some(AffineView {
-                words,
-                scales,
-                biases,
-                out,
-                inp,
-                group,
-                bits,
-            }) = p.affine_view()?
-            else {
+            let Some(v) = p.affine_view()? else {
                 return Ok(None);
             };
-            if !group.is_multiple_of(BLOCK) {
+            if !v.group.is_multiple_of(BLOCK) {
                 return Ok(None);
             }
-            let m = with_host_f32(scales, |s| {
-                with_host_f32(biases, |b| {
-                    PackedMatrix::from_affine(bits, group, out, inp, words, s, b)
+            let m = with_host_f32(v.scales, |s| {
+                with_host_f32(v.biases, |b| {
+                    PackedMatrix::from_affine(v.bits, v.group, v.out, v.inp, v.words, s, b)
                 })
             })?;
             packed.push(m);
