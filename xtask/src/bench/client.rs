@@ -316,8 +316,8 @@ impl Client {
     /// As [`Client::chat`], but hangs up (closes the connection) at the first content piece:
     /// for a turn whose TTFT is measured and whose answer nothing uses. `total_s` is then
     /// the hang-up, and the usage the stream sends at its end is missing (our
-    /// `x-semantic-cache` header is kept). Wait for [`super::server::Server::wait_idle`]
-    /// before the next measurement.
+    /// `x-semantic-cache` header is kept). [`super::server::Server::first_token`] also
+    /// waits until the server is idle before the next measurement.
     pub fn chat_first(&self, chat: &Chat<'_>) -> Result<Streamed> {
         self.stream(chat, true)
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::client::{metric, Chat, Client, Message};
+use super::client::{metric, Chat, Client, Message, Streamed};
 use crate::util::log;
 
 /// How to launch one server.
@@ -198,6 +198,15 @@ impl Server {
         let _ = child.kill();
         let _ = child.wait();
         Ok(())
+    }
+
+    /// Sends `chat`, reads its answer up to the first content token, hangs up and waits
+    /// until the server is idle again (see [`Client::chat_first`]): for a turn whose TTFT
+    /// is measured and whose answer nothing uses.
+    pub fn first_token(&self, chat: &Chat<'_>) -> Result<Streamed> {
+        let first = self.client().chat_first(chat)?;
+        self.wait_idle()?;
+        Ok(first)
     }
 
     /// Waits until the server runs no generation (see [`IdleProbe`]); returns when it was

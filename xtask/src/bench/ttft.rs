@@ -157,30 +157,16 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             let extra = (target == Target::LlamaCpp)
                 .then(|| json!({ "id_slot": slot, "cache_prompt": true }));
             let client = server.client();
-            let chat = |m: &[Message]| {
-                client.chat(&Chat {
-                    messages: m,
-                    max_tokens: MAX_TOKENS,
-                    agent: Some(&agent),
-                    extra: extra.clone(),
-                })
-            };
-            let cold = chat(&plan.turn1)?;
+            let request = |m| turn(m, &agent, extra.clone());
+            let cold = client.chat(&request(&plan.turn1))?;
             let mut turn2 = plan.turn1.clone();
             turn2.push(Message::assistant(cold.content.clone()));
             turn2.push(Message::user(plan.q2.clone()));
             let warm_ram = if target.keeps_cache_across_restart() {
-                chat(&turn2)?
+                client.chat(&request(&turn2))?
             } else {
                 // No turn 3 follows: the answer is not needed, only the first token.
-                let first = client.chat_first(&Chat {
-                    messages: &turn2,
-                    max_tokens: MAX_TOKENS,
-                    agent: Some(&agent),
-                    extra: extra.clone(),
-                })?;
-                server.wait_idle()?;
-                first
+                server.first_token(&request(&turn2))?
             };
             if target == Target::LlamaCpp {
                 client.post_json(
@@ -237,19 +223,12 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
             turn3.push(Message::user(plan.q3.clone()));
             let extra = (target == Target::LlamaCpp)
                 .then(|| json!({ "id_slot": slot, "cache_prompt": true }));
-            let turn3_chat = Chat {
-                messages: &turn3,
-                max_tokens: MAX_TOKENS,
-                agent: Some(&agent),
-                extra,
-            };
+            let turn3_chat = turn(&turn3, &agent, extra);
             // The last turn: ours reports its cache use in a header, so only the first token
             // is awaited; llama.cpp's is in the usage at the end of the stream, so its answer
             // is read to the end.
             let warm_disk = if target == Target::Ours {
-                let first = client.chat_first(&turn3_chat)?;
-                server.wait_idle()?;
-                first
+                server.first_token(&turn3_chat)?
             } else {
                 client.chat(&turn3_chat)?
             };
@@ -301,6 +280,16 @@ fn measure(ctx: &Ctx, target: Target, server: &mut Server, plans: &[Plan]) -> Re
         samples,
         restart_s,
     })
+}
+
+/// One turn of a measured conversation.
+fn turn<'a>(messages: &'a [Message], agent: &'a str, extra: Option<serde_json::Value>) -> Chat<'a> {
+    Chat {
+        messages,
+        max_tokens: MAX_TOKENS,
+        agent: Some(agent),
+        extra,
+    }
 }
 
 /// A cold request whose prompt is `tokens` long (the prefill + first token a warm turn
