@@ -46,6 +46,19 @@ async fn settled(
     stats
 }
 
+/// Asserts that `counter` does not move over `wait` (the work it counts has stopped);
+/// returns its value.
+async fn unmoved(counter: &std::sync::atomic::AtomicUsize, wait: Duration, what: &str) -> usize {
+    let before = counter.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(wait).await;
+    assert_eq!(
+        counter.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "{what}"
+    );
+    before
+}
+
 #[tokio::test]
 async fn client_disconnect_cancels_generation() {
     for (path, agent) in [("/v1/chat/completions", Some("c1")), ("/v1/messages", None)] {
@@ -79,13 +92,7 @@ async fn client_disconnect_cancels_generation() {
             "{path}: cancelled early ({} tokens)",
             stats.generated_tokens
         );
-        let steps = engine.steps.load(std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(
-            engine.steps.load(std::sync::atomic::Ordering::Relaxed),
-            steps,
-            "no more decoding"
-        );
+        unmoved(&engine.steps, Duration::from_millis(50), "no more decoding").await;
         // Its blocks are freed: only an identified agent's session stays hot.
         assert_eq!(
             engine.open_sequences(),
@@ -123,13 +130,12 @@ async fn a_client_gone_during_a_long_prefill_stops_it_within_a_chunk() {
         .is_err());
     let stats = settled(&service, 1).await;
     assert_eq!(stats.active, 0, "the generation stopped");
-    let chunks = engine.prefills.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        engine.prefills.load(std::sync::atomic::Ordering::Relaxed),
-        chunks,
-        "no more prefill"
-    );
+    let chunks = unmoved(
+        &engine.prefills,
+        Duration::from_millis(100),
+        "no more prefill",
+    )
+    .await;
     assert!(
         chunks < 20,
         "stopped within a chunk of the hang-up: {chunks} chunks"
