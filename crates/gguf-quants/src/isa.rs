@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 /// doc); they differ only in speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Isa {
-    /// x86-64 AVX-512 (F, BW, VL, VBMI) with FMA: the 16 lanes in one register.
+    /// x86-64 AVX-512 (F, BW, VL) with FMA: the 16 lanes in one register.
     Avx512,
     /// x86-64 AVX2 with FMA: the 16 lanes in two registers.
     Avx2,
@@ -42,8 +42,8 @@ impl Isa {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512vbmi")
                     && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -89,12 +89,31 @@ pub(crate) trait Simd: Copy {
     fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// The lanes.
     fn to_array(self, v: Self::V) -> [f32; 16];
-    /// Dequantizes one block (or, for float types, `out.len()` elements) into `out`,
-    /// bit-identically to [`crate::TypeTraits::dequantize`]; the default is that function.
+    /// Dequantizes one block (or, for float types, `buf.len()` elements, a multiple of 16)
+    /// bit-identically to [`crate::TypeTraits::dequantize`] and hands the weights to `f` as
+    /// vectors, `f(c, w)` for elements `16c..16c+16`, in increasing `c`. The default goes
+    /// through `buf` with the reference dequantizer.
     #[inline(always)]
-    fn dequantize(self, traits: &crate::TypeTraits, block: &[u8], out: &mut [f32]) {
-        (traits.dequantize)(block, out)
+    fn for_each_vector<F: Sink<Self::V>>(
+        self,
+        traits: &crate::TypeTraits,
+        block: &[u8],
+        buf: &mut [f32],
+        mut f: F,
+    ) {
+        (traits.dequantize)(block, buf);
+        for c in 0..buf.len() / 16 {
+            f.put(c, self.load(&buf[c * 16..]));
+        }
     }
+}
+
+/// Where a block's weight vectors go (`put(c, w)`: elements `16c..16c+16`). A trait with
+/// an `#[inline(always)]` method rather than a closure: closures may stay out of line,
+/// outside the caller's target features, where every intrinsic would become a call.
+pub(crate) trait Sink<V> {
+    /// Takes the weights `16c..16c+16` of the block.
+    fn put(&mut self, c: usize, w: V);
 }
 
 /// A generic kernel to compile once per instruction set.
@@ -149,14 +168,14 @@ impl Simd for Scalar {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     //! AVX2 and AVX-512 vectors and entry points.
-    use super::{Kernel, Simd};
+    use super::{Kernel, Simd, Sink};
     use std::arch::x86_64::*;
 
     /// Compiles `k` with AVX-512.
     ///
     /// # Safety
-    /// The CPU must support avx512f, avx512bw, avx512vl, avx512vbmi and fma.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")]
+    /// The CPU must support avx512f, avx512bw, avx512vl, fma and f16c.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(crate) unsafe fn run_avx512<K: Kernel>(k: K) {
         k.run(Avx512(()))
     }
@@ -202,6 +221,23 @@ pub(crate) mod x86 {
             // SAFETY: AVX-512F available (see `zero`); `out` has room for 16 f32.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
             out
+        }
+        #[inline(always)]
+        fn for_each_vector<F: Sink<__m512>>(
+            self,
+            traits: &crate::TypeTraits,
+            block: &[u8],
+            buf: &mut [f32],
+            mut f: F,
+        ) {
+            // SAFETY: an Avx512 value exists only inside `run_avx512`, whose caller checked
+            // the features `avx512::for_each` needs, and this inlines there.
+            if !unsafe { crate::avx512::for_each(traits, block, buf.len(), &mut f) } {
+                (traits.dequantize)(block, buf);
+                for c in 0..buf.len() / 16 {
+                    f.put(c, self.load(&buf[c * 16..]));
+                }
+            }
         }
     }
 

@@ -19,16 +19,20 @@
 //! requested, or the instruction set ([`Isa`]):
 //! - the weights are dequantized exactly as [`TypeTraits::dequantize`] does (SIMD
 //!   dequantization produces the same bits as the scalar reference);
-//! - element `i` is accumulated into lane `i % 16` of 16 lane accumulators (starting at
+//! - element `i` is accumulated into lane `i % 32` of 32 lane accumulators (starting at
 //!   `+0.0`) by a correctly rounded fused multiply-add, in increasing `i`; a final partial
 //!   group of fewer than 16 elements (float types only) is padded with `0.0` weights and
 //!   inputs;
-//! - the 16 lanes are summed by a fixed tree: `l + 8`, then `l + 4`, `l + 2`, `l + 1`.
+//! - the 32 lanes are summed by a fixed tree: `l + 16`, then `l + 8`, `l + 4`, `l + 2`,
+//!   `l + 1`.
 //!
-//! AVX-512 keeps the 16 lanes in one register, AVX2 in two, the scalar path in an array:
-//! the same operations, so the same bits. This is what lets the server promise that a
+//! AVX-512 keeps the 32 lanes in two registers (two independent FMA chains, so one input
+//! row is not bound by FMA latency), AVX2 in four, the scalar path in arrays: the same
+//! operations, so the same bits. This is what lets the server promise that a
 //! token computed in a batch of 8 equals the one computed alone (warm == cold).
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod float;
 mod iq;
 mod isa;
@@ -37,7 +41,7 @@ mod legacy;
 mod matrix;
 
 pub use isa::Isa;
-pub use matrix::QuantMatrix;
+pub use matrix::{dequantize_with, QuantMatrix, MAX_GROUP};
 
 /// A GGML tensor type, by its GGML type id (the value stored in a GGUF tensor header).
 ///
@@ -157,6 +161,20 @@ const TABLE: &[(QuantType, &str, usize, usize)] = &[
     (QuantType::Q1_0, "Q1_0", 128, 18),
 ];
 
+/// Ids past the last known type.
+const ID_LIMIT: usize = 42;
+
+/// `TABLE` index of each id (`u8::MAX`: no such type), so that per-block lookups are O(1).
+const BY_ID: [u8; ID_LIMIT] = {
+    let mut by_id = [u8::MAX; ID_LIMIT];
+    let mut i = 0;
+    while i < TABLE.len() {
+        by_id[TABLE[i].0 as usize] = i as u8;
+        i += 1;
+    }
+    by_id
+};
+
 /// Per-type facts and the dequantizer of one supported type: one row per type.
 #[derive(Debug)]
 pub struct TypeTraits {
@@ -220,7 +238,8 @@ impl QuantType {
     /// The type of a GGML type id (any known id, supported or not); `None` for unknown or
     /// removed ids.
     pub fn from_id(id: u32) -> Option<QuantType> {
-        TABLE.iter().find(|row| row.0.id() == id).map(|row| row.0)
+        let i = *BY_ID.get(usize::try_from(id).ok()?)?;
+        TABLE.get(usize::from(i)).map(|row| row.0)
     }
 
     /// The GGML type id.
@@ -228,9 +247,13 @@ impl QuantType {
         self as u32
     }
 
+    #[inline]
     fn row(self) -> &'static (QuantType, &'static str, usize, usize) {
         // Every variant has a row (checked by the `table_covers_every_variant` test).
-        TABLE.iter().find(|row| row.0 == self).unwrap_or(&TABLE[0])
+        match BY_ID.get(self.id() as usize) {
+            Some(&i) if (i as usize) < TABLE.len() => &TABLE[i as usize],
+            _ => &TABLE[0],
+        }
     }
 
     /// ggml's name of the type (`"Q4_K"`, `"IQ2_XXS"`, `"BF16"`, ...).
@@ -277,7 +300,7 @@ pub fn type_name(id: u32) -> String {
 /// the type's block.
 pub fn row_bytes(ty: QuantType, elems: usize) -> Result<usize, Error> {
     let be = ty.block_elems();
-    if elems % be != 0 {
+    if !elems.is_multiple_of(be) {
         return Err(Error::NotBlockMultiple {
             ty,
             elems,

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::isa::{dispatch, Kernel, Simd};
+use crate::isa::{dispatch, Kernel, Simd, Sink};
 use crate::{row_bytes, Error, Isa, QuantType, TypeTraits};
 
 /// Most input rows one pass over a weight row handles; more are processed in groups of
@@ -195,9 +195,15 @@ impl Kernel for Matmul<'_> {
     }
 }
 
-/// The fixed reduction tree of the 16 lane accumulators.
+/// Vectors of 16 lanes per accumulator: element `i` of a row goes to lane `i % 32`, that
+/// is lane `i % 16` of vector `(i / 16) % 2` (two independent FMA chains per row).
+const CHAINS: usize = 2;
+
+/// The fixed reduction tree of the 32 lane accumulators: lanes `l` and `l + 16` first,
+/// then `l + 8`, `l + 4`, `l + 2`, `l + 1`.
 #[inline(always)]
-fn reduce16(a: [f32; 16]) -> f32 {
+fn reduce32(lo: [f32; 16], hi: [f32; 16]) -> f32 {
+    let a: [f32; 16] = std::array::from_fn(|l| lo[l] + hi[l]);
     let s8: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
     let s4: [f32; 4] = std::array::from_fn(|l| s8[l] + s8[l + 4]);
     let s2: [f32; 2] = std::array::from_fn(|l| s4[l] + s4[l + 2]);
@@ -217,19 +223,20 @@ fn group<S: Simd, const R: usize>(
     let (be, bb) = (traits.block_elems, traits.block_bytes);
     let tile = if be == 1 { FLOAT_TILE } else { be };
     let tile_bytes = tile / be * bb;
-    let mut acc = [s.zero(); R];
+    let mut acc = [[s.zero(); CHAINS]; R];
     let mut buf = [0.0f32; 256];
     let full = cols / tile;
     for t in 0..full {
-        let w = &mut buf[..tile];
-        s.dequantize(traits, &row[t * tile_bytes..(t + 1) * tile_bytes], w);
         let base = t * tile;
-        for c in 0..tile / 16 {
-            let wv = s.load(&w[c * 16..]);
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = s.fma(wv, s.load(&x[r * cols + base + c * 16..]), *a);
-            }
-        }
+        let block = &row[t * tile_bytes..(t + 1) * tile_bytes];
+        let mut sink = FmaSink {
+            s,
+            acc: &mut acc,
+            x,
+            cols,
+            base,
+        };
+        s.for_each_vector(traits, block, &mut buf[..tile], &mut sink);
     }
     // The tail of a float row (quantized rows are whole blocks): zero-padded to 16 lanes.
     let base = full * tile;
@@ -245,11 +252,103 @@ fn group<S: Simd, const R: usize>(
                 let mut xs = [0.0f32; 16];
                 let start = r * cols + base + c * 16;
                 xs[..take].copy_from_slice(&x[start..start + take]);
+                // `base` is a multiple of 32 (a float tile): vector `c` goes to chain `c % 2`.
+                let a = &mut a[c % CHAINS];
                 *a = s.fma(wv, s.load(&xs), *a);
             }
         }
     }
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = reduce16(s.to_array(a));
+    for (o, [lo, hi]) in out.iter_mut().zip(acc) {
+        *o = reduce32(s.to_array(lo), s.to_array(hi));
+    }
+}
+
+/// Dequantizes whole blocks of `ty` (as [`TypeTraits::dequantize`]) with the kernels'
+/// `isa` code path: the same bits, exposed so that tests can check every path against the
+/// reference.
+pub fn dequantize_with(isa: Isa, ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<(), Error> {
+    let traits = ty.traits().ok_or(Error::Unsupported(ty))?;
+    if !isa.supported() {
+        return Err(Error::IsaUnavailable(isa.name()));
+    }
+    let blocks = src.len() / traits.block_bytes;
+    if blocks * traits.block_bytes != src.len() {
+        return Err(Error::Length {
+            what: "dequantize input bytes (whole blocks)",
+            expected: (blocks + 1) * traits.block_bytes,
+            actual: src.len(),
+        });
+    }
+    if dst.len() != blocks * traits.block_elems {
+        return Err(Error::Length {
+            what: "dequantize output",
+            expected: blocks * traits.block_elems,
+            actual: dst.len(),
+        });
+    }
+    dispatch(isa, Dequantize { traits, src, dst });
+    Ok(())
+}
+
+/// One `dequantize_with` call, as a kernel to compile per instruction set.
+struct Dequantize<'a> {
+    traits: &'static TypeTraits,
+    src: &'a [u8],
+    dst: &'a mut [f32],
+}
+
+impl Kernel for Dequantize<'_> {
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let (be, bb) = (self.traits.block_elems, self.traits.block_bytes);
+        let tile = if be == 1 { FLOAT_TILE } else { be };
+        let tile_bytes = tile / be * bb;
+        let mut src = self.src.chunks_exact(tile_bytes);
+        let mut dst = self.dst.chunks_exact_mut(tile);
+        let mut buf = [0.0f32; 256];
+        for (b, o) in (&mut src).zip(&mut dst) {
+            s.for_each_vector(
+                self.traits,
+                b,
+                &mut buf[..o.len()],
+                &mut StoreSink { s, out: o },
+            );
+        }
+        (self.traits.dequantize)(src.remainder(), dst.into_remainder());
+    }
+}
+
+/// Accumulates each weight vector against the `R` input rows (the kernel's inner loop).
+struct FmaSink<'a, S: Simd, const R: usize> {
+    s: S,
+    acc: &'a mut [[S::V; CHAINS]; R],
+    x: &'a [f32],
+    cols: usize,
+    base: usize,
+}
+
+impl<S: Simd, const R: usize> Sink<S::V> for &mut FmaSink<'_, S, R> {
+    #[inline(always)]
+    fn put(&mut self, c: usize, w: S::V) {
+        let s = self.s;
+        // Blocks and float tiles hold a multiple of 32 elements: vector `c` of a block is
+        // element group `(base / 16 + c)`, whose chain is `c % 2`.
+        for (r, a) in self.acc.iter_mut().enumerate() {
+            let a = &mut a[c % CHAINS];
+            *a = s.fma(w, s.load(&self.x[r * self.cols + self.base + c * 16..]), *a);
+        }
+    }
+}
+
+/// Stores each weight vector (dequantization through the kernels' code path).
+struct StoreSink<'a, S: Simd> {
+    s: S,
+    out: &'a mut [f32],
+}
+
+impl<S: Simd> Sink<S::V> for &mut StoreSink<'_, S> {
+    #[inline(always)]
+    fn put(&mut self, c: usize, w: S::V) {
+        self.out[c * 16..c * 16 + 16].copy_from_slice(&self.s.to_array(w));
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{finite_blocks, Rng};
-use gguf_quants::{Isa, QuantMatrix, SUPPORTED};
+use gguf_quants::{dequantize_with, Isa, QuantMatrix, SUPPORTED};
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -41,6 +41,13 @@ fn dequantize_matches_gguf_py() {
             got[bad[0]],
             expected[bad[0]]
         );
+        // Every instruction set's kernel path gives the same bits.
+        for isa in Isa::all_supported() {
+            let mut simd = vec![0.0f32; expected.len()];
+            dequantize_with(isa, ty, &raw, &mut simd).expect("dequantize_with");
+            let bad = (0..simd.len()).find(|&i| !same(simd[i], expected[i]));
+            assert!(bad.is_none(), "{ty} {isa}: value {bad:?} differs");
+        }
         // The matrix view dequantizes the same bits, row by row.
         let cols = traits.block_elems * if traits.block_elems == 1 { 4 } else { 1 };
         let rows = expected.len() / cols;
