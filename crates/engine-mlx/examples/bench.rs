@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p engine-mlx --example bench --config <mlx cargo config> -- \
-//!     [MODEL] [--quantized] [--no-fuse] [--mlx-attention|--host-attention] [--runs N]
+//!     [MODEL] [--f32 | --quantized] [--no-fuse] [--mlx-attention|--host-attention] [--runs N]
 //!     [--long] [--cpu] [--depth] [--batch] [--mlx-decode | --host-linears]
 //! ```
 //! Prints prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s for 64
@@ -11,7 +11,8 @@
 //! also prints tokens per CPU-second of the process (useful on a busy machine). `--depth`
 //! times each 256-token chunk of a 4,096-token prefill and a decode step at that depth;
 //! `--batch` prints aggregate decode tokens/s of 1, 2, 4 and 8 sequences stepped together.
-//! `--mlx-decode` runs the decode steps' linear layers on MLX instead of the host kernel;
+//! `--f32` / `--quantized` choose the weight format (default: the platform's, the file's
+//! blocks on Linux). `--mlx-decode` runs the decode steps' linear layers on MLX instead of the host kernel;
 //! `--host-linears` keeps the host kernel for the linears but MLX ops between them (the
 //! decode path before the whole step moved to the host).
 
@@ -84,8 +85,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = EngineConfig {
         weight_format: if flag("--quantized") {
             WeightFormat::Quantized
-        } else {
+        } else if flag("--f32") {
             WeightFormat::F32
+        } else {
+            WeightFormat::default()
         },
         fuse_projections: !flag("--no-fuse"),
         attention: if flag("--mlx-attention") {

@@ -51,6 +51,11 @@ pub struct EngineConfig {
     /// sequences' buffers; one set of this size is allocated at start-up). 0: none.
     /// `SEMANTIC_MLX_KV_POOL_TOKENS`.
     pub kv_pool_tokens: usize,
+    /// Bytes of hot KV the caller will hold besides the engine's own buffers (the block
+    /// pool's budget): counted in the memory check at load.
+    pub kv_budget_bytes: u64,
+    /// Refuse to load a GGUF model whose weights and KV would not fit the RAM available.
+    pub check_memory: bool,
 }
 
 /// Default of [`EngineConfig::kv_pool_tokens`]: a 4,096-token restore plus the spare block
@@ -69,6 +74,8 @@ impl Default for EngineConfig {
             attention: AttentionKind::default(),
             decode_kernel: DecodeKernel::default(),
             kv_pool_tokens: DEFAULT_KV_POOL_TOKENS,
+            kv_budget_bytes: 0,
+            check_memory: true,
         }
     }
 }
@@ -213,15 +220,51 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
         match &source {
             Resolved::Gguf(path) => {
                 let header = GgufHeader::read(path)?;
-                let config = ModelConfig::from_gguf(&header)?;
-                let formatter = MlxChatFormatter::from_gguf(&header)?;
+                // Every check, in this order, before any weight is read; all problems
+                // found are reported together.
+                let mut problems = Vec::new();
+                let mut note = |r: Result<()>| {
+                    if let Err(e) = r {
+                        problems.push(e);
+                    }
+                };
+                note(header.check_size());
+                let config = ModelConfig::from_gguf(&header);
+                let formatter = MlxChatFormatter::from_gguf(&header);
+                note(header.check_types());
                 let meta = header.metadata_json();
                 let spec = ModelCacheSpec::from_gguf_metadata(&meta, cfg.block_tokens)
                     .and_then(|s| s.with_kv_storage(storage))
                     .map_err(|source| Error::Spec {
                         path: path.clone(),
                         source,
-                    })?;
+                    });
+                let (config, formatter, spec) = match (config, formatter, spec) {
+                    (Ok(c), Ok(f), Ok(s)) => {
+                        if cfg.check_memory {
+                            note(memory_check(&header, cfg, &s));
+                        }
+                        (Some(c), Some(f), Some(s))
+                    }
+                    (c, f, s) => {
+                        // Architecture, then tokenizer, before the type problems.
+                        let mut first = Vec::new();
+                        first.extend(c.err());
+                        first.extend(f.err());
+                        first.extend(s.err());
+                        let at = usize::from(header.check_size().is_err());
+                        for (i, e) in first.into_iter().enumerate() {
+                            problems.insert(at + i, e);
+                        }
+                        (None, None, None)
+                    }
+                };
+                let (Some(config), Some(formatter), Some(spec)) = (config, formatter, spec) else {
+                    return Err(combine(path, problems));
+                };
+                if !problems.is_empty() {
+                    return Err(combine(path, problems));
+                }
                 let name = path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -233,27 +276,15 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                     .file_stem()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                // The weight type of most matrices, for the descriptor.
-                let mut counts: HashMap<&'static str, usize> = HashMap::new();
-                for t in header.tensors.iter().filter(|t| t.shape.len() == 2) {
-                    *counts.entry(t.ggml_type.name()).or_default() += 1;
-                }
-                let main = counts
-                    .into_iter()
-                    .max_by_key(|(_, n)| *n)
-                    .map(|(k, _)| k)
-                    .unwrap_or("F32");
-                let quantized = header.tensors.iter().any(|t| t.ggml_type.is_quantized());
-                // Every quantized GGUF type loaded here (Q4_0, Q4_1, Q8_0) has 4- or 8-bit blocks
-                // of 32: the host decode kernel reads them all.
-                let host_decode = quantized;
-                let desc = match (cfg.weight_format, quantized) {
-                    (WeightFormat::F32, true) => format!("f32 (dequantized from {main})"),
-                    (WeightFormat::F32, false) => format!("f32 (from {main})"),
-                    (WeightFormat::Quantized, true) => {
-                        format!("quantized ({main} as MLX affine, group 32)")
+                let types = header.type_summary();
+                // Every supported GGUF type has host decode kernels.
+                let host_decode = true;
+                let desc = match cfg.weight_format {
+                    WeightFormat::Host => format!("host blocks ({types})"),
+                    WeightFormat::F32 => format!("f32 (dequantized from {types})"),
+                    WeightFormat::Quantized => {
+                        format!("quantized (MLX affine, group 32, from {types})")
                     }
-                    (WeightFormat::Quantized, false) => format!("f32 (from {main})"),
                 };
                 (
                     config,
@@ -364,9 +395,13 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
             _ => b"host".as_slice(),
         });
         weight_desc.push_str(&format!(
-            "; decode: host 4/8-bit kernel ({})",
-            crate::host_linear::Isa::detected().name()
+            "; decode: host kernels ({})",
+            gguf_quants::Isa::detected().name()
         ));
+    }
+    if cfg.weight_format == WeightFormat::Host {
+        // The prefill products over dequantized panels (BLAS) and the block kernels' revision.
+        fp.update(b"\0host-weights\0gguf-quants-1\0");
     }
     let descriptor = ModelDescriptor {
         id,
@@ -385,6 +420,130 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
         descriptor,
         formatter,
     })
+}
+
+/// One error for the problems found checking a model, in check order.
+fn combine(path: &Path, mut problems: Vec<Error>) -> Error {
+    if problems.len() == 1 {
+        problems.remove(0)
+    } else {
+        Error::Problems {
+            path: path.to_path_buf(),
+            problems,
+        }
+    }
+}
+
+/// The weights' resident size plus the KV this configuration allocates, against the RAM
+/// available; [`Error::OutOfMemory`] when it cannot fit.
+fn memory_check(header: &GgufHeader, cfg: &EngineConfig, spec: &ModelCacheSpec) -> Result<()> {
+    let Some(available) = crate::memory::available_bytes() else {
+        return Ok(());
+    };
+    let est = MemoryEstimate::new(header, cfg, spec);
+    if est.total() <= available {
+        return Ok(());
+    }
+    Err(Error::OutOfMemory {
+        path: header.path.clone(),
+        needed_mib: est.total() >> 20,
+        what: est.describe(),
+        available_mib: available >> 20,
+    })
+}
+
+/// What loading a GGUF model with a configuration will take in RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The weights in the configured format.
+    pub weights: u64,
+    /// The engine's spare KV buffers ([`EngineConfig::kv_pool_tokens`]).
+    pub kv_pool: u64,
+    /// The hot KV tier the caller reserves ([`EngineConfig::kv_budget_bytes`]).
+    pub kv_budget: u64,
+    /// Runtime overhead ([`crate::memory::RUNTIME_OVERHEAD_BYTES`]).
+    pub runtime: u64,
+}
+
+impl MemoryEstimate {
+    /// The estimate for `header` loaded with `cfg`, its KV shaped by `spec`.
+    pub fn new(header: &GgufHeader, cfg: &EngineConfig, spec: &ModelCacheSpec) -> Self {
+        let per_token = spec
+            .clone()
+            .with_kv_storage(KvStorage::FP32)
+            .map_or(spec.bytes_per_token(), |s| s.bytes_per_token());
+        Self {
+            weights: crate::memory::resident_weight_bytes(header, cfg.weight_format),
+            kv_pool: per_token.saturating_mul(cfg.kv_pool_tokens as u64),
+            kv_budget: cfg.kv_budget_bytes,
+            runtime: crate::memory::RUNTIME_OVERHEAD_BYTES,
+        }
+    }
+
+    /// Everything, in bytes.
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_pool + self.kv_budget + self.runtime
+    }
+
+    /// `weights 94 MiB + KV pool 51 MiB + ...`.
+    pub fn describe(&self) -> String {
+        format!(
+            "weights {} MiB + KV pool {} MiB + hot KV budget {} MiB + runtime {} MiB",
+            self.weights >> 20,
+            self.kv_pool >> 20,
+            self.kv_budget >> 20,
+            self.runtime >> 20
+        )
+    }
+}
+
+/// What `semantic models inspect` prints about a GGUF file's weights.
+#[derive(Debug, Clone)]
+pub struct WeightsReport {
+    /// `general.file_type`, named (`Q4_K_M`), when the file has one.
+    pub file_type: Option<String>,
+    /// Tensor count per type (`166 × Q5_0, 16 × Q4_K`).
+    pub types: String,
+    /// The file's size.
+    pub file_bytes: u64,
+    /// Resident memory with the configuration given.
+    pub memory: MemoryEstimate,
+    /// RAM available now, where it can be read.
+    pub available_bytes: Option<u64>,
+}
+
+impl WeightsReport {
+    /// Whether the estimate fits the RAM available (`None`: unknown).
+    pub fn fits(&self) -> Option<bool> {
+        self.available_bytes.map(|a| self.memory.total() <= a)
+    }
+}
+
+/// [`inspect`] plus, for GGUF files, the weight types, resident size and whether it fits
+/// this machine (a model too large is reported, not refused).
+pub fn inspect_report(
+    model: &str,
+    config: &EngineConfig,
+) -> Result<(ModelDescriptor, Option<WeightsReport>)> {
+    let unchecked = EngineConfig {
+        check_memory: false,
+        ..config.clone()
+    };
+    let prepared = prepare(model, &unchecked)?;
+    let report = prepared.header.as_ref().map(|h| WeightsReport {
+        file_type: h
+            .get("general.file_type")
+            .and_then(|v| v.as_u64())
+            .map(|id| {
+                crate::memory::file_type_name(id)
+                    .map_or_else(|| format!("unknown ({id})"), str::to_owned)
+            }),
+        types: h.type_summary(),
+        file_bytes: h.file_size,
+        memory: MemoryEstimate::new(h, config, &prepared.descriptor.spec),
+        available_bytes: crate::memory::available_bytes(),
+    });
+    Ok((prepared.descriptor, report))
 }
 
 /// Describes a model (architecture, cache spec, context length, fingerprint) from its

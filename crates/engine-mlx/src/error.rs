@@ -101,6 +101,40 @@ pub enum Error {
         /// The supported types.
         supported: String,
     },
+    /// The file holds tensors of types this engine does not load (all named at once).
+    #[error("{path}: unsupported tensor types {found} (e.g. `{example}`; the file has {all}; supported: {supported})")]
+    UnsupportedTensorTypes {
+        /// The file.
+        path: PathBuf,
+        /// The unsupported types with their tensor counts (`2 × IQ2_XXS`).
+        found: String,
+        /// One tensor of such a type.
+        example: String,
+        /// Every type of the file with its count.
+        all: String,
+        /// The supported types.
+        supported: String,
+    },
+    /// The weights and KV buffers would not fit in the memory available.
+    #[error("{path}: needs about {needed_mib} MiB of RAM ({what}) but {available_mib} MiB are available; use a smaller model or quantization, or lower SEMANTIC_MLX_CACHE_BUDGET_MB / SEMANTIC_MLX_KV_POOL_TOKENS")]
+    OutOfMemory {
+        /// The model.
+        path: PathBuf,
+        /// Estimated resident bytes, MiB.
+        needed_mib: u64,
+        /// What the estimate is made of.
+        what: String,
+        /// `MemAvailable`, MiB.
+        available_mib: u64,
+    },
+    /// Several problems found while checking a model before loading it, in check order.
+    #[error("{path}: {} problems: {}", problems.len(), problems.iter().enumerate().map(|(i, p)| format!("({}) {p}", i + 1)).collect::<Vec<_>>().join("; "))]
+    Problems {
+        /// The model.
+        path: PathBuf,
+        /// Each problem.
+        problems: Vec<Error>,
+    },
     /// The model's architecture has no implementation here.
     #[error("{path}: unsupported architecture `{architecture}` (supported: {})", supported.join(", "))]
     UnsupportedArchitecture {

@@ -92,105 +92,31 @@ impl GgufValue {
     }
 }
 
-/// GGML tensor element types this engine loads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgmlType {
-    /// 32-bit float.
-    F32,
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// 4-bit, blocks of 32 with one f16 scale (maps to MLX affine 4-bit, bias = -8 × scale).
-    Q4_0,
-    /// 4-bit, blocks of 32 with an f16 scale and an f16 minimum (MLX affine 4-bit).
-    Q4_1,
-    /// 8-bit, blocks of 32 with one f16 scale (MLX affine 8-bit, bias = -128 × scale).
-    Q8_0,
-}
+/// The element type of a GGUF tensor: every GGML type id is known (for size checks and
+/// error messages); which of them load is [`QuantType::traits`].
+pub use gguf_quants::QuantType as GgmlType;
 
-impl GgmlType {
-    /// The types accepted, for error messages.
-    pub const SUPPORTED: &'static str = "F32, F16, BF16, Q4_0, Q4_1, Q8_0";
-
-    /// From the GGML type id.
-    pub fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::Bf16,
-            _ => return None,
-        })
-    }
-
-    /// Elements per block and bytes per block.
-    fn block(self) -> (u64, u64) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::Bf16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-        }
-    }
-
-    /// Whether MLX loads it as a quantized (weight, scales, biases) triple.
-    pub fn is_quantized(self) -> bool {
-        matches!(self, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
-    }
-
-    /// Bits per quantized element.
-    pub fn bits(self) -> Option<i32> {
-        match self {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => Some(4),
-            GgmlType::Q8_0 => Some(8),
-            _ => None,
-        }
-    }
-
-    /// Short name.
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "F32",
-            GgmlType::F16 => "F16",
-            GgmlType::Bf16 => "BF16",
-            GgmlType::Q4_0 => "Q4_0",
-            GgmlType::Q4_1 => "Q4_1",
-            GgmlType::Q8_0 => "Q8_0",
-        }
-    }
-}
-
-/// Name of a GGML type id (for error messages, including types that are not loaded).
+/// Name of a GGML type id, for error messages (`IQ2_XXS (ggml type 16)`).
 pub fn ggml_type_name(id: u32) -> String {
-    let name = match id {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        6 => "Q5_0",
-        7 => "Q5_1",
-        8 => "Q8_0",
-        9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
-        16..=23 | 29 => "IQ*",
-        24 => "I8",
-        25 => "I16",
-        26 => "I32",
-        27 => "I64",
-        28 => "F64",
-        30 => "BF16",
-        _ => "unknown",
-    };
-    format!("{name} (ggml type {id})")
+    gguf_quants::type_name(id)
+}
+
+/// `166 × Q5_0, 16 × Q4_K`.
+fn histogram_text(counts: &[(GgmlType, usize)]) -> String {
+    counts
+        .iter()
+        .map(|(ty, n)| format!("{n} × {}", ty.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The tensor types this engine loads, for error messages.
+pub fn supported_types() -> String {
+    gguf_quants::SUPPORTED
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One entry of the tensor table.
@@ -223,12 +149,82 @@ pub struct GgufHeader {
     pub tensors: Vec<TensorInfo>,
     /// Offset of the tensor data section (the end of the header region).
     pub data_offset: u64,
+    /// Offset one past the last tensor's data: what the file's size must reach.
+    pub data_end: u64,
+    /// The first tensor whose data lies past the end of the file, with the offset it needs
+    /// (a truncated download); [`GgufHeader::check_size`] turns it into an error.
+    pub truncated: Option<(String, u64)>,
 }
 
 impl GgufHeader {
     /// A metadata value by key.
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// [`Error::Truncated`] when the tensor table points past the end of the file.
+    pub fn check_size(&self) -> Result<()> {
+        match &self.truncated {
+            Some((name, _)) => Err(Error::Truncated {
+                path: self.path.clone(),
+                field: format!(
+                    "tensor `{name}` data (the tensor table needs {} bytes: a truncated download?)",
+                    self.data_end
+                ),
+                needed: self.data_end,
+                file_size: self.file_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Tensor count per type, most frequent first (ties by type id).
+    pub fn type_histogram(&self) -> Vec<(GgmlType, usize)> {
+        let mut counts: Vec<(GgmlType, usize)> = Vec::new();
+        for t in &self.tensors {
+            match counts.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((t.ggml_type, 1)),
+            }
+        }
+        counts.sort_by_key(|(ty, n)| (std::cmp::Reverse(*n), ty.id()));
+        counts
+    }
+
+    /// The histogram as text: `166 × Q5_0, 16 × Q4_K`.
+    pub fn type_summary(&self) -> String {
+        histogram_text(&self.type_histogram())
+    }
+
+    /// [`Error::UnsupportedTensorTypes`] naming every type of the file this engine cannot
+    /// load, with its tensor count and an example tensor.
+    pub fn check_types(&self) -> Result<()> {
+        let bad: Vec<(GgmlType, usize)> = self
+            .type_histogram()
+            .into_iter()
+            .filter(|(ty, _)| ty.traits().is_none())
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let example = self
+            .tensors
+            .iter()
+            .find(|t| t.ggml_type.traits().is_none())
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
+        Err(Error::UnsupportedTensorTypes {
+            path: self.path.clone(),
+            found: histogram_text(&bad),
+            example,
+            all: self.type_summary(),
+            supported: supported_types(),
+        })
+    }
+
+    /// Bytes of all tensor data: what the weights take in RAM kept as the file's blocks.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.n_bytes).sum()
     }
 
     /// The tensor table as a name → info map.
@@ -320,13 +316,16 @@ impl GgufHeader {
         let data_offset = r.pos.div_ceil(alignment) * alignment;
 
         let mut tensors = Vec::with_capacity(raw.len());
+        let mut truncated = None;
         for (name, dims, ty, offset) in raw {
+            // Every known type is sized here (a truncated file is reported before anything
+            // else); whether it loads is checked later, with the whole file's histogram.
             let Some(ggml_type) = GgmlType::from_id(ty) else {
                 return Err(Error::UnsupportedTensorType {
                     path: path.to_path_buf(),
                     tensor: name,
                     type_name: ggml_type_name(ty),
-                    supported: GgmlType::SUPPORTED.into(),
+                    supported: supported_types(),
                 });
             };
             if dims.iter().any(|&d| d == 0 || d > i32::MAX as u64) {
@@ -336,7 +335,10 @@ impl GgufHeader {
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| r.invalid(&name, "element count overflows".into()))?;
-            let (block_elems, block_bytes) = ggml_type.block();
+            let (block_elems, block_bytes) = (
+                ggml_type.block_elems() as u64,
+                ggml_type.block_bytes() as u64,
+            );
             if dims[0] % block_elems != 0 {
                 return Err(r.invalid(
                     &name,
@@ -359,13 +361,8 @@ impl GgufHeader {
             let end = file_offset
                 .checked_add(n_bytes)
                 .ok_or_else(|| r.invalid(&name, "data offset overflows".into()))?;
-            if end > file_size {
-                return Err(Error::Truncated {
-                    path: path.to_path_buf(),
-                    field: format!("tensor `{name}` data"),
-                    needed: end,
-                    file_size,
-                });
+            if end > file_size && truncated.is_none() {
+                truncated = Some((name.clone(), end));
             }
             let mut shape = dims;
             shape.reverse();
@@ -377,6 +374,11 @@ impl GgufHeader {
                 n_bytes,
             });
         }
+        let data_end = tensors
+            .iter()
+            .map(|t| t.file_offset + t.n_bytes)
+            .max()
+            .unwrap_or(data_offset);
         Ok(GgufHeader {
             path: path.to_path_buf(),
             file_size,
@@ -384,6 +386,8 @@ impl GgufHeader {
             metadata,
             tensors,
             data_offset,
+            data_end,
+            truncated,
         })
     }
 }

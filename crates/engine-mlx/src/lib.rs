@@ -26,15 +26,20 @@ pub mod fused_attention;
 pub mod gguf;
 pub mod host_attention;
 pub mod host_decode;
+pub mod host_gemm;
 pub mod host_linear;
 pub mod hub;
 pub mod kv;
+pub mod memory;
 pub mod sampling;
 pub mod weights;
 
 pub use arch::{AttentionKind, DecodeKernel};
 pub use config::{Family, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
-pub use engine::{inspect, EngineConfig, MlxEngine, DEFAULT_KV_POOL_TOKENS};
+pub use engine::{
+    inspect, inspect_report, EngineConfig, MemoryEstimate, MlxEngine, WeightsReport,
+    DEFAULT_KV_POOL_TOKENS,
+};
 pub use error::{Error, Result};
 pub use formatter::MlxChatFormatter;
 pub use weights::WeightFormat;

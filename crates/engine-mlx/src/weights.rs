@@ -4,31 +4,51 @@
 
 use crate::error::{Error, MlxContext, Result};
 use crate::gguf::GgufHeader;
+use crate::host_gemm;
 use crate::host_linear::{self, PackedMatrix, BLOCK};
+use gguf_quants::{QuantMatrix, QuantType};
 use mlx_rs::ops;
 use mlx_rs::{Array, Dtype};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How weights are kept for compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
-    /// Dequantize everything to f32 at load. Fastest on x86 CPU with MLX's CPU backend
-    /// (OpenBLAS GEMM; MLX's quantized CPU kernels are scalar): the Linux default.
+    /// The GGUF file's blocks stay in RAM as they are (as much memory as the file): prefill
+    /// multiplies panels dequantized on the fly through the CPU's BLAS, decode steps run the
+    /// block kernels of `gguf-quants` (every supported type). The Linux default. Tensors that
+    /// do not come as GGUF blocks (safetensors directories) load as with [`WeightFormat::F32`].
     #[cfg_attr(not(target_os = "macos"), default)]
+    Host,
+    /// Dequantize everything to f32 MLX arrays at load (4 bytes a weight; MLX's own matmuls).
     F32,
     /// Keep quantized weights as MLX affine triples and use `quantized_matmul`; other tensors
-    /// in f32. Smallest memory; fastest on Apple Silicon (Metal): the macOS default.
+    /// in f32. Smallest memory; fastest on Apple Silicon (Metal): the macOS default. GGUF
+    /// blocks that MLX's affine format holds exactly (Q4_0, Q4_1, Q8_0) are converted as they
+    /// are; the others are dequantized and requantized to 8 bits in groups of 32.
     #[cfg_attr(target_os = "macos", default)]
     Quantized,
 }
 
 impl WeightFormat {
-    /// Short name for logs and the model descriptor.
+    /// Short name for logs, settings and the model descriptor.
     pub fn name(self) -> &'static str {
         match self {
+            WeightFormat::Host => "host",
             WeightFormat::F32 => "f32",
             WeightFormat::Quantized => "quantized",
+        }
+    }
+
+    /// From its [`WeightFormat::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "host" => Some(WeightFormat::Host),
+            "f32" => Some(WeightFormat::F32),
+            "quantized" => Some(WeightFormat::Quantized),
+            _ => None,
         }
     }
 }
@@ -38,6 +58,10 @@ impl WeightFormat {
 pub enum RawTensor {
     /// A plain array (any float dtype).
     Dense(Array),
+    /// A 2-D GGUF tensor as the file stores it (any supported type, F16/F32 included):
+    /// `[rows, cols]` = `[out, in]` for a linear layer. Shared: a tied embedding is also the
+    /// LM head.
+    Matrix(Arc<QuantMatrix>),
     /// MLX affine quantization: packed `u32` values, scales and biases (one per group).
     Quantized {
         /// Packed values, `[rows, cols × bits / 32]`.
@@ -58,6 +82,7 @@ impl RawTensor {
     pub fn logical_shape(&self) -> Vec<i64> {
         match self {
             RawTensor::Dense(a) => a.shape().iter().map(|&d| i64::from(d)).collect(),
+            RawTensor::Matrix(m) => vec![m.rows() as i64, m.cols() as i64],
             RawTensor::Quantized { w, bits, .. } => {
                 let mut s: Vec<i64> = w.shape().iter().map(|&d| i64::from(d)).collect();
                 if let Some(last) = s.last_mut() {
@@ -73,6 +98,12 @@ impl RawTensor {
     pub fn to_f32(&self) -> Result<Array> {
         match self {
             RawTensor::Dense(a) => a.as_dtype(Dtype::Float32).ctx("casting a weight to f32"),
+            RawTensor::Matrix(m) => {
+                let mut data = vec![0.0f32; m.rows() * m.cols()];
+                dequantize_matrix(m, &mut data)?;
+                let shape = [m.rows(), m.cols()].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
+                Ok(Array::from_slice(&data, &shape))
+            }
             RawTensor::Quantized {
                 w,
                 scales,
@@ -133,56 +164,81 @@ impl TensorMap {
     }
 }
 
-/// Loads every tensor of a GGUF file whose header was validated by [`GgufHeader::read`].
+/// Loads every tensor of a GGUF file whose header was read by [`GgufHeader::read`], straight
+/// from the file: 2-D tensors keep the file's blocks ([`RawTensor::Matrix`]), others (norms,
+/// biases, RoPE factors) become f32 arrays.
 pub fn load_gguf(header: &GgufHeader) -> Result<TensorMap> {
+    use std::io::{Read, Seek, SeekFrom};
+    header.check_size()?;
+    header.check_types()?;
     let path = &header.path;
-    let file = mlx_rs::io::GgufFile::load(path).map_err(|e| Error::Mlx {
-        context: format!("loading {}", path.display()),
-        message: e.to_string(),
-    })?;
-    let mut tensors = HashMap::with_capacity(header.tensors.len());
-    let get = |key: &str| -> Result<Array> {
-        match file.get_array(key) {
-            Ok(Some(a)) => Ok(a),
-            Ok(None) => Err(Error::MissingTensor {
-                path: path.clone(),
-                tensor: key.to_owned(),
-            }),
-            Err(e) => Err(Error::Mlx {
-                context: format!("reading tensor `{key}` of {}", path.display()),
-                message: e.to_string(),
-            }),
-        }
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
     };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut tensors = HashMap::with_capacity(header.tensors.len());
     for info in &header.tensors {
-        let t = if info.ggml_type.is_quantized() {
-            let base = info.name.strip_suffix(".weight").unwrap_or(&info.name);
-            RawTensor::Quantized {
-                w: get(&info.name)?,
-                scales: get(&format!("{base}.scales"))?,
-                biases: get(&format!("{base}.biases"))?,
-                group_size: 32,
-                bits: info.ggml_type.bits().unwrap_or(4),
-            }
-        } else {
-            RawTensor::Dense(get(&info.name)?)
+        let mut data = vec![0u8; usize::try_from(info.n_bytes).unwrap_or(usize::MAX)];
+        file.seek(SeekFrom::Start(info.file_offset)).map_err(io)?;
+        file.read_exact(&mut data).map_err(io)?;
+        let bad = |e: gguf_quants::Error| Error::Invalid {
+            path: path.clone(),
+            field: info.name.clone(),
+            reason: e.to_string(),
         };
-        let expected: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        let found = t.logical_shape();
-        if found != expected {
-            return Err(Error::TensorShape {
-                path: path.clone(),
-                tensor: info.name.clone(),
-                expected,
-                found,
-            });
-        }
+        let t = match info.shape.as_slice() {
+            &[rows, cols] => RawTensor::Matrix(Arc::new(
+                QuantMatrix::new(info.ggml_type, rows as usize, cols as usize, data)
+                    .map_err(bad)?,
+            )),
+            shape => {
+                let elems: u64 = shape.iter().product();
+                let cols = shape.last().copied().unwrap_or(1) as usize;
+                let m = QuantMatrix::new(info.ggml_type, elems as usize / cols.max(1), cols, data)
+                    .map_err(bad)?;
+                let mut values = vec![0.0f32; elems as usize];
+                dequantize_matrix(&m, &mut values)?;
+                let dims: Vec<i32> = shape
+                    .iter()
+                    .map(|&d| i32::try_from(d).unwrap_or(i32::MAX))
+                    .collect();
+                RawTensor::Dense(Array::from_slice(&values, &dims))
+            }
+        };
         tensors.insert(info.name.clone(), t);
     }
     Ok(TensorMap {
         path: path.clone(),
         tensors,
     })
+}
+
+/// Every row of `m` as f32 into `out` (`[rows, cols]`), split across the host threads.
+pub fn dequantize_matrix(m: &QuantMatrix, out: &mut [f32]) -> Result<()> {
+    let cols = m.cols().max(1);
+    if out.len() != m.rows() * m.cols() {
+        return Err(Error::HostKernel(format!(
+            "dequantizing {}x{} into {} values",
+            m.rows(),
+            m.cols(),
+            out.len()
+        )));
+    }
+    let rows = m.rows().div_ceil(host_linear::threads()).max(1);
+    let failed = std::sync::Mutex::new(None);
+    host_linear::for_each_piece(out, rows * cols, |k, dst| {
+        let r0 = k * rows;
+        if let Err(e) = m.dequantize_rows(r0..r0 + dst.len() / cols, dst) {
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(e);
+            }
+        }
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(Error::HostKernel(e.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// Maps a Hugging Face / MLX tensor name to the canonical GGUF-style name, keeping the
@@ -384,13 +440,110 @@ pub fn load_safetensors_dir(dir: &Path, config: &serde_json::Value) -> Result<Te
     })
 }
 
-/// A linear layer's weights on the host in 4- or 8-bit blocks ([`PackedMatrix`]), with its
-/// bias, for decode steps ([`crate::DecodeKernel::Host`]).
+/// A linear layer's weights on the host, for the host kernels: one matrix per part of a
+/// fused layer (q/k/v or gate/up parts may come in different GGUF types), with its bias.
 #[derive(Debug)]
 pub struct HostLinear {
-    matrix: PackedMatrix,
+    parts: Vec<HostMatrix>,
+    in_features: usize,
+    out_features: usize,
     bias: Option<Vec<f32>>,
 }
+
+/// One weight matrix `[out, in]` in a host kernel's format.
+#[derive(Debug)]
+pub enum HostMatrix {
+    /// MLX-affine 4/8-bit weights repacked in records of 32 ([`PackedMatrix`]).
+    Packed(PackedMatrix),
+    /// A GGUF tensor's own blocks ([`QuantMatrix`]).
+    Blocks(Arc<QuantMatrix>),
+}
+
+impl HostMatrix {
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match self {
+            HostMatrix::Packed(m) => m.out_features(),
+            HostMatrix::Blocks(m) => m.rows(),
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        match self {
+            HostMatrix::Packed(m) => m.in_features(),
+            HostMatrix::Blocks(m) => m.cols(),
+        }
+    }
+
+    /// Host memory held, in bytes.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            HostMatrix::Packed(m) => m.byte_len(),
+            HostMatrix::Blocks(m) => m.byte_len(),
+        }
+    }
+
+    /// Rows `rows` dequantized into `out` (`[rows.len(), in]`).
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        match self {
+            HostMatrix::Packed(m) => {
+                let n = m.in_features().max(1);
+                if out.len() != rows.len() * n {
+                    return Err(Error::HostKernel("a panel of the wrong size".into()));
+                }
+                for (o, dst) in rows.zip(out.chunks_exact_mut(n)) {
+                    m.dequantize_row(o, dst)?;
+                }
+                Ok(())
+            }
+            HostMatrix::Blocks(m) => m
+                .dequantize_rows(rows, out)
+                .map_err(|e| Error::HostKernel(e.to_string())),
+        }
+    }
+
+    /// `y = x Wᵀ` with the decode kernels (`x` `[rows, in]`, `y` `[rows, out]`), the outputs
+    /// split across the host threads; each value's bits do not depend on `rows` or the split.
+    pub fn matmul(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        match self {
+            HostMatrix::Packed(m) => m.matmul(x, rows, y),
+            HostMatrix::Blocks(m) => host_linear::blocks_matmul(m, x, rows, y),
+        }
+    }
+
+    /// `y[r][..out] = x[r] Wᵀ` for `rows` rows through BLAS, one cache-sized panel of
+    /// dequantized output rows at a time; row `r` of the result starts at `y[r * ldc]`.
+    /// `false` when no BLAS is loaded.
+    fn gemm(&self, x: &[f32], rows: usize, y: &mut [f32], ldc: usize) -> Result<bool> {
+        let (n_out, n_in) = (self.out_features(), self.in_features());
+        if !host_gemm::available() {
+            return Ok(false);
+        }
+        let panel = ((PANEL_FLOATS / n_in.max(1)).max(16) / 16 * 16).min(n_out.max(1));
+        let mut scratch = vec![0.0f32; panel * n_in];
+        for o0 in (0..n_out).step_by(panel.max(1)) {
+            let o1 = (o0 + panel).min(n_out);
+            let w = &mut scratch[..(o1 - o0) * n_in];
+            self.dequantize_rows(o0..o1, w)?;
+            if !host_gemm::sgemm_nt(rows, o1 - o0, n_in, x, w, &mut y[o0..], ldc) {
+                return Err(Error::HostKernel(format!(
+                    "sgemm refused a {rows}x{n_in} by {}x{n_in} product",
+                    o1 - o0
+                )));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Floats of one dequantized weight panel for the prefill GEMM (256 KiB: it stays in L2
+/// while BLAS streams the activations past it).
+const PANEL_FLOATS: usize = 64 * 1024;
+
+/// Rows from which a host product goes through BLAS over dequantized panels rather than
+/// the decode kernels (which dequantize each weight once per group of rows).
+pub const GEMM_MIN_ROWS: usize = 16;
 
 /// A 2-D MLX-affine quantized tensor with 4- or 8-bit codes in `u32` words, as the host
 /// kernels read it.
@@ -405,6 +558,103 @@ struct AffineView<'a> {
 }
 
 impl RawTensor {
+    /// For [`WeightFormat::Quantized`]: GGUF blocks as MLX affine triples, group 32. Q4_0,
+    /// Q4_1 and Q8_0 map exactly (their values are `scale × q + bias` on the same grid, as
+    /// MLX's own GGUF reader maps them); other block types are dequantized and requantized to
+    /// 8 bits (error at most one step, 1/255 of each group's range); F32/F16/BF16 become
+    /// dense f32. Other tensors are returned as they are.
+    pub fn to_mlx_affine(&self) -> Result<RawTensor> {
+        let RawTensor::Matrix(m) = self else {
+            return Ok(self.clone());
+        };
+        if matches!(m.ty(), QuantType::F32 | QuantType::F16 | QuantType::Bf16) {
+            // Float weights stay dense (f32), as MLX runs them.
+            return Ok(RawTensor::Dense(self.to_f32()?));
+        }
+        let (rows, cols) = (m.rows(), m.cols());
+        let shape = |c: usize| [rows, c].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
+        let (bits, scale_of): (i32, Option<fn(&[u8]) -> (f32, f32)>) = match m.ty() {
+            QuantType::Q4_0 => (
+                4,
+                Some(|b| {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    (d, -8.0 * d)
+                }),
+            ),
+            QuantType::Q4_1 => (
+                4,
+                Some(|b| {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    (d, half::f16::from_le_bytes([b[2], b[3]]).to_f32())
+                }),
+            ),
+            QuantType::Q8_0 => (
+                8,
+                Some(|b| {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    (d, -128.0 * d)
+                }),
+            ),
+            _ => (8, None),
+        };
+        let Some(scale_of) = scale_of else {
+            let dense = self.to_f32()?;
+            let (w, scales, biases) =
+                ops::quantize(&dense, 32, 8).ctx("requantizing to MLX 8-bit")?;
+            return Ok(RawTensor::Quantized {
+                w,
+                scales,
+                biases,
+                group_size: 32,
+                bits,
+            });
+        };
+        // One 32-element block per group: codes packed little-endian into u32 words.
+        let groups = cols / 32;
+        let block_bytes = m.ty().block_bytes();
+        let per_word = 32 / bits as usize;
+        let mut words = vec![0u32; rows * cols / per_word];
+        let mut scales = vec![0.0f32; rows * groups];
+        let mut biases = vec![0.0f32; rows * groups];
+        for (g, block) in m.data().chunks_exact(block_bytes).enumerate() {
+            let (d, bias) = scale_of(block);
+            scales[g] = d;
+            biases[g] = bias;
+            let codes: Vec<u32> = match m.ty() {
+                QuantType::Q8_0 => block[2..34]
+                    .iter()
+                    .map(|&q| u32::from((q as i8 as i16 + 128) as u8))
+                    .collect(),
+                _ => {
+                    let qs = &block[block_bytes - 16..];
+                    (0..32)
+                        .map(|j| {
+                            u32::from(if j < 16 {
+                                qs[j] & 0x0f
+                            } else {
+                                qs[j - 16] >> 4
+                            })
+                        })
+                        .collect()
+                }
+            };
+            for (k, chunk) in codes.chunks(per_word).enumerate() {
+                let mut word = 0u32;
+                for (e, &c) in chunk.iter().enumerate() {
+                    word |= c << (e as u32 * bits as u32);
+                }
+                words[g * 32 / per_word + k] = word;
+            }
+        }
+        Ok(RawTensor::Quantized {
+            w: Array::from_slice(&words, &shape(cols / per_word)),
+            scales: Array::from_slice(&scales, &shape(groups)),
+            biases: Array::from_slice(&biases, &shape(groups)),
+            group_size: 32,
+            bits,
+        })
+    }
+
     /// The host view of a 4/8-bit MLX-affine `[out, in]` tensor; `None` for anything else.
     fn affine_view(&self) -> Result<Option<AffineView<'_>>> {
         let RawTensor::Quantized {
@@ -598,47 +848,133 @@ fn with_host_f32<T>(a: &Array, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T>
 }
 
 impl HostLinear {
-    /// Packs `parts` (weights `[out_i, in]` stacked along the output axis) when every part is
-    /// MLX-affine quantized with 4 or 8 bits in groups of a multiple of 32 (all GGUF
-    /// quantizations this engine loads); `None` otherwise (the layer then decodes on MLX).
-    /// `bias` is the fused bias, `[Σ out_i]`.
+    /// Host weights for `parts` (weights `[out_i, in]` stacked along the output axis): GGUF
+    /// blocks as they are, or MLX-affine 4/8-bit weights in groups of a multiple of 32
+    /// repacked; `None` when any part is neither (the layer then decodes on MLX). `bias` is
+    /// the fused bias, `[Σ out_i]`.
     pub fn from_raw(parts: &[RawTensor], bias: Option<&Array>) -> Result<Option<Self>> {
-        let mut packed = Vec::with_capacity(parts.len());
-        for p in parts {
-            let Some(v) = p.affine_view()? else {
-                return Ok(None);
-            };
-            if !v.group.is_multiple_of(BLOCK) {
-                return Ok(None);
+        let mut host = Vec::with_capacity(parts.len());
+        if parts.iter().all(|p| matches!(p, RawTensor::Matrix(_))) {
+            for p in parts {
+                if let RawTensor::Matrix(m) = p {
+                    host.push(HostMatrix::Blocks(Arc::clone(m)));
+                }
             }
-            let m = with_host_f32(v.scales, |s| {
-                with_host_f32(v.biases, |b| {
-                    PackedMatrix::from_affine(v.bits, v.group, v.out, v.inp, v.words, s, b)
-                })
-            })?;
-            packed.push(m);
+        } else {
+            let mut packed = Vec::with_capacity(parts.len());
+            for p in parts {
+                let Some(v) = p.affine_view()? else {
+                    return Ok(None);
+                };
+                if !v.group.is_multiple_of(BLOCK) {
+                    return Ok(None);
+                }
+                let m = with_host_f32(v.scales, |s| {
+                    with_host_f32(v.biases, |b| {
+                        PackedMatrix::from_affine(v.bits, v.group, v.out, v.inp, v.words, s, b)
+                    })
+                })?;
+                packed.push(m);
+            }
+            host.push(HostMatrix::Packed(PackedMatrix::concat(packed)?));
         }
-        let matrix = PackedMatrix::concat(packed)?;
+        let Some(in_features) = host.first().map(HostMatrix::in_features) else {
+            return Ok(None);
+        };
+        if host.iter().any(|m| m.in_features() != in_features) {
+            return Err(Error::HostKernel(
+                "fused parts with different input sizes".into(),
+            ));
+        }
+        let out_features = host.iter().map(HostMatrix::out_features).sum();
         let bias = match bias {
             Some(b) => {
                 let v = with_host_f32(b, |s| Ok(s.to_vec()))?;
-                if v.len() != matrix.out_features() {
+                if v.len() != out_features {
                     return Err(Error::HostKernel(format!(
-                        "a bias of {} values for {} outputs",
+                        "a bias of {} values for {out_features} outputs",
                         v.len(),
-                        matrix.out_features()
                     )));
                 }
                 Some(v)
             }
             None => None,
         };
-        Ok(Some(HostLinear { matrix, bias }))
+        Ok(Some(HostLinear {
+            parts: host,
+            in_features,
+            out_features,
+            bias,
+        }))
     }
 
-    /// The packed weights.
-    pub fn matrix(&self) -> &PackedMatrix {
-        &self.matrix
+    /// Output features (all parts).
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The weight matrices, in output order.
+    pub fn parts(&self) -> &[HostMatrix] {
+        &self.parts
+    }
+
+    /// Host memory held by the weights, in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.parts.iter().map(HostMatrix::byte_len).sum()
+    }
+
+    /// Output row `o` (all inputs) dequantized into `out`: an embedding lookup from a table
+    /// that is also the LM head.
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) -> Result<()> {
+        let mut first = 0;
+        for p in &self.parts {
+            let n = p.out_features();
+            if o < first + n {
+                return p.dequantize_rows(o - first..o - first + 1, out);
+            }
+            first += n;
+        }
+        Err(Error::HostKernel(format!(
+            "row {o} of a {}-row matrix",
+            self.out_features
+        )))
+    }
+
+    /// `y = x Wᵀ` (`[rows, out]`) without bias: BLAS over dequantized panels from
+    /// [`GEMM_MIN_ROWS`] rows (when a BLAS is loaded), the decode kernels below.
+    fn product(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        let width = self.out_features;
+        if rows >= GEMM_MIN_ROWS && host_gemm::available() {
+            let mut at = 0;
+            for p in &self.parts {
+                if !p.gemm(x, rows, &mut y[at..], width)? {
+                    break;
+                }
+                at += p.out_features();
+            }
+            if at == width {
+                return Ok(());
+            }
+        }
+        if let [only] = self.parts.as_slice() {
+            return only.matmul(x, rows, y);
+        }
+        let mut at = 0;
+        for p in &self.parts {
+            let n = p.out_features();
+            let mut part = vec![0.0f32; rows * n];
+            p.matmul(x, rows, &mut part)?;
+            for (dst, src) in y.chunks_exact_mut(width).zip(part.chunks_exact(n)) {
+                dst[at..at + n].copy_from_slice(src);
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// `y = x Wᵀ + b (+ residual)` on host slices: `x` is `[rows, in]`, `y` and `residual`
@@ -651,8 +987,16 @@ impl HostLinear {
         residual: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<()> {
-        let n_out = self.matrix.out_features();
-        self.matrix.matmul(x, rows, y)?;
+        let n_out = self.out_features;
+        if x.len() != rows * self.in_features || y.len() != rows * n_out {
+            return Err(Error::HostKernel(format!(
+                "{rows} rows: input of {} values for {} features, output of {} for {n_out}",
+                x.len(),
+                self.in_features,
+                y.len(),
+            )));
+        }
+        self.product(x, rows, y)?;
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(n_out) {
                 for (v, &b) in row.iter_mut().zip(b) {
@@ -678,7 +1022,7 @@ impl HostLinear {
     /// `x Wᵀ + b (+ residual)` for `x` of shape `[rows, in]` (evaluated here), computed on the
     /// host; returns `[rows, out]`.
     pub fn forward(&self, x: &Array, residual: Option<&Array>) -> Result<Array> {
-        let (n_in, n_out) = (self.matrix.in_features(), self.matrix.out_features());
+        let (n_in, n_out) = (self.in_features, self.out_features);
         let rows = match x.shape() {
             [rows, cols] if *cols as usize == n_in => *rows as usize,
             other => {
@@ -703,6 +1047,8 @@ impl HostLinear {
 /// The MLX weights of a linear layer, in the compute format.
 #[derive(Debug)]
 pub enum LinearWeights {
+    /// None: the layer runs on its host weights only ([`WeightFormat::Host`]).
+    Host,
     /// Dense: `wt` is `Wᵀ`, a contiguous `[in, out]` matrix.
     Dense {
         /// The transposed weight.
@@ -763,10 +1109,27 @@ impl Linear {
         } else {
             None
         };
+        let blocks = parts.iter().all(|p| matches!(p, RawTensor::Matrix(_)));
+        if format == WeightFormat::Host && blocks {
+            let host = HostLinear::from_raw(&parts, bias.as_ref())?
+                .ok_or_else(|| Error::HostKernel("GGUF blocks without a host kernel".into()))?;
+            return Ok(Linear {
+                weights: LinearWeights::Host,
+                host: Some(Box::new(host)),
+            });
+        }
         let host = if host {
             HostLinear::from_raw(&parts, bias.as_ref())?.map(Box::new)
         } else {
             None
+        };
+        let parts = if format == WeightFormat::Quantized && blocks {
+            parts
+                .iter()
+                .map(RawTensor::to_mlx_affine)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            parts
         };
         Ok(Linear {
             weights: LinearWeights::fused(parts, bias, format)?,
@@ -774,21 +1137,29 @@ impl Linear {
         })
     }
 
-    /// `x Wᵀ + b` for `x` of shape `[rows, in]` (MLX).
+    /// `x Wᵀ + b` for `x` of shape `[rows, in]` (MLX, or the host for host-only weights).
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        self.weights.forward(x)
+        match (&self.weights, &self.host) {
+            (LinearWeights::Host, Some(h)) => h.forward(x, None),
+            _ => self.weights.forward(x),
+        }
     }
 
-    /// `x Wᵀ + residual` (one fused op for dense weights; MLX).
+    /// `x Wᵀ + residual` (one fused op for dense weights; MLX, or the host for host-only
+    /// weights).
     pub fn forward_residual(&self, x: &Array, residual: &Array) -> Result<Array> {
-        self.weights.forward_residual(x, residual)
+        match (&self.weights, &self.host) {
+            (LinearWeights::Host, Some(h)) => h.forward(x, Some(residual)),
+            _ => self.weights.forward_residual(x, residual),
+        }
     }
 
-    /// `x Wᵀ + b (+ residual)`: on the host when `decode` and the layer has host weights,
-    /// else on MLX.
+    /// `x Wᵀ + b (+ residual)`: on the host when `decode` and the layer has host weights, or
+    /// when it has only host weights; else on MLX.
     pub fn apply(&self, x: &Array, residual: Option<&Array>, decode: bool) -> Result<Array> {
+        let host_only = matches!(self.weights, LinearWeights::Host);
         match (&self.host, residual) {
-            (Some(h), _) if decode => h.forward(x, residual),
+            (Some(h), _) if decode || host_only => h.forward(x, residual),
             (_, Some(r)) => self.forward_residual(x, r),
             (_, None) => self.forward(x),
         }
@@ -878,6 +1249,9 @@ impl LinearWeights {
     /// `x Wᵀ + b` for `x` of shape `[rows, in]`.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         match self {
+            LinearWeights::Host => Err(Error::HostKernel(
+                "a host-only linear layer has no MLX weights".into(),
+            )),
             LinearWeights::Dense { wt, bias } => match bias {
                 Some(b) => ops::addmm(b, x, wt, None, None).ctx("linear (addmm)"),
                 None => x.matmul(wt).ctx("linear (matmul)"),
@@ -913,6 +1287,7 @@ impl LinearWeights {
     /// The arrays this layer holds (to evaluate them once at load).
     pub fn arrays(&self) -> Vec<&Array> {
         match self {
+            LinearWeights::Host => Vec::new(),
             LinearWeights::Dense { wt, bias } => std::iter::once(wt).chain(bias.iter()).collect(),
             LinearWeights::Quantized {
                 w,
@@ -938,6 +1313,12 @@ pub enum Embedding {
         /// `tableᵀ`, contiguous.
         table_t: Array,
     },
+    /// The GGUF table's own blocks ([`WeightFormat::Host`]): rows dequantized on the host
+    /// per lookup; the same matrix is the tied LM head's host weights.
+    Host {
+        /// `[vocab, hidden]` blocks.
+        table: Arc<QuantMatrix>,
+    },
     /// Quantized rows (gathered, then dequantized).
     Quantized {
         /// Packed values.
@@ -956,6 +1337,11 @@ pub enum Embedding {
 impl Embedding {
     /// Builds the embedding in the compute format.
     pub fn new(t: RawTensor, format: WeightFormat) -> Result<Self> {
+        let t = match (format, t) {
+            (WeightFormat::Host, RawTensor::Matrix(table)) => return Ok(Embedding::Host { table }),
+            (WeightFormat::Quantized, t @ RawTensor::Matrix(_)) => t.to_mlx_affine()?,
+            (_, t) => t,
+        };
         match (format, t) {
             (
                 WeightFormat::Quantized,
@@ -987,6 +1373,23 @@ impl Embedding {
     /// Rows of `ids` (`[n]` u32) → `[n, hidden]`.
     pub fn lookup(&self, ids: &Array) -> Result<Array> {
         match self {
+            Embedding::Host { table } => {
+                let ids = ids.as_dtype(Dtype::Uint32).ctx("embedding ids")?;
+                mlx_rs::transforms::eval([&ids]).ctx("embedding ids")?;
+                let ids = ids
+                    .try_as_slice::<u32>()
+                    .map_err(|e| Error::HostKernel(format!("reading token ids: {e}")))?;
+                let hidden = table.cols();
+                let mut rows = vec![0.0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(hidden.max(1))) {
+                    let id = id as usize;
+                    table
+                        .dequantize_rows(id..id + 1, row)
+                        .map_err(|e| Error::HostKernel(e.to_string()))?;
+                }
+                let shape = [ids.len(), hidden].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
+                Ok(Array::from_slice(&rows, &shape))
+            }
             Embedding::Dense { table_t } => table_t
                 .take_axis(ids, 1)
                 .ctx("embedding lookup")?
@@ -1011,6 +1414,9 @@ impl Embedding {
     /// Tied LM head: `x tableᵀ`.
     pub fn as_head(&self, x: &Array) -> Result<Array> {
         match self {
+            Embedding::Host { .. } => Err(Error::HostKernel(
+                "the tied head of a host table runs on its host weights".into(),
+            )),
             Embedding::Dense { table_t, .. } => x.matmul(table_t).ctx("lm head"),
             Embedding::Quantized {
                 w,
@@ -1026,6 +1432,7 @@ impl Embedding {
     /// The arrays held.
     pub fn arrays(&self) -> Vec<&Array> {
         match self {
+            Embedding::Host { .. } => Vec::new(),
             Embedding::Dense { table_t } => vec![table_t],
             Embedding::Quantized {
                 w, scales, biases, ..
@@ -1103,7 +1510,9 @@ mod tests {
             // The decode kernel's packing holds the same weights (rows split across threads).
             let packed = HostLinear::from_raw(&parts, None)?
                 .ok_or_else(|| Error::HostKernel("not packed".into()))?;
-            let m = packed.matrix();
+            let [HostMatrix::Packed(m)] = packed.parts() else {
+                panic!("MLX-affine parts are packed into one matrix");
+            };
             let total = m.out_features();
             for i in 0..m.in_features() {
                 for o in 0..total {

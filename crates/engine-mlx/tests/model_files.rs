@@ -116,7 +116,64 @@ fn gguf_quant_types_dequantize_exactly_and_run_quantized() {
         let b = last_logits(&qe, tokens);
         let d = common::max_abs_diff(&a, &b);
         assert!(d < 1e-3, "{q:?}: quantized vs f32 logits differ by {d}");
+        // The file's blocks on the host ≈ the f32 path.
+        let (h, _) = load(&path, WeightFormat::Host).expect("load host");
+        let c = last_logits(&h, (0..20).map(|i| (i * 13 % 256) as u32).collect());
+        let d = common::max_abs_diff(&a, &c);
+        assert!(d < 1e-4, "{q:?}: host blocks vs f32 logits differ by {d}");
     }
+}
+
+#[test]
+fn a_model_too_large_for_ram_is_refused_before_loading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("huge.gguf");
+    tiny::write(
+        &path,
+        Variant {
+            huge_tensor: true,
+            ..Variant::default()
+        },
+    );
+    // Truncated as written: reported first, with the memory problem after it; inspect
+    // (which reports memory instead of refusing) says truncated.
+    match expect_err(&path) {
+        Error::Problems { problems, .. } => {
+            assert_eq!(problems.len(), 2, "{problems:?}");
+            assert!(matches!(problems[0], Error::Truncated { .. }));
+            assert!(problems[0].to_string().contains("truncated download"));
+            assert!(matches!(problems[1], Error::OutOfMemory { .. }));
+        }
+        other => panic!("expected truncation and memory, got {other}"),
+    }
+    let e = engine_mlx::inspect_report(path.to_str().expect("utf-8"), &EngineConfig::default())
+        .expect_err("inspect of a truncated file");
+    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+
+    // Extended to its full (sparse) size: 256 GiB of weights do not fit this machine.
+    let header = GgufHeader::read(&path).expect("header");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(header.data_end))
+        .expect("extend");
+    let started = std::time::Instant::now();
+    match expect_err(&path) {
+        Error::OutOfMemory {
+            needed_mib,
+            available_mib,
+            ..
+        } => assert!(needed_mib > available_mib && needed_mib >= 256 << 10),
+        other => panic!("expected an out-of-memory refusal, got {other}"),
+    }
+    // Refused from the header alone (reading 256 GiB would take minutes).
+    assert!(started.elapsed().as_secs() < 30);
+    let (_, report) =
+        engine_mlx::inspect_report(path.to_str().expect("utf-8"), &EngineConfig::default())
+            .expect("inspect reports a model too large instead of failing");
+    let report = report.expect("a GGUF report");
+    assert_eq!(report.fits(), Some(false));
+    assert!(report.types.contains("× F32"), "{}", report.types);
 }
 
 #[test]
@@ -217,10 +274,39 @@ fn bad_model_files_give_typed_errors() {
     );
     let e = expect_err(&p);
     assert!(
-        matches!(&e, Error::UnsupportedTensorType { tensor, .. } if tensor == "blk.0.attn_v.weight"),
+        matches!(&e, Error::UnsupportedTensorTypes { example, found, .. }
+            if example == "blk.0.attn_v.weight" && found == "1 × Q8_1"),
         "{e}"
     );
-    assert!(e.to_string().contains("Q4_K"), "{e}");
+    // The message names the type properly and gives the file's whole histogram.
+    let text = e.to_string();
+    assert!(
+        text.contains("1 × Q8_1") && text.contains("× F32"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Q4_K") && text.contains("IQ4_NL"),
+        "supported list: {text}"
+    );
+
+    // Every problem at once, in check order: architecture before tensor types.
+    let p = dir.path().join("both.gguf");
+    tiny::write(
+        &p,
+        Variant {
+            unknown_type: true,
+            arch_gpt2: true,
+            ..Variant::default()
+        },
+    );
+    match expect_err(&p) {
+        Error::Problems { problems, .. } => {
+            assert_eq!(problems.len(), 2, "{problems:?}");
+            assert!(matches!(problems[0], Error::UnsupportedArchitecture { .. }));
+            assert!(matches!(problems[1], Error::UnsupportedTensorTypes { .. }));
+        }
+        other => panic!("expected both problems, got {other}"),
+    }
 
     // Unsupported architecture lists the supported ones.
     let p = dir.path().join("arch.gguf");

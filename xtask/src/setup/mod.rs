@@ -20,6 +20,7 @@
 mod mlx_linux;
 pub mod model;
 mod packages;
+pub mod real_models;
 
 use std::ffi::OsString;
 use std::fs::{self, File, TryLockError};
@@ -72,6 +73,8 @@ pub struct Prepared {
     pub mlx_lib_dir: Option<PathBuf>,
     /// The installed default model, when it was asked for.
     pub model: Option<PathBuf>,
+    /// Real models installed for the tests: (variable the tests read, path).
+    pub real_models: Vec<(&'static str, PathBuf)>,
 }
 
 impl Prepared {
@@ -106,6 +109,11 @@ impl Prepared {
         }
         if let (true, Some(model)) = (for_tests, &self.model) {
             cmd.env("SEMANTIC_TEST_MODEL", model);
+        }
+        if for_tests {
+            for (var, path) in &self.real_models {
+                cmd.env(var, path);
+            }
         }
     }
 }
@@ -144,6 +152,7 @@ pub fn prepare(args: &SetupArgs, with_model: bool) -> Result<Prepared> {
         cargo_config,
         mlx_lib_dir,
         model,
+        real_models: Vec::new(),
     })
 }
 

@@ -13,7 +13,9 @@ use crate::fused_attention;
 use crate::host_attention;
 use crate::host_decode::{self, AttentionShape, Rope};
 use crate::kv::{KvLayout, SequenceKv};
-use crate::weights::{norm_weight, Embedding, HostLinear, Linear, RawTensor, TensorMap};
+use crate::weights::{
+    norm_weight, Embedding, HostLinear, Linear, RawTensor, TensorMap, WeightFormat,
+};
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{nn, Array};
@@ -147,7 +149,7 @@ impl LlamaModel {
             w.check_shape("output.weight", &t, &[c.vocab_size as i64, hidden])?;
             Some(Linear::fused(vec![t], vec![None], fmt, host)?)
         };
-        let tied_head_host = if host && c.tie_word_embeddings {
+        let tied_head_host = if (host || fmt == WeightFormat::Host) && c.tie_word_embeddings {
             HostLinear::from_raw(std::slice::from_ref(&embed_raw), None)?
         } else {
             None
@@ -688,7 +690,9 @@ impl LlamaModel {
             .ctx("final norm")?;
         match (&self.head, &self.tied_head_host) {
             (Some(head), _) => head.apply(&x, None, decode),
-            (None, Some(host)) if decode => host.forward(&x, None),
+            (None, Some(host)) if decode || matches!(self.embed, Embedding::Host { .. }) => {
+                host.forward(&x, None)
+            }
             (None, _) => self.embed.as_head(&x),
         }
     }
@@ -708,7 +712,7 @@ fn host_split(parts: &[&Linear], x: &[f32], rows: usize, y: &mut [f32]) -> Resul
     let mut at = 0;
     for p in parts {
         let h = host_of(p)?;
-        let n = h.matrix().out_features();
+        let n = h.out_features();
         let mut part = vec![0.0f32; rows * n];
         h.forward_host(x, rows, None, &mut part)?;
         for (dst, src) in y.chunks_exact_mut(width).zip(part.chunks_exact(n)) {
@@ -726,7 +730,7 @@ impl LlamaModel {
         let mut x = vec![0.0f32; tokens.len() * hs];
         if let Some(table) = &self.tied_head_host {
             for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(hs)) {
-                table.matrix().dequantize_row(t as usize, row)?;
+                table.dequantize_row(t as usize, row)?;
             }
         } else {
             let ids = Array::from_slice(tokens, &[rows_of(tokens.len())?]);
@@ -828,7 +832,7 @@ impl LlamaModel {
             (None, Some(tied)) => tied,
             (None, None) => return Err(crate::error::Error::HostKernel("no host LM head".into())),
         };
-        let vocab = head.matrix().out_features();
+        let vocab = head.out_features();
         let mut logits = vec![0.0f32; b * vocab];
         head.forward_host(&h, b, None, &mut logits)?;
         Ok(Array::from_slice(&logits, &[rows_of(b)?, rows_of(vocab)?]))

@@ -62,6 +62,7 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 pub mod tiny;
+pub mod warm;
 
 /// Largest absolute difference; infinite when a value is NaN or the lengths differ.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -36,6 +36,8 @@ pub enum Quant {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// Any supported type: random blocks with sane scales ([`random_blocks`]).
+    Any(gguf_quants::QuantType),
 }
 
 impl Quant {
@@ -45,8 +47,63 @@ impl Quant {
             Quant::Q4_0 => 2,
             Quant::Q4_1 => 3,
             Quant::Q8_0 => 8,
+            Quant::Any(t) => t.id(),
         }
     }
+}
+
+/// Random blocks of `ty` holding `n` elements, with every scale field set to a small finite
+/// value (random bytes there would give infinities and NaNs), and their values dequantized
+/// by `gguf-quants` (whose bits the crate's own tests check against gguf-py).
+pub fn random_blocks(ty: gguf_quants::QuantType, n: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    use gguf_quants::QuantType as T;
+    let traits = ty.traits().expect("a supported type");
+    let blocks = n / traits.block_elems;
+    let raw = values(seed, blocks * traits.block_bytes, 1.0);
+    let mut bytes: Vec<u8> = raw.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    for (b, block) in bytes.chunks_exact_mut(traits.block_bytes).enumerate() {
+        let d = 0.004 + 0.002 * (b % 3) as f32;
+        let mut put = |at: usize, v: f32| block[at..at + 2].copy_from_slice(&f16(v));
+        match ty {
+            T::F32 | T::F16 | T::Bf16 => {}
+            T::Q4_0 | T::Q5_0 | T::Q8_0 | T::Iq4Nl => put(0, d * 4.0),
+            T::Q4_1 | T::Q5_1 => {
+                put(0, d * 4.0);
+                put(2, -0.05);
+            }
+            T::Q2K => {
+                put(80, d);
+                put(82, d / 2.0);
+            }
+            T::Q3K => put(108, d),
+            T::Q4K | T::Q5K => {
+                put(0, d);
+                put(2, d / 2.0);
+            }
+            T::Q6K => put(208, d / 4.0),
+            T::Iq4Xs => put(0, d),
+            T::Q8K => block[..4].copy_from_slice(&(d / 8.0).to_le_bytes()),
+            other => panic!("no scale layout for {}", other.name()),
+        }
+    }
+    if matches!(ty, T::F32 | T::F16 | T::Bf16) {
+        let v = values(seed, n, 0.15);
+        bytes = match ty {
+            T::F32 => f32_bytes(&v),
+            T::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            _ => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        };
+    }
+    let mut deq = vec![0.0f32; n];
+    (traits.dequantize)(&bytes, &mut deq);
+    (bytes, deq)
 }
 
 /// Random bytes of a quantized tensor with `n` elements (blocks of 32) plus its
@@ -60,7 +117,7 @@ pub fn quantized(seed: u64, n: usize, q: Quant) -> (Vec<u8>, Vec<f32>) {
         let d = half::f16::from_f32(0.01 + 0.005 * (b % 3) as f32);
         let m = half::f16::from_f32(-0.05 + 0.01 * (b % 5) as f32);
         match q {
-            Quant::F32 => unreachable!("not quantized"),
+            Quant::F32 | Quant::Any(_) => unreachable!("not a legacy block type"),
             Quant::Q8_0 => {
                 bytes.extend_from_slice(&d.to_le_bytes());
                 for j in 0..32 {
@@ -112,10 +169,17 @@ pub struct Variant {
     pub linear: Option<Quant>,
     /// Leave out `blk.1.ffn_down.weight`.
     pub drop_tensor: bool,
-    /// Store `blk.0.attn_v.weight` as Q4_K (ggml type 12).
+    /// Store `blk.0.attn_v.weight` as Q8_1 (ggml type 9, a type this engine does not load).
     pub unknown_type: bool,
     /// Architecture name (default `llama`).
     pub arch_gpt2: bool,
+    /// Hidden size 256 and MLP width 512 (rows long enough for 256-element K-quant blocks).
+    pub wide: bool,
+    /// The token embedding in the linear weights' type too, tied as the LM head.
+    pub quantized_embedding: bool,
+    /// A last, unused F32 tensor of 256 GiB whose data is not written: the file must then be
+    /// extended (sparse) to the tensor table's end to pass the size check.
+    pub huge_tensor: bool,
 }
 
 /// Writes the tiny model; returns the Rust-dequantized values of `blk.0.attn_q.weight`.
@@ -126,13 +190,18 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
     types.extend([GgufValue::Int(3), GgufValue::Int(3), GgufValue::Int(3)]);
     let arch = if variant.arch_gpt2 { "gpt2" } else { "llama" };
     let k = |s: &str| format!("{arch}.{s}");
+    let (hidden, inter) = if variant.wide {
+        (256, 512)
+    } else {
+        (HIDDEN, INTER)
+    };
     let keys: Vec<(String, GgufValue)> = vec![
         ("general.architecture".into(), GgufValue::String(arch.into())),
         ("general.name".into(), GgufValue::String("tiny".into())),
         (k("block_count"), GgufValue::UInt(LAYERS)),
         (k("context_length"), GgufValue::UInt(512)),
-        (k("embedding_length"), GgufValue::UInt(HIDDEN)),
-        (k("feed_forward_length"), GgufValue::UInt(INTER)),
+        (k("embedding_length"), GgufValue::UInt(hidden)),
+        (k("feed_forward_length"), GgufValue::UInt(inter)),
         (k("attention.head_count"), GgufValue::UInt(HEADS)),
         (k("attention.head_count_kv"), GgufValue::UInt(KV_HEADS)),
         (k("rope.freq_base"), GgufValue::Float(10000.0)),
@@ -159,7 +228,7 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
     ];
     let meta: Vec<(&str, GgufValue)> = keys.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
 
-    let hd = HIDDEN / HEADS;
+    let hd = hidden / HEADS;
     let mut tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)> = Vec::new();
     let mut seed = 1u64;
     let mut dense = |name: String, shape: Vec<u64>, scale: f32, tensors: &mut Vec<_>| {
@@ -172,33 +241,44 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
             f32_bytes(&values(seed, n as usize, scale)),
         ));
     };
-    dense(
-        "token_embd.weight".into(),
-        vec![n_vocab, HIDDEN],
-        1.0,
-        &mut tensors,
-    );
-    let mut ones = vec![1.0f32; HIDDEN as usize];
+    match variant.linear {
+        Some(Quant::Any(ty)) if variant.quantized_embedding => {
+            let (bytes, _) = random_blocks(ty, (n_vocab * hidden) as usize, 99);
+            tensors.push((
+                "token_embd.weight".into(),
+                vec![n_vocab, hidden],
+                ty.id(),
+                bytes,
+            ));
+        }
+        _ => dense(
+            "token_embd.weight".into(),
+            vec![n_vocab, hidden],
+            1.0,
+            &mut tensors,
+        ),
+    }
+    let mut ones = vec![1.0f32; hidden as usize];
     ones[0] = 1.5;
     tensors.push((
         "output_norm.weight".into(),
-        vec![HIDDEN],
+        vec![hidden],
         0,
         f32_bytes(&ones),
     ));
     let mut attn_q_ref = Vec::new();
     for l in 0..LAYERS {
         let p = |s: &str| format!("blk.{l}.{s}");
-        tensors.push((p("attn_norm.weight"), vec![HIDDEN], 0, f32_bytes(&ones)));
-        tensors.push((p("ffn_norm.weight"), vec![HIDDEN], 0, f32_bytes(&ones)));
+        tensors.push((p("attn_norm.weight"), vec![hidden], 0, f32_bytes(&ones)));
+        tensors.push((p("ffn_norm.weight"), vec![hidden], 0, f32_bytes(&ones)));
         let linears = [
-            ("attn_q.weight", vec![HEADS * hd, HIDDEN]),
-            ("attn_k.weight", vec![KV_HEADS * hd, HIDDEN]),
-            ("attn_v.weight", vec![KV_HEADS * hd, HIDDEN]),
-            ("attn_output.weight", vec![HIDDEN, HEADS * hd]),
-            ("ffn_gate.weight", vec![INTER, HIDDEN]),
-            ("ffn_up.weight", vec![INTER, HIDDEN]),
-            ("ffn_down.weight", vec![HIDDEN, INTER]),
+            ("attn_q.weight", vec![HEADS * hd, hidden]),
+            ("attn_k.weight", vec![KV_HEADS * hd, hidden]),
+            ("attn_v.weight", vec![KV_HEADS * hd, hidden]),
+            ("attn_output.weight", vec![hidden, HEADS * hd]),
+            ("ffn_gate.weight", vec![inter, hidden]),
+            ("ffn_up.weight", vec![inter, hidden]),
+            ("ffn_down.weight", vec![hidden, inter]),
         ];
         for (i, (name, shape)) in linears.into_iter().enumerate() {
             if variant.drop_tensor && l == 1 && name == "ffn_down.weight" {
@@ -208,10 +288,13 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
             let q = variant.linear.unwrap_or(Quant::F32);
             let s = 100 * l + i as u64;
             let (ty, bytes, deq) = if variant.unknown_type && l == 0 && name == "attn_v.weight" {
-                (12u32, vec![0u8; (n / 256 * 144) as usize], vec![])
+                (9u32, vec![0u8; (n / 32 * 36) as usize], vec![])
             } else if q == Quant::F32 {
                 let v = values(s, n as usize, 0.15);
                 (0u32, f32_bytes(&v), v)
+            } else if let Quant::Any(ty) = q {
+                let (b, d) = random_blocks(ty, n as usize, s + 1);
+                (ty.id(), b, d)
             } else {
                 let (b, d) = quantized(s, n as usize, q);
                 (q.id(), b, d)
@@ -221,6 +304,9 @@ pub fn write(path: &Path, variant: Variant) -> Vec<f32> {
             }
             tensors.push((p(name), shape, ty, bytes));
         }
+    }
+    if variant.huge_tensor {
+        tensors.push(("huge.weight".into(), vec![1 << 21, 1 << 15], 0, Vec::new()));
     }
     let refs: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = tensors
         .iter()
