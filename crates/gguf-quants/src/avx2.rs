@@ -17,7 +17,6 @@ use std::arch::x86_64::*;
 use crate::iq::{scales_iq4xs, KVALUES};
 use crate::isa::x86::Avx2;
 use crate::kernel::{unroll, Dec256, Dec32};
-use crate::kquants::scale_min_k4;
 
 pub(crate) use crate::kernel::refdec::{Q2K, Q3K};
 
@@ -271,10 +270,7 @@ unsafe fn q5_codes(qh: u32, qs: *const u8, off: i8) -> (__m128i, __m128i) {
         let (lo, hi) = nibbles(qs);
         let q = _mm256_or_si256(_mm256_set_m128i(hi, lo), fifth_bits(qh));
         let q = _mm256_sub_epi8(q, _mm256_set1_epi8(off));
-        (
-            _mm256_castsi256_si128(q),
-            _mm256_extracti128_si256(q, 1),
-        )
+        (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1))
     }
 }
 
@@ -357,19 +353,66 @@ impl Dec256<Avx2> for Q8K {
     }
 }
 
-/// `d·sc[j]` and `dmin·m[j]` of the 8 sub-blocks of a Q4_K / Q5_K block.
+/// `d·sc[j]` and `dmin·m[j]` of the 8 sub-blocks of a Q4_K / Q5_K block (the
+/// reference's products, 8 lanes at a time; the 6-bit unpacking of `scale_min_k4` on
+/// 32-bit words).
+///
+/// # Safety
+/// AVX2 and F16C (also every AVX-512 CPU of [`crate::Isa::Avx512`]); `block` has at least
+/// 16 bytes (checked).
 #[inline(always)]
-fn scales_k4(block: &[u8]) -> ([f32; 8], [f32; 8]) {
-    let (sc, m) = scale_min_k4(&block[4..16]);
-    let d = crate::f16_at(block, 0);
-    let dmin = crate::f16_at(block, 2);
-    let mut dl = [0.0f32; 8];
-    let mut ml = [0.0f32; 8];
-    for j in 0..8 {
-        dl[j] = d * f32::from(sc[j]);
-        ml[j] = dmin * f32::from(m[j]);
+pub(crate) unsafe fn scales_k4(block: &[u8]) -> ([f32; 8], [f32; 8]) {
+    let b = check(block, 16);
+    // SAFETY: 16 bytes at `b` (checked); the caller's CPU features.
+    unsafe {
+        macro_rules! word {
+            ($i:expr) => {
+                u32::from_le(std::ptr::read_unaligned(b.add($i).cast::<u32>()))
+            };
+        }
+        let (a, m, c) = (word!(4), word!(8), word!(12));
+        let sc_lo = a & 0x3F3F_3F3F;
+        let m_lo = m & 0x3F3F_3F3F;
+        let sc_hi = (c & 0x0F0F_0F0F) | ((a >> 2) & 0x3030_3030);
+        let m_hi = ((c >> 4) & 0x0F0F_0F0F) | ((m >> 2) & 0x3030_3030);
+        let sc = u64::from(sc_lo) | (u64::from(sc_hi) << 32);
+        let mn = u64::from(m_lo) | (u64::from(m_hi) << 32);
+        let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(word!(0) as i32));
+        let d = _mm256_broadcastss_ps(dd);
+        let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+        macro_rules! to_f32 {
+            ($v:expr) => {
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128($v as i64)))
+            };
+        }
+        let (mut dl, mut ml) = ([0.0f32; 8], [0.0f32; 8]);
+        _mm256_storeu_ps(dl.as_mut_ptr(), _mm256_mul_ps(d, to_f32!(sc)));
+        _mm256_storeu_ps(ml.as_mut_ptr(), _mm256_mul_ps(dmin, to_f32!(mn)));
+        (dl, ml)
     }
-    (dl, ml)
+}
+
+/// `d·scales[c]` of the 16 sub-blocks of a Q6_K block.
+///
+/// # Safety
+/// AVX2 and F16C (also every AVX-512 CPU of [`crate::Isa::Avx512`]); `block` has at least
+/// 210 bytes (checked).
+#[inline(always)]
+pub(crate) unsafe fn scales_q6k(block: &[u8]) -> [f32; 16] {
+    let b = check(block, 210);
+    // SAFETY: bytes 192..210 (checked); the caller's CPU features.
+    unsafe {
+        let d = _mm256_set1_ps(f16_at(b, 208));
+        let mut dl = [0.0f32; 16];
+        for h in 0..2 {
+            let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(192 + 8 * h).cast()));
+            _mm256_storeu_ps(
+                dl.as_mut_ptr().add(8 * h),
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)),
+            );
+        }
+        dl
+    }
 }
 
 /// `dl·q - ml` for 8 codes in dword lanes.
@@ -387,8 +430,8 @@ impl Dec256<Avx2> for Q4K {
     }
     #[inline(always)]
     fn begin(self, _: Avx2, block: &[u8]) -> Self::State {
-        check(block, 144);
-        scales_k4(block)
+        // SAFETY: AVX2 and F16C (the token).
+        unsafe { scales_k4(block) }
     }
     #[inline(always)]
     fn quarter(self, _: Avx2, st: &Self::State, block: &[u8], q: usize) -> [V; 4] {
@@ -405,7 +448,12 @@ impl Dec256<Avx2> for Q4K {
             let (d1, m1) = (_mm256_set1_ps(dl[2 * q + 1]), _mm256_set1_ps(ml[2 * q + 1]));
             let lo: [__m256; 4] = unroll!(k in 4 => k_weights(_mm256_and_si256(c[k], m4), d0, m0));
             let hi: [__m256; 4] = unroll!(k in 4 => k_weights(_mm256_srli_epi32(c[k], 4), d1, m1));
-            [(lo[0], lo[1]), (lo[2], lo[3]), (hi[0], hi[1]), (hi[2], hi[3])]
+            [
+                (lo[0], lo[1]),
+                (lo[2], lo[3]),
+                (hi[0], hi[1]),
+                (hi[2], hi[3]),
+            ]
         }
     }
 }
@@ -418,8 +466,8 @@ impl Dec256<Avx2> for Q5K {
     }
     #[inline(always)]
     fn begin(self, _: Avx2, block: &[u8]) -> Self::State {
-        check(block, 176);
-        scales_k4(block)
+        // SAFETY: AVX2 and F16C (the token).
+        unsafe { scales_k4(block) }
     }
     #[inline(always)]
     fn quarter(self, _: Avx2, st: &Self::State, block: &[u8], q: usize) -> [V; 4] {
@@ -450,7 +498,11 @@ impl Dec256<Avx2> for Q5K {
             let p = codes.as_ptr();
             macro_rules! w {
                 ($k:expr, $d:expr, $m:expr) => {
-                    k_weights(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8 * $k).cast())), $d, $m)
+                    k_weights(
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8 * $k).cast())),
+                        $d,
+                        $m,
+                    )
                 };
             }
             let (d0, m0) = (_mm256_set1_ps(dl[2 * q]), _mm256_set1_ps(ml[2 * q]));
@@ -473,9 +525,8 @@ impl Dec256<Avx2> for Q6K {
     }
     #[inline(always)]
     fn begin(self, _: Avx2, block: &[u8]) -> [f32; 16] {
-        check(block, 210);
-        let d = crate::f16_at(block, 208);
-        unroll!(c in 16 => d * f32::from(block[192 + c] as i8))
+        // SAFETY: AVX2 and F16C (the token).
+        unsafe { scales_q6k(block) }
     }
     #[inline(always)]
     fn quarter(self, _: Avx2, dl: &[f32; 16], block: &[u8], q: usize) -> [V; 4] {

@@ -16,10 +16,11 @@
 
 use std::arch::x86_64::*;
 
+use crate::avx2::{scales_k4, scales_q6k};
 use crate::iq::{scales_iq4xs, KVALUES};
 use crate::isa::x86::Avx512;
 use crate::kernel::{unroll, Dec256, Dec32};
-use crate::kquants::{scale_min_k4, scales_q3k};
+use crate::kquants::scales_q3k;
 
 /// Panics unless `block` holds at least `n` bytes: the bound of every raw read below.
 #[inline(always)]
@@ -37,7 +38,9 @@ macro_rules! decoder {
         pub(crate) struct $name;
     )*};
 }
-decoder!(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K, IQ4_XS);
+decoder!(
+    F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K, IQ4_XS
+);
 
 impl Dec32<Avx512> for F32 {
     #[inline(always)]
@@ -250,22 +253,6 @@ impl Dec256<Avx512> for Q8K {
     }
 }
 
-/// `d·sc[j]` and `dmin·m[j]` of the 8 sub-blocks of a Q4_K / Q5_K block (the reference's
-/// scalar products, 8 lanes at a time).
-#[inline(always)]
-fn scales_k4(block: &[u8]) -> ([f32; 8], [f32; 8]) {
-    let (sc, m) = scale_min_k4(&block[4..16]);
-    let d = crate::f16_at(block, 0);
-    let dmin = crate::f16_at(block, 2);
-    let mut dl = [0.0f32; 8];
-    let mut ml = [0.0f32; 8];
-    for j in 0..8 {
-        dl[j] = d * f32::from(sc[j]);
-        ml[j] = dmin * f32::from(m[j]);
-    }
-    (dl, ml)
-}
-
 impl Dec256<Avx512> for Q4K {
     type State = ([f32; 8], [f32; 8]);
     #[inline(always)]
@@ -274,8 +261,8 @@ impl Dec256<Avx512> for Q4K {
     }
     #[inline(always)]
     fn begin(self, _: Avx512, block: &[u8]) -> Self::State {
-        check(block, 144);
-        scales_k4(block)
+        // SAFETY: AVX-512 CPUs have AVX2 and F16C (the token).
+        unsafe { scales_k4(block) }
     }
     #[inline(always)]
     fn quarter(self, _: Avx512, st: &Self::State, block: &[u8], q: usize) -> [__m512; 4] {
@@ -314,8 +301,8 @@ impl Dec256<Avx512> for Q5K {
     }
     #[inline(always)]
     fn begin(self, _: Avx512, block: &[u8]) -> Self::State {
-        check(block, 176);
-        scales_k4(block)
+        // SAFETY: AVX-512 CPUs have AVX2 and F16C (the token).
+        unsafe { scales_k4(block) }
     }
     #[inline(always)]
     fn quarter(self, _: Avx512, st: &Self::State, block: &[u8], q: usize) -> [__m512; 4] {
@@ -366,9 +353,8 @@ impl Dec256<Avx512> for Q6K {
     }
     #[inline(always)]
     fn begin(self, _: Avx512, block: &[u8]) -> [f32; 16] {
-        check(block, 210);
-        let d = crate::f16_at(block, 208);
-        unroll!(c in 16 => d * f32::from(block[192 + c] as i8))
+        // SAFETY: AVX-512 CPUs have AVX2 and F16C (the token).
+        unsafe { scales_q6k(block) }
     }
     #[inline(always)]
     fn quarter(self, _: Avx512, dl: &[f32; 16], block: &[u8], q: usize) -> [__m512; 4] {
@@ -388,11 +374,7 @@ impl Dec256<Avx512> for Q6K {
             // Elements 0..32 of the quarter take qh bits `4h..4h+2`, 32..64 bits `4h+2..`.
             let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(128 + 32 * chunk).cast()));
             let sh = 4 * h as i16;
-            let counts = _mm512_inserti64x4(
-                _mm512_set1_epi16(sh),
-                _mm256_set1_epi16(sh + 2),
-                1,
-            );
+            let counts = _mm512_inserti64x4(_mm512_set1_epi16(sh), _mm256_set1_epi16(sh + 2), 1);
             let hi = _mm512_and_si512(_mm512_srlv_epi16(qh, counts), _mm512_set1_epi8(3));
             let code = _mm512_sub_epi8(
                 _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)),

@@ -93,8 +93,12 @@ pub(crate) trait Simd: Copy {
     /// `[Σ_i W[i]·x[r][i] for r in 0..R]` for one weight row `row` of `t` and `R` input
     /// rows of the row's length, in the lane order of the crate doc (the kernel's inner
     /// loop, through this instruction set's block decoders).
-    fn dot<const R: usize>(self, t: &'static crate::TypeTraits, row: &[u8], x: [&[f32]; R])
-        -> [f32; R];
+    fn dot<const R: usize>(
+        self,
+        t: &'static crate::TypeTraits,
+        row: &[u8],
+        x: [&[f32]; R],
+    ) -> [f32; R];
     /// Dequantizes `src` into `dst` (whole blocks) through this instruction set's block
     /// decoders: the same bits as [`crate::TypeTraits::dequantize`].
     fn dequant(self, t: &'static crate::TypeTraits, src: &[u8], dst: &mut [f32]);

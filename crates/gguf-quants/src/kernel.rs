@@ -79,14 +79,23 @@ fn rows_at<'a, const R: usize>(xs: &[&'a [[f32; 64]]; R], k: usize) -> [&'a [f32
 fn finish<S: Simd, const R: usize>(s: S, acc: [[S::V; CHAINS]; R]) -> [f32; R] {
     let mut out = [0.0f32; R];
     for (o, a) in out.iter_mut().zip(acc) {
-        *o = reduce64([s.to_array(a[0]), s.to_array(a[1]), s.to_array(a[2]), s.to_array(a[3])]);
+        *o = reduce64([
+            s.to_array(a[0]),
+            s.to_array(a[1]),
+            s.to_array(a[2]),
+            s.to_array(a[3]),
+        ]);
     }
     out
 }
 
 /// One weight row of 32-element blocks (or float tiles) against `R` input rows of equal
 /// length `cols`; `traits` dequantizes the float tail (fewer than 32 elements).
-#[inline(always)]
+// Inlined into the instruction set's entry point in release builds (where the intrinsics
+// must inline); out of line in debug builds, whose unoptimized frames of every format
+// inlined together would overflow a test thread's stack.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline(never))]
 pub(crate) fn drive32<S: Simd, D: Dec32<S>, const R: usize>(
     s: S,
     d: D,
@@ -139,7 +148,11 @@ pub(crate) fn drive32<S: Simd, D: Dec32<S>, const R: usize>(
 }
 
 /// One weight row of 256-element super-blocks against `R` input rows of length `cols`.
-#[inline(always)]
+// Inlined into the instruction set's entry point in release builds (where the intrinsics
+// must inline); out of line in debug builds, whose unoptimized frames of every format
+// inlined together would overflow a test thread's stack.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline(never))]
 pub(crate) fn drive256<S: Simd, D: Dec256<S>, const R: usize>(
     s: S,
     d: D,
@@ -164,7 +177,11 @@ pub(crate) fn drive256<S: Simd, D: Dec256<S>, const R: usize>(
 
 /// Dequantizes whole 32-element blocks (tiles) through the decoder; a float tail through
 /// `traits`.
-#[inline(always)]
+// Inlined into the instruction set's entry point in release builds (where the intrinsics
+// must inline); out of line in debug builds, whose unoptimized frames of every format
+// inlined together would overflow a test thread's stack.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline(never))]
 pub(crate) fn store32<S: Simd, D: Dec32<S>>(
     s: S,
     d: D,
@@ -183,7 +200,11 @@ pub(crate) fn store32<S: Simd, D: Dec32<S>>(
 }
 
 /// Dequantizes whole super-blocks through the decoder.
-#[inline(always)]
+// Inlined into the instruction set's entry point in release builds (where the intrinsics
+// must inline); out of line in debug builds, whose unoptimized frames of every format
+// inlined together would overflow a test thread's stack.
+#[cfg_attr(not(debug_assertions), inline(always))]
+#[cfg_attr(debug_assertions, inline(never))]
 pub(crate) fn store256<S: Simd, D: Dec256<S>>(s: S, d: D, src: &[u8], dst: &mut [f32]) {
     for (b, o) in src.chunks_exact(d.bytes()).zip(dst.chunks_exact_mut(256)) {
         let st = d.begin(s, b);
