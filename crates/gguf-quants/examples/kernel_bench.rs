@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release -p gguf-quants --example kernel_bench [isa...] [type...]`
 //! (isa: avx512, avx2, scalar; default: the detected one; type names such as Q4_K to pick
-//! types, default all).
+//! types, default all; `rows=N` for another row count, e.g. one whose matrix fits in L2 to
+//! time the kernel without the memory system).
 
 use std::time::Instant;
 
@@ -48,8 +49,12 @@ fn matrix(ty: QuantType, rows: usize, cols: usize, seed: &mut u64) -> QuantMatri
 }
 
 fn main() {
-    let (rows, cols) = (896, 4864);
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rows = args
+        .iter()
+        .find_map(|a| a.strip_prefix("rows=")?.parse().ok())
+        .unwrap_or(896);
+    let cols = 4864;
     let types: Vec<QuantType> = SUPPORTED
         .iter()
         .copied()

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// x86-64 AVX-512 (F, BW, VL) with FMA: the 16 lanes in one register.
     Avx512,
-    /// x86-64 AVX2 with FMA: the 16 lanes in two registers.
+    /// x86-64 AVX2 with FMA and F16C: the 16 lanes in two registers.
     Avx2,
     /// Plain Rust (any CPU; `f32::mul_add`, which is a library call on x86-64 without FMA).
     Scalar,
@@ -49,6 +49,7 @@ impl Isa {
             Isa::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -89,31 +90,18 @@ pub(crate) trait Simd: Copy {
     fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// The lanes.
     fn to_array(self, v: Self::V) -> [f32; 16];
-    /// Dequantizes one block (or, for float types, `buf.len()` elements, a multiple of 16)
-    /// bit-identically to [`crate::TypeTraits::dequantize`] and hands the weights to `f` as
-    /// vectors, `f(c, w)` for elements `16c..16c+16`, in increasing `c`. The default goes
-    /// through `buf` with the reference dequantizer.
-    #[inline(always)]
-    fn for_each_vector<F: Sink<Self::V>>(
+    /// `[Σ_i W[i]·x[r][i] for r in 0..R]` for one weight row `row` of `t` and `R` input
+    /// rows of the row's length, in the lane order of the crate doc (the kernel's inner
+    /// loop, through this instruction set's block decoders).
+    fn dot<const R: usize>(
         self,
-        traits: &crate::TypeTraits,
-        block: &[u8],
-        buf: &mut [f32],
-        mut f: F,
-    ) {
-        (traits.dequantize)(block, buf);
-        for c in 0..buf.len() / 16 {
-            f.put(c, self.load(&buf[c * 16..]));
-        }
-    }
-}
-
-/// Where a block's weight vectors go (`put(c, w)`: elements `16c..16c+16`). A trait with
-/// an `#[inline(always)]` method rather than a closure: closures may stay out of line,
-/// outside the caller's target features, where every intrinsic would become a call.
-pub(crate) trait Sink<V> {
-    /// Takes the weights `16c..16c+16` of the block.
-    fn put(&mut self, c: usize, w: V);
+        t: &'static crate::TypeTraits,
+        row: &[u8],
+        x: [&[f32]; R],
+    ) -> [f32; R];
+    /// Dequantizes `src` into `dst` (whole blocks) through this instruction set's block
+    /// decoders: the same bits as [`crate::TypeTraits::dequantize`].
+    fn dequant(self, t: &'static crate::TypeTraits, src: &[u8], dst: &mut [f32]);
 }
 
 /// A generic kernel to compile once per instruction set.
@@ -133,7 +121,7 @@ pub(crate) fn dispatch<K: Kernel>(isa: Isa, k: K) {
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.supported() => {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked above).
             unsafe { x86::run_avx2(k) }
         }
         _ => k.run(Scalar),
@@ -163,12 +151,13 @@ impl Simd for Scalar {
     fn to_array(self, v: [f32; 16]) -> [f32; 16] {
         v
     }
+    crate::kernel::impl_kernels!(crate::kernel::refdec);
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     //! AVX2 and AVX-512 vectors and entry points.
-    use super::{Kernel, Simd, Sink};
+    use super::{Kernel, Simd};
     use std::arch::x86_64::*;
 
     /// Compiles `k` with AVX-512.
@@ -183,8 +172,8 @@ pub(crate) mod x86 {
     /// Compiles `k` with AVX2.
     ///
     /// # Safety
-    /// The CPU must support avx2 and fma.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn run_avx2<K: Kernel>(k: K) {
         k.run(Avx2(()))
     }
@@ -222,23 +211,7 @@ pub(crate) mod x86 {
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
             out
         }
-        #[inline(always)]
-        fn for_each_vector<F: Sink<__m512>>(
-            self,
-            traits: &crate::TypeTraits,
-            block: &[u8],
-            buf: &mut [f32],
-            mut f: F,
-        ) {
-            // SAFETY: an Avx512 value exists only inside `run_avx512`, whose caller checked
-            // the features `avx512::for_each` needs, and this inlines there.
-            if !unsafe { crate::avx512::for_each(traits, block, buf.len(), &mut f) } {
-                (traits.dequantize)(block, buf);
-                for c in 0..buf.len() / 16 {
-                    f.put(c, self.load(&buf[c * 16..]));
-                }
-            }
-        }
+        crate::kernel::impl_kernels!(crate::avx512);
     }
 
     impl Simd for Avx2 {
@@ -279,5 +252,6 @@ pub(crate) mod x86 {
             }
             out
         }
+        crate::kernel::impl_kernels!(crate::avx2);
     }
 }

@@ -19,23 +19,28 @@
 //! requested, or the instruction set ([`Isa`]):
 //! - the weights are dequantized exactly as [`TypeTraits::dequantize`] does (SIMD
 //!   dequantization produces the same bits as the scalar reference);
-//! - element `i` is accumulated into lane `i % 32` of 32 lane accumulators (starting at
+//! - element `i` is accumulated into lane `i % 64` of 64 lane accumulators (starting at
 //!   `+0.0`) by a correctly rounded fused multiply-add, in increasing `i`; a final partial
 //!   group of fewer than 16 elements (float types only) is padded with `0.0` weights and
 //!   inputs;
-//! - the 32 lanes are summed by a fixed tree: `l + 16`, then `l + 8`, `l + 4`, `l + 2`,
-//!   `l + 1`.
+//! - the 64 lanes are summed by a fixed tree: `l + 32`, then `l + 16`, `l + 8`, `l + 4`,
+//!   `l + 2`, `l + 1`.
 //!
-//! AVX-512 keeps the 32 lanes in two registers (two independent FMA chains, so one input
-//! row is not bound by FMA latency), AVX2 in four, the scalar path in arrays: the same
-//! operations, so the same bits. This is what lets the server promise that a
+//! The 64 lanes are four 16-lane accumulators (four independent FMA chains, so that one
+//! input row is not bound by FMA latency): one register each with AVX-512, two with AVX2,
+//! arrays in the scalar path; the same operations, so the same bits. Up to
+//! [`MAX_GROUP`] input rows share one pass over a weight row's decoded blocks. This is
+//! what lets the server promise that a
 //! token computed in a batch of 8 equals the one computed alone (warm == cold).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod float;
 mod iq;
 mod isa;
+mod kernel;
 mod kquants;
 mod legacy;
 mod matrix;

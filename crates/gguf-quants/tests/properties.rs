@@ -123,3 +123,58 @@ proptest! {
       }
     }
 }
+
+/// The documented operation order, written out from the reference weights: element `i`
+/// into lane `i % 64` by fused multiply-add (float tails zero-padded to 16 lanes), then
+/// the tree `l + 32`, `l + 16`, `l + 8`, `l + 4`, `l + 2`, `l + 1`.
+fn documented_dot(w: &[f32], x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 64];
+    for (i, (&wi, &xi)) in w.iter().zip(x).enumerate() {
+        lanes[i % 64] = wi.mul_add(xi, lanes[i % 64]);
+    }
+    // Padding lanes get `0·0 + acc`, which leaves every accumulator's bits unchanged
+    // except `-0.0`, which becomes `+0.0` (as in the kernels).
+    let padded = w.len().div_ceil(16) * 16;
+    for i in w.len()..padded {
+        lanes[i % 64] = 0.0f32.mul_add(0.0, lanes[i % 64]);
+    }
+    let mut width = 64;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    lanes[0]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// Every instruction set follows the operation order of the crate doc bit for bit
+    /// (checked against a plain-Rust transcription of it over the reference weights).
+    #[test]
+    fn matmul_follows_documented_lane_order(seed: u64, n in 1usize..6) {
+      let mut rng = Rng(seed | 1);
+      for &ty in SUPPORTED {
+        let cols = cols_for(ty, &mut rng);
+        let rows = 2;
+        let m = QuantMatrix::new(ty, rows, cols, finite_blocks(ty, &mut rng, rows * cols / ty.block_elems()))
+            .expect("matrix");
+        let mut w = vec![0.0f32; rows * cols];
+        m.dequantize_rows(0..rows, &mut w).expect("dequantize");
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+        for isa in Isa::all_supported() {
+            let mut yt = vec![0.0f32; rows * n];
+            m.matmul_transposed(isa, &x, n, 0..rows, &mut yt).expect("matmul");
+            for o in 0..rows {
+                for r in 0..n {
+                    let want = documented_dot(&w[o * cols..(o + 1) * cols], &x[r * cols..(r + 1) * cols]);
+                    prop_assert!(same(yt[o * n + r], want), "{} {} o={} r={}: {} vs {}",
+                        ty, isa, o, r, yt[o * n + r], want);
+                }
+            }
+        }
+      }
+    }
+}
