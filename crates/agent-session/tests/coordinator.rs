@@ -398,6 +398,7 @@ impl agent_session::ChatFormatter for SystemFirstOnly {
 
 #[test]
 fn a_system_message_mid_conversation_renders_in_place_or_as_a_prefixed_user_turn() {
+    use agent_session::ChatFormatter;
     let mut c = convo(&[], "hello");
     c.messages.push(Message::text(Role::System, "Environment: linux"));
     c.messages.push(Message::text(Role::User, "go on"));
