@@ -48,15 +48,27 @@ fn npm_install(dir: &Path, packages: &[&str]) {
     }
     std::fs::create_dir_all(dir).expect("create the npm directory");
     // A package.json of its own, so npm installs here and not in a parent project.
-    std::fs::write(dir.join("package.json"), r#"{"private": true, "type": "module"}"#)
-        .expect("write package.json");
+    std::fs::write(
+        dir.join("package.json"),
+        r#"{"private": true, "type": "module"}"#,
+    )
+    .expect("write package.json");
     let ok = Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--save-exact", "--prefix"])
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--save-exact",
+            "--prefix",
+        ])
         .arg(dir)
         .args(packages)
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "npm install {want} failed (is Node.js >= 20 with npm installed?)");
+    assert!(
+        ok,
+        "npm install {want} failed (is Node.js >= 20 with npm installed?)"
+    );
     std::fs::write(&stamp, &want).expect("write npm stamp");
 }
 
@@ -72,7 +84,10 @@ fn venv_python(name: &str, packages: &[&str]) -> PathBuf {
             .arg(&venv)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "python3 -m venv failed (Debian: apt-get install python3-venv)");
+        assert!(
+            ok,
+            "python3 -m venv failed (Debian: apt-get install python3-venv)"
+        );
         let ok = Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
             .args(packages)
@@ -103,8 +118,11 @@ fn node_sdks_plain_streaming_and_tool_round_trips() {
     npm_install(&dir, &NODE_SDKS);
     // ES modules resolve packages next to the script: run a copy inside the install.
     let script = dir.join("node_check.mjs");
-    std::fs::copy(workspace_root().join("tests/clients/node_check.mjs"), &script)
-        .expect("copy node_check.mjs");
+    std::fs::copy(
+        workspace_root().join("tests/clients/node_check.mjs"),
+        &script,
+    )
+    .expect("copy node_check.mjs");
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&model, &tmp.path().join("cache"), &[]);
     let stdout = run_checked(
@@ -137,8 +155,10 @@ fn langchain_chat_anthropic_stream_reports_the_invoke_input_tokens() {
 fn claude_codes_recorded_first_request_is_served_by_the_default_model() {
     let model = require_model();
     let fixture: Value = serde_json::from_str(
-        &std::fs::read_to_string(workspace_root().join("tests/fixtures/claude_code_first_request.json"))
-            .expect("read the fixture"),
+        &std::fs::read_to_string(
+            workspace_root().join("tests/fixtures/claude_code_first_request.json"),
+        )
+        .expect("read the fixture"),
     )
     .expect("fixture JSON");
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -146,9 +166,14 @@ fn claude_codes_recorded_first_request_is_served_by_the_default_model() {
     let server = Server::start(
         &model,
         &tmp.path().join("cache"),
-        &[("SEMANTIC_MLX_MAX_TOKENS_CAP", "256"), ("SEMANTIC_MLX_DEFAULT_MAX_TOKENS", "64")],
+        &[
+            ("SEMANTIC_MLX_MAX_TOKENS_CAP", "256"),
+            ("SEMANTIC_MLX_DEFAULT_MAX_TOKENS", "64"),
+        ],
     );
-    let head = ureq::head(&format!("{}/", server.base)).call().expect("HEAD /");
+    let head = ureq::head(&format!("{}/", server.base))
+        .call()
+        .expect("HEAD /");
     assert_eq!(head.status(), 200);
     let root = server.get("/");
     assert_eq!(root.json()["name"], "semantic");
@@ -159,7 +184,10 @@ fn claude_codes_recorded_first_request_is_served_by_the_default_model() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
         .collect();
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let path = fixture["path"].as_str().expect("path");
     let body = &fixture["body"];
     assert_eq!(body["max_tokens"], 128_000);
@@ -177,10 +205,18 @@ fn claude_codes_recorded_first_request_is_served_by_the_default_model() {
     let delta = data("message_delta");
     assert!(events.iter().any(|(e, _)| e == "message_stop"));
     let u = &delta["usage"];
-    let input: u64 = ["input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
-        .iter()
-        .map(|k| u[*k].as_u64().unwrap_or_else(|| panic!("{k} in message_delta: {u}")))
-        .sum();
+    let input: u64 = [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
+    .iter()
+    .map(|k| {
+        u[*k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in message_delta: {u}"))
+    })
+    .sum();
     let s = &start["message"]["usage"];
     assert_eq!(
         input,
@@ -193,7 +229,9 @@ fn claude_codes_recorded_first_request_is_served_by_the_default_model() {
     if output == 256 {
         assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
     }
-    eprintln!("Claude Code's recorded request (shortened): {input} prompt tokens, {output} written");
+    eprintln!(
+        "Claude Code's recorded request (shortened): {input} prompt tokens, {output} written"
+    );
 }
 
 /// `claude -p` itself, opt-in: `SEMANTIC_TEST_CLAUDE_CODE=<model with a 32K context>`.
@@ -236,6 +274,12 @@ fn claude_code_print_mode_twice_reads_the_cached_prefix() {
         eprintln!("claude -p {prompt:?}: usage {}", v["usage"]);
         results.push(v);
     }
-    let read = results[1]["usage"]["cache_read_input_tokens"].as_u64().unwrap_or(0);
-    assert!(read > 0, "the second run reads the cached system prompt and tools: {}", results[1]["usage"]);
+    let read = results[1]["usage"]["cache_read_input_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        read > 0,
+        "the second run reads the cached system prompt and tools: {}",
+        results[1]["usage"]
+    );
 }

@@ -139,12 +139,20 @@ mod tests {
             ],
             tools: Vec::new(),
         };
-        let f = c.with_inline_system_as_user().expect("an inline system message");
+        let f = c
+            .with_inline_system_as_user()
+            .expect("an inline system message");
         assert_eq!(f.messages[0], Message::text(Role::System, "first"));
         assert_eq!(f.messages[1], Message::text(Role::User, "hi"));
-        assert_eq!(f.messages[2], Message::text(Role::User, "System: environment"));
+        assert_eq!(
+            f.messages[2],
+            Message::text(Role::User, "System: environment")
+        );
         let plain = Conversation {
-            messages: vec![Message::text(Role::System, "s"), Message::text(Role::User, "u")],
+            messages: vec![
+                Message::text(Role::System, "s"),
+                Message::text(Role::User, "u"),
+            ],
             tools: Vec::new(),
         };
         assert!(plain.with_inline_system_as_user().is_none());

@@ -382,7 +382,10 @@ impl agent_session::ChatFormatter for SystemFirstOnly {
         }
         self.0.render(conversation, add_generation_prompt)
     }
-    fn encode(&self, text: &str) -> Result<Vec<agent_session::TokenId>, agent_session::FormatError> {
+    fn encode(
+        &self,
+        text: &str,
+    ) -> Result<Vec<agent_session::TokenId>, agent_session::FormatError> {
         self.0.encode(text)
     }
     fn decode(&self, ids: &[agent_session::TokenId]) -> Result<String, agent_session::FormatError> {
@@ -400,15 +403,23 @@ impl agent_session::ChatFormatter for SystemFirstOnly {
 fn a_system_message_mid_conversation_renders_in_place_or_as_a_prefixed_user_turn() {
     use agent_session::ChatFormatter;
     let mut c = convo(&[], "hello");
-    c.messages.push(Message::text(Role::System, "Environment: linux"));
+    c.messages
+        .push(Message::text(Role::System, "Environment: linux"));
     c.messages.push(Message::text(Role::User, "go on"));
 
     // A template that renders it: the system role, where it stands.
     let toy = FakeStack::new();
     let in_place = toy.service.tokenize(&c).expect("renders");
-    let text = testkit::ToyFormatter::new().render(&c, true).expect("renders");
-    assert!(text.contains("<|im_end|>\n<|im_start|>system\nEnvironment: linux<|im_end|>\n<|im_start|>user\ngo on"));
-    assert_eq!(in_place, testkit::ToyFormatter::new().encode(&text).expect("encodes"));
+    let text = testkit::ToyFormatter::new()
+        .render(&c, true)
+        .expect("renders");
+    assert!(text.contains(
+        "<|im_end|>\n<|im_start|>system\nEnvironment: linux<|im_end|>\n<|im_start|>user\ngo on"
+    ));
+    assert_eq!(
+        in_place,
+        testkit::ToyFormatter::new().encode(&text).expect("encodes")
+    );
 
     // A template that refuses it: the documented fallback, a user turn starting "System: ".
     let strict = agent_session::AgentService::new(
@@ -420,10 +431,20 @@ fn a_system_message_mid_conversation_renders_in_place_or_as_a_prefixed_user_turn
     )
     .expect("valid");
     let fallback = strict.tokenize(&c).expect("the fallback renders");
-    let expected = c.with_inline_system_as_user().expect("has an inline system message");
-    assert_eq!(expected.messages[2], Message::text(Role::User, "System: Environment: linux"));
-    let text = testkit::ToyFormatter::new().render(&expected, true).expect("renders");
-    assert_eq!(fallback, testkit::ToyFormatter::new().encode(&text).expect("encodes"));
+    let expected = c
+        .with_inline_system_as_user()
+        .expect("has an inline system message");
+    assert_eq!(
+        expected.messages[2],
+        Message::text(Role::User, "System: Environment: linux")
+    );
+    let text = testkit::ToyFormatter::new()
+        .render(&expected, true)
+        .expect("renders");
+    assert_eq!(
+        fallback,
+        testkit::ToyFormatter::new().encode(&text).expect("encodes")
+    );
     // Generation sees the same prompt.
     let done = block_on(strict.generate(request(None, c.clone()), |_| true)).expect("generates");
     assert_eq!(done.cache.prompt_tokens, fallback.len());
@@ -444,7 +465,10 @@ fn max_tokens_far_above_the_cap_is_lowered_to_it_and_ends_with_length() {
     let mut req = request(None, convo(&[], "write a novel"));
     req.max_tokens = Some(64);
     let uncapped = run(&FakeStack::new(), req.clone());
-    assert!(uncapped.token_ids.len() > 5, "the fake writes more than the cap here");
+    assert!(
+        uncapped.token_ids.len() > 5,
+        "the fake writes more than the cap here"
+    );
     req.max_tokens = Some(64_000);
     let c = run(&stack, req.clone());
     assert_eq!(c.token_ids.len(), 5, "capped at max_tokens_cap");

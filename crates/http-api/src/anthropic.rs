@@ -208,9 +208,7 @@ fn conversation_messages(
             other => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!(
-                        "role must be \"user\", \"assistant\" or \"system\", not '{other}'"
-                    ),
+                    format!("role must be \"user\", \"assistant\" or \"system\", not '{other}'"),
                 ))
             }
         };

@@ -450,7 +450,8 @@ impl Settings {
             1,
             65_536,
         )?;
-        let max_tokens_cap = max_tokens_cap(&get("SEMANTIC_MLX_MAX_TOKENS_CAP"), default_max_tokens)?;
+        let max_tokens_cap =
+            max_tokens_cap(&get("SEMANTIC_MLX_MAX_TOKENS_CAP"), default_max_tokens)?;
         Ok(Self {
             model_id: opt("SEMANTIC_MLX_MODEL_ID"),
             cache_budget_bytes: cache_budget_mb * 1024 * 1024,
@@ -675,7 +676,10 @@ mod max_tokens_cap_tests {
         ])
         .expect_err("below the default");
         let text = e.to_string();
-        assert!(text.contains("SEMANTIC_MLX_MAX_TOKENS_CAP") && text.contains("256"), "{text}");
+        assert!(
+            text.contains("SEMANTIC_MLX_MAX_TOKENS_CAP") && text.contains("256"),
+            "{text}"
+        );
         assert!(load(&[("SEMANTIC_MLX_MAX_TOKENS_CAP", "0")]).is_err());
     }
 }

@@ -20,7 +20,8 @@ fn claude_code_request() -> Value {
 
 /// A fake stack with room for a long agent prompt (64K context, 4,096 hot blocks).
 fn roomy_app() -> (axum::Router, FakeStack) {
-    let engine = Arc::new(FakeEngine::new(FakeEngine::DEFAULT_BLOCK_TOKENS).with_context_length(65_536));
+    let engine =
+        Arc::new(FakeEngine::new(FakeEngine::DEFAULT_BLOCK_TOKENS).with_context_length(65_536));
     let config = ServiceConfig {
         hot_capacity_blocks: 4096,
         ..ServiceConfig::for_block_tokens(FakeEngine::DEFAULT_BLOCK_TOKENS as usize)
@@ -31,10 +32,14 @@ fn roomy_app() -> (axum::Router, FakeStack) {
 }
 
 fn input_total(u: &Value) -> u64 {
-    ["input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
-        .iter()
-        .map(|k| u[*k].as_u64().unwrap_or_else(|| panic!("{k} in {u}")))
-        .sum()
+    [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
+    .iter()
+    .map(|k| u[*k].as_u64().unwrap_or_else(|| panic!("{k} in {u}")))
+    .sum()
 }
 
 #[tokio::test]
@@ -48,8 +53,16 @@ async fn claude_codes_recorded_first_request_is_served() {
         .expect("messages")
         .iter()
         .any(|m| m["role"] == "system"));
-    for field in ["thinking", "context_management", "output_config", "metadata"] {
-        assert!(body.get(field).is_some(), "the recorded request has {field}");
+    for field in [
+        "thinking",
+        "context_management",
+        "output_config",
+        "metadata",
+    ] {
+        assert!(
+            body.get(field).is_some(),
+            "the recorded request has {field}"
+        );
     }
     assert_eq!(body["thinking"]["type"], "adaptive");
     let headers: Vec<(String, String)> = fixture["headers"]
@@ -58,7 +71,10 @@ async fn claude_codes_recorded_first_request_is_served() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().expect("header value").to_string()))
         .collect();
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     assert!(headers.iter().any(|(k, _)| *k == "anthropic-beta"));
     let path = fixture["path"].as_str().expect("path");
     assert_eq!(path, "/v1/messages?beta=true");
@@ -81,9 +97,15 @@ async fn claude_codes_recorded_first_request_is_served() {
         .find(|e| e.event.as_deref() == Some("message_delta"))
         .expect("message_delta")
         .json();
-    assert_eq!(events.last().and_then(|e| e.event.as_deref()), Some("message_stop"));
+    assert_eq!(
+        events.last().and_then(|e| e.event.as_deref()),
+        Some("message_stop")
+    );
     let prompt = input_total(&start["message"]["usage"]);
-    assert!(prompt > 2000, "the whole recorded prompt was read: {prompt} tokens");
+    assert!(
+        prompt > 2000,
+        "the whole recorded prompt was read: {prompt} tokens"
+    );
     assert_eq!(input_total(&delta["usage"]), prompt);
     // The identity Claude Code sends (a JSON string in metadata.user_id) names an agent.
     assert!(r
@@ -131,7 +153,11 @@ async fn a_system_message_inside_messages_renders_where_it_stands() {
     let u = &r.json()["usage"];
     let prompt = input_total(u);
     let read = u["cache_read_input_tokens"].as_u64().expect("read");
-    assert_eq!(read, prompt - prompt % 64 - if prompt % 64 == 0 { 64 } else { 0 }, "{u}");
+    assert_eq!(
+        read,
+        prompt - prompt % 64 - if prompt % 64 == 0 { 64 } else { 0 },
+        "{u}"
+    );
     assert!(read > 0);
 
     // Moved anywhere else it would not be: the same text as a leading system message
@@ -157,7 +183,8 @@ async fn the_fields_claude_code_adds_are_accepted() {
     let (app, _stack) = fake_app();
     let mut body = messages_body("Hello", 8);
     body["thinking"] = json!({"type": "adaptive", "display": "omitted"});
-    body["context_management"] = json!({"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]});
+    body["context_management"] =
+        json!({"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]});
     body["output_config"] = json!({"effort": "medium"});
     body["metadata"] = json!({"user_id": "{\"device_id\":\"abc\",\"session_id\":\"s-1\"}"});
     body["tools"] = json!([
@@ -169,7 +196,10 @@ async fn the_fields_claude_code_adds_are_accepted() {
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "tool_reference", "tool_name": "Later"}]}]}
     ]);
-    let beta = [("anthropic-beta", "claude-code-20250219,context-management-2025-06-27,effort-2025-11-24")];
+    let beta = [(
+        "anthropic-beta",
+        "claude-code-20250219,context-management-2025-06-27,effort-2025-11-24",
+    )];
     let r = post(&app, "/v1/messages?beta=true", &beta, body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r
@@ -196,7 +226,11 @@ async fn message_delta_usage_repeats_the_input_counts() {
             .expect("message_delta")
             .json();
         let (s, d) = (&start["message"]["usage"], &delta["usage"]);
-        for k in ["input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"] {
+        for k in [
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ] {
             assert!(d[k].is_u64(), "turn {turn}: {k} in message_delta: {d}");
             assert_eq!(d[k], s[k], "turn {turn}: {k}");
         }
@@ -237,7 +271,14 @@ async fn max_tokens_far_above_the_cap_ends_at_the_cap() {
     let service = scripted_service(engine, Some(config));
     let app = http_api::router(http_api::AppState::new(service));
 
-    let a = post(&app, "/v1/messages", &[], messages_body("Write forever", 64_000)).await.json();
+    let a = post(
+        &app,
+        "/v1/messages",
+        &[],
+        messages_body("Write forever", 64_000),
+    )
+    .await
+    .json();
     assert_eq!(a["stop_reason"], "max_tokens");
     assert_eq!(a["usage"]["output_tokens"], 12);
 

@@ -624,8 +624,7 @@ async fn streamed_chunks(app: &axum::Router, mut body: Value) -> Vec<Value> {
 async fn a_streamed_tool_call_answer_ends_with_the_non_streamed_content() {
     // Only a tool call: content is null both ways, and the first chunk carries the role,
     // `content: null` and the call's head, as the real API sends it.
-    let (app, _svc) =
-        scripted_app(r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#);
+    let (app, _svc) = scripted_app(r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#);
     let mut body = chat(chat_messages("Weather?"));
     body["tools"] = weather_tools();
     let plain = post(&app, "/v1/chat/completions", &[], body.clone())
@@ -648,7 +647,9 @@ async fn a_streamed_tool_call_answer_ends_with_the_non_streamed_content() {
     assert_eq!(merged["content"], plain["choices"][0]["message"]["content"]);
     assert_eq!(merged["role"], "assistant");
     assert!(
-        chunks.iter().all(|c| c["choices"][0]["delta"]["content"] != ""),
+        chunks
+            .iter()
+            .all(|c| c["choices"][0]["delta"]["content"] != ""),
         "no empty-string content anywhere: {chunks:?}"
     );
 
