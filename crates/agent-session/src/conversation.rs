@@ -92,3 +92,69 @@ pub struct Conversation {
     #[serde(default)]
     pub tools: Vec<ToolDefinition>,
 }
+
+/// What a system message after the first message starts with when the chat template cannot
+/// render it in place (see [`Conversation::with_inline_system_as_user`]).
+pub const INLINE_SYSTEM_PREFIX: &str = "System: ";
+
+impl Conversation {
+    /// The same conversation with every system message after the first message turned into a
+    /// user message whose text starts with [`INLINE_SYSTEM_PREFIX`]; `None` when there is no
+    /// such message. The fallback for chat templates that accept a system message only first.
+    pub fn with_inline_system_as_user(&self) -> Option<Conversation> {
+        let inline = |(i, m): (usize, &Message)| i > 0 && m.role == Role::System;
+        if !self.messages.iter().enumerate().any(inline) {
+            return None;
+        }
+        let messages = self
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if inline((i, m)) {
+                    Message::text(Role::User, format!("{INLINE_SYSTEM_PREFIX}{}", m.content))
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+        Some(Conversation {
+            messages,
+            tools: self.tools.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_system_messages_become_prefixed_user_messages() {
+        let c = Conversation {
+            messages: vec![
+                Message::text(Role::System, "first"),
+                Message::text(Role::User, "hi"),
+                Message::text(Role::System, "environment"),
+            ],
+            tools: Vec::new(),
+        };
+        let f = c
+            .with_inline_system_as_user()
+            .expect("an inline system message");
+        assert_eq!(f.messages[0], Message::text(Role::System, "first"));
+        assert_eq!(f.messages[1], Message::text(Role::User, "hi"));
+        assert_eq!(
+            f.messages[2],
+            Message::text(Role::User, "System: environment")
+        );
+        let plain = Conversation {
+            messages: vec![
+                Message::text(Role::System, "s"),
+                Message::text(Role::User, "u"),
+            ],
+            tools: Vec::new(),
+        };
+        assert!(plain.with_inline_system_as_user().is_none());
+    }
+}

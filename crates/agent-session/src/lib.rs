@@ -16,7 +16,9 @@ pub mod service;
 pub mod text;
 
 pub use agent::{AgentId, AgentIdError, AgentKey, Namespace};
-pub use conversation::{Conversation, Message, Role, ToolCall, ToolDefinition};
+pub use conversation::{
+    Conversation, Message, Role, ToolCall, ToolDefinition, INLINE_SYSTEM_PREFIX,
+};
 pub use error::ServiceError;
 pub use kv::{AgentManifest, BlockMeta, KvBlock, KvEncoding, KvPayload, KvTensor, TensorDtype};
 pub use ports::{
@@ -26,7 +28,7 @@ pub use ports::{
 pub use sampling::SamplingParams;
 pub use service::{
     AgentService, CacheReport, CacheTier, Completion, FinishReason, GenerateRequest,
-    GenerationEvent, ServiceConfig, RESTORE_GROUP_BLOCKS,
+    GenerationEvent, ServiceConfig, DEFAULT_MAX_TOKENS_CAP, RESTORE_GROUP_BLOCKS,
 };
 
 /// A token id of the model's vocabulary.

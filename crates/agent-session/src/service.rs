@@ -39,6 +39,10 @@ pub const RESTORE_GROUP_BLOCKS: usize = 2;
 
 /// Groups being read beyond the one handed to the importer.
 pub const RESTORE_READ_AHEAD: usize = 1;
+/// The default of [`ServiceConfig::max_tokens_cap`]: far more than an agent's turn needs
+/// (a client asking 64,000 or 128,000 tokens gets at most this many).
+pub const DEFAULT_MAX_TOKENS_CAP: u32 = 4096;
+
 /// Settings of the service (validated by [`AgentService::new`]).
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -51,6 +55,9 @@ pub struct ServiceConfig {
     pub max_queue: usize,
     /// Answer length when a request names none.
     pub default_max_tokens: u32,
+    /// Longest answer any request may ask for: a larger `max_tokens` is lowered to it (the
+    /// answer then ends with [`FinishReason::Length`]). At least `default_max_tokens`.
+    pub max_tokens_cap: u32,
     /// Blocks of KV the hot tier (RAM) may hold, active generations included.
     pub hot_capacity_blocks: usize,
     /// Persist new blocks to the store after each turn.
@@ -65,6 +72,7 @@ impl ServiceConfig {
             max_batch_size: 4,
             max_queue: 64,
             default_max_tokens: 256,
+            max_tokens_cap: DEFAULT_MAX_TOKENS_CAP,
             hot_capacity_blocks: 256,
             persist: true,
         }
@@ -378,6 +386,12 @@ impl AgentService {
                 "max batch size must be at least 1".into(),
             ));
         }
+        if config.max_tokens_cap == 0 || config.default_max_tokens > config.max_tokens_cap {
+            return Err(ServiceError::InvalidRequest(format!(
+                "the max_tokens cap {} must be at least 1 and at least the default max_tokens {}",
+                config.max_tokens_cap, config.default_max_tokens
+            )));
+        }
         Ok(Self {
             hot: Arc::new(Mutex::new(HotTier::new(config.hot_capacity_blocks))),
             admission: Admission::new(config.max_batch_size, config.max_queue),
@@ -408,8 +422,19 @@ impl AgentService {
     }
 
     /// The prompt tokens a conversation renders to (what generation would see).
+    ///
+    /// A system message after the first message is rendered where it stands, with the
+    /// template's system role. A template that refuses that (some allow a system message only
+    /// first) gets the conversation of [`Conversation::with_inline_system_as_user`] instead:
+    /// each such message becomes a user message whose text starts with `System: `.
     pub fn tokenize(&self, conversation: &Conversation) -> Result<Vec<TokenId>, ServiceError> {
-        let text = self.formatter.render(conversation, true)?;
+        let text = match self.formatter.render(conversation, true) {
+            Ok(text) => text,
+            Err(e) => match conversation.with_inline_system_as_user() {
+                Some(fallback) => self.formatter.render(&fallback, true).map_err(|_| e)?,
+                None => return Err(e.into()),
+            },
+        };
         Ok(self.formatter.encode(&text)?)
     }
 
@@ -465,8 +490,12 @@ impl AgentService {
             });
         }
         let room = (model.context_length - len) as u64;
-        let max_tokens =
-            u64::from(req.max_tokens.unwrap_or(self.config.default_max_tokens)).min(room) as usize;
+        let max_tokens = u64::from(
+            req.max_tokens
+                .unwrap_or(self.config.default_max_tokens)
+                .min(self.config.max_tokens_cap),
+        )
+        .min(room) as usize;
 
         let queued_at = self.clock.now_ms();
         let _permit = self.admission.acquire().await?;

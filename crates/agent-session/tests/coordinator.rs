@@ -360,3 +360,133 @@ proptest! {
         }
     }
 }
+
+/// A template that, like several real ones, accepts a system message only first.
+struct SystemFirstOnly(testkit::ToyFormatter);
+
+impl agent_session::ChatFormatter for SystemFirstOnly {
+    fn render(
+        &self,
+        conversation: &Conversation,
+        add_generation_prompt: bool,
+    ) -> Result<String, agent_session::FormatError> {
+        let late_system = conversation
+            .messages
+            .iter()
+            .skip(1)
+            .any(|m| m.role == Role::System);
+        if late_system {
+            return Err(agent_session::FormatError::Template(
+                "system message must be first".into(),
+            ));
+        }
+        self.0.render(conversation, add_generation_prompt)
+    }
+    fn encode(
+        &self,
+        text: &str,
+    ) -> Result<Vec<agent_session::TokenId>, agent_session::FormatError> {
+        self.0.encode(text)
+    }
+    fn decode(&self, ids: &[agent_session::TokenId]) -> Result<String, agent_session::FormatError> {
+        self.0.decode(ids)
+    }
+    fn stop_token_ids(&self) -> Vec<agent_session::TokenId> {
+        self.0.stop_token_ids()
+    }
+    fn fingerprint(&self) -> String {
+        self.0.fingerprint()
+    }
+}
+
+#[test]
+fn a_system_message_mid_conversation_renders_in_place_or_as_a_prefixed_user_turn() {
+    use agent_session::ChatFormatter;
+    let mut c = convo(&[], "hello");
+    c.messages
+        .push(Message::text(Role::System, "Environment: linux"));
+    c.messages.push(Message::text(Role::User, "go on"));
+
+    // A template that renders it: the system role, where it stands.
+    let toy = FakeStack::new();
+    let in_place = toy.service.tokenize(&c).expect("renders");
+    let text = testkit::ToyFormatter::new()
+        .render(&c, true)
+        .expect("renders");
+    assert!(text.contains(
+        "<|im_end|>\n<|im_start|>system\nEnvironment: linux<|im_end|>\n<|im_start|>user\ngo on"
+    ));
+    assert_eq!(
+        in_place,
+        testkit::ToyFormatter::new().encode(&text).expect("encodes")
+    );
+
+    // A template that refuses it: the documented fallback, a user turn starting "System: ".
+    let strict = agent_session::AgentService::new(
+        Arc::new(FakeEngine::new(FakeEngine::DEFAULT_BLOCK_TOKENS)),
+        Arc::new(MemoryStore::new()),
+        Arc::new(SystemFirstOnly(testkit::ToyFormatter::new())),
+        Arc::new(testkit::ManualClock::new(0)),
+        ServiceConfig::for_block_tokens(FakeEngine::DEFAULT_BLOCK_TOKENS as usize),
+    )
+    .expect("valid");
+    let fallback = strict.tokenize(&c).expect("the fallback renders");
+    let expected = c
+        .with_inline_system_as_user()
+        .expect("has an inline system message");
+    assert_eq!(
+        expected.messages[2],
+        Message::text(Role::User, "System: Environment: linux")
+    );
+    let text = testkit::ToyFormatter::new()
+        .render(&expected, true)
+        .expect("renders");
+    assert_eq!(
+        fallback,
+        testkit::ToyFormatter::new().encode(&text).expect("encodes")
+    );
+    // Generation sees the same prompt.
+    let done = block_on(strict.generate(request(None, c.clone()), |_| true)).expect("generates");
+    assert_eq!(done.cache.prompt_tokens, fallback.len());
+}
+
+#[test]
+fn max_tokens_far_above_the_cap_is_lowered_to_it_and_ends_with_length() {
+    let config = ServiceConfig {
+        max_tokens_cap: 5,
+        default_max_tokens: 3,
+        ..ServiceConfig::for_block_tokens(FakeEngine::DEFAULT_BLOCK_TOKENS as usize)
+    };
+    let stack = FakeStack::build(
+        Arc::new(FakeEngine::new(FakeEngine::DEFAULT_BLOCK_TOKENS)),
+        Arc::new(MemoryStore::new()),
+        config.clone(),
+    );
+    let mut req = request(None, convo(&[], "write a novel"));
+    req.max_tokens = Some(64);
+    let uncapped = run(&FakeStack::new(), req.clone());
+    assert!(
+        uncapped.token_ids.len() > 5,
+        "the fake writes more than the cap here"
+    );
+    req.max_tokens = Some(64_000);
+    let c = run(&stack, req.clone());
+    assert_eq!(c.token_ids.len(), 5, "capped at max_tokens_cap");
+    assert_eq!(c.finish_reason, FinishReason::Length);
+    req.max_tokens = None;
+    assert_eq!(run(&stack, req).token_ids.len(), 3, "the default stays");
+
+    // A cap below the default is refused at start-up.
+    let bad = ServiceConfig {
+        max_tokens_cap: 2,
+        ..config
+    };
+    let refused = agent_session::AgentService::new(
+        Arc::new(FakeEngine::new(FakeEngine::DEFAULT_BLOCK_TOKENS)),
+        Arc::new(MemoryStore::new()),
+        Arc::new(testkit::ToyFormatter::new()),
+        Arc::new(testkit::ManualClock::new(0)),
+        bad,
+    );
+    assert!(matches!(refused, Err(ServiceError::InvalidRequest(_))));
+}

@@ -9,7 +9,8 @@ use crate::request::{
     check_range, max_tokens, offered_tools, split_answer, stop_sequence, stops, ToolMode,
 };
 use crate::sse::{self, Translator};
-use crate::tools::{ParsedToolCall, ToolStreamFilter};
+use crate::stream_text::StreamText;
+use crate::tools::ParsedToolCall;
 use crate::util::random_id;
 use crate::Shared;
 use agent_session::{
@@ -42,6 +43,16 @@ pub(crate) struct MessagesRequest {
     tool_choice: Option<Value>,
     metadata: Option<InMetadata>,
     mcp_servers: Option<Vec<Value>>,
+    /// Accepted and ignored: no thinking blocks are produced (`enabled`, `disabled` and
+    /// `adaptive` alike).
+    #[allow(dead_code)]
+    thinking: Option<Value>,
+    /// Accepted and ignored (Claude Code's `clear_thinking` edits: nothing to clear).
+    #[allow(dead_code)]
+    context_management: Option<Value>,
+    /// Accepted and ignored (`effort`, output format hints).
+    #[allow(dead_code)]
+    output_config: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +88,8 @@ struct Block {
     tool_use_id: Option<String>,
     content: Option<BlocksOrText>,
     is_error: Option<bool>,
+    /// The tool a `tool_reference` block names.
+    tool_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,19 +111,24 @@ fn system_text(system: Option<SystemField>) -> Result<Option<String>, ApiError> 
         None => Ok(None),
         Some(SystemField::Text(t)) => Ok(Some(t).filter(|t| !t.is_empty())),
         Some(SystemField::Blocks(blocks)) => {
-            let mut texts = Vec::new();
-            for (j, b) in blocks.into_iter().enumerate() {
-                if b.kind != "text" {
-                    return Err(ApiError::invalid(
-                        format!("system[{j}].type"),
-                        format!("system blocks must be text, not '{}'", b.kind),
-                    ));
-                }
-                texts.push(b.text.unwrap_or_default());
-            }
-            Ok(Some(texts.join("\n")).filter(|t| !t.is_empty()))
+            Ok(Some(system_blocks_text(blocks, "system")?).filter(|t| !t.is_empty()))
         }
     }
+}
+
+/// The text of system blocks (text blocks only; `cache_control` and the like ignored).
+fn system_blocks_text(blocks: Vec<Block>, param: &str) -> Result<String, ApiError> {
+    let mut texts = Vec::new();
+    for (j, b) in blocks.into_iter().enumerate() {
+        if b.kind != "text" {
+            return Err(ApiError::invalid(
+                format!("{param}[{j}].type"),
+                format!("system blocks must be text, not '{}'", b.kind),
+            ));
+        }
+        texts.push(b.text.unwrap_or_default());
+    }
+    Ok(texts.join("\n"))
 }
 
 fn unsupported_block(param: String, kind: &str) -> ApiError {
@@ -133,13 +151,20 @@ fn tool_result_text(content: Option<BlocksOrText>, param: &str) -> Result<String
         Some(BlocksOrText::Blocks(blocks)) => {
             let mut texts = Vec::new();
             for (k, b) in blocks.into_iter().enumerate() {
-                if b.kind != "text" {
-                    return Err(unsupported_block(
-                        format!("{param}.content[{k}].type"),
-                        &b.kind,
-                    ));
+                match b.kind.as_str() {
+                    "text" => texts.push(b.text.unwrap_or_default()),
+                    // What a tool search returns: the tool is offered already (every tool is
+                    // in the prompt, `defer_loading` or not), so it is only noted.
+                    "tool_reference" => {
+                        texts.push(format!("Tool loaded: {}", b.tool_name.unwrap_or_default()))
+                    }
+                    kind => {
+                        return Err(unsupported_block(
+                            format!("{param}.content[{k}].type"),
+                            kind,
+                        ))
+                    }
                 }
-                texts.push(b.text.unwrap_or_default());
             }
             Ok(texts.join("\n"))
         }
@@ -149,7 +174,8 @@ fn tool_result_text(content: Option<BlocksOrText>, param: &str) -> Result<String
 /// Converts the Anthropic messages to the API-neutral conversation. A user turn's
 /// `tool_result` blocks become tool messages (before the turn's text, as Anthropic requires
 /// them first); an assistant turn's `tool_use` blocks become its tool calls; thinking blocks
-/// are dropped (the server does not produce them).
+/// are dropped (the server does not produce them). A `system` message (text or text blocks,
+/// as Claude Code sends mid-conversation) stays a system message where it stands.
 fn conversation_messages(
     system: Option<String>,
     input: Vec<InMessage>,
@@ -169,10 +195,20 @@ fn conversation_messages(
         let role = match m.role.as_str() {
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "system" => {
+                let text = match m.content {
+                    BlocksOrText::Text(t) => t,
+                    BlocksOrText::Blocks(b) => {
+                        system_blocks_text(b, &format!("messages[{i}].content"))?
+                    }
+                };
+                out.push(Message::text(Role::System, text));
+                continue;
+            }
             other => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!("role must be \"user\" or \"assistant\", not '{other}'"),
+                    format!("role must be \"user\", \"assistant\" or \"system\", not '{other}'"),
                 ))
             }
         };
@@ -379,7 +415,7 @@ async fn handle(ctx: Shared, req: Request) -> Result<Response, ApiError> {
     let model = ctx.service.model().id.clone();
     if plan.stream {
         let translator = StreamTranslator {
-            filter: (!plan.tool_names.is_empty()).then(ToolStreamFilter::new),
+            answer: StreamText::new(!plan.tool_names.is_empty()),
             tool_names: plan.tool_names,
             text_index: None,
             next_index: 0,
@@ -471,7 +507,7 @@ fn tool_use_block(call: &ParsedToolCall, input: Value) -> Value {
 }
 
 struct StreamTranslator {
-    filter: Option<ToolStreamFilter>,
+    answer: StreamText,
     tool_names: Vec<String>,
     /// Index of the open text block, if one is open.
     text_index: Option<usize>,
@@ -514,10 +550,7 @@ impl StreamTranslator {
 
 impl Translator for StreamTranslator {
     fn on_delta(&mut self, text: String) -> Vec<Event> {
-        let out = match &mut self.filter {
-            Some(f) => f.push(&text),
-            None => text,
-        };
+        let out = self.answer.push(&text);
         let mut events = Vec::new();
         self.text(out, &mut events);
         events
@@ -525,12 +558,10 @@ impl Translator for StreamTranslator {
 
     fn on_finished(&mut self, c: Completion) -> Vec<Event> {
         let mut events = Vec::new();
-        let mut calls = Vec::new();
-        if let Some(f) = self.filter.take() {
-            let parsed = f.finish(&self.tool_names);
-            self.text(parsed.text, &mut events);
-            calls = parsed.calls;
-        }
+        let text = std::mem::replace(&mut self.answer, StreamText::new(false));
+        let parsed = text.finish(&c.text, &self.tool_names);
+        self.text(parsed.text, &mut events);
+        let calls = parsed.calls;
         if self.next_index == 0 && calls.is_empty() {
             // Always at least one (possibly empty) text block, as the API does.
             let i = self.next_index;
@@ -569,7 +600,8 @@ impl Translator for StreamTranslator {
                     "stop_reason": stop_reason(&c.finish_reason, !calls.is_empty()),
                     "stop_sequence": stop_sequence(&c.finish_reason),
                 },
-                "usage": {"output_tokens": c.token_ids.len()},
+                // The real API repeats the input counts here (LangChain reads them here).
+                "usage": usage(&c.cache, c.token_ids.len()),
             }),
         ));
         events.push(sse::named("message_stop", &json!({"type": "message_stop"})));

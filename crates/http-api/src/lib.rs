@@ -23,7 +23,9 @@ mod json;
 mod metrics;
 mod openai;
 mod request;
+mod root;
 mod sse;
+mod stream_text;
 pub mod tools;
 mod util;
 
@@ -204,6 +206,7 @@ pub fn router(state: AppState) -> Router {
     });
     let body_limit = ctx.limits.max_body_bytes;
     Router::new()
+        .route("/", get(root::root))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))

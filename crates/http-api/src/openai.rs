@@ -7,7 +7,8 @@ use crate::identity;
 use crate::json::read_json;
 use crate::request::{check_range, max_tokens, offered_tools, split_answer, stops, ToolMode};
 use crate::sse::{self, Translator};
-use crate::tools::{ParsedToolCall, ToolStreamFilter};
+use crate::stream_text::StreamText;
+use crate::tools::ParsedToolCall;
 use crate::util::{random_id, unix_now};
 use crate::Shared;
 use agent_session::{
@@ -442,14 +443,22 @@ async fn handle(ctx: Shared, req: Request) -> Result<Response, ApiError> {
         fingerprint: format!("fp_{}", short(&ctx.service.model().fingerprint)),
     };
     if plan.stream {
-        let translator = StreamTranslator {
+        let mut translator = StreamTranslator {
             meta,
             include_usage: plan.include_usage,
-            filter: (!plan.tool_names.is_empty()).then(ToolStreamFilter::new),
+            answer: StreamText::new(!plan.tool_names.is_empty()),
             tool_names: plan.tool_names,
             report: running.report.clone(),
+            role_sent: false,
         };
-        let initial = vec![translator.chunk(json!({"role": "assistant", "content": ""}), None)];
+        // Without tools the answer is text: its role chunk goes out at once. With tools the
+        // answer may be only tool calls, whose role chunk carries `content: null` (as the
+        // real API sends it, and as the non-streamed message has it), so it waits.
+        let initial = if !translator.answer.tools() {
+            translator.role_chunk().into_iter().collect()
+        } else {
+            Vec::new()
+        };
         Ok(sse::response(
             running,
             translator,
@@ -543,12 +552,27 @@ fn completion_body(meta: &Meta, c: &Completion, tool_names: &[String]) -> Value 
 struct StreamTranslator {
     meta: Meta,
     include_usage: bool,
-    filter: Option<ToolStreamFilter>,
+    answer: StreamText,
     tool_names: Vec<String>,
     report: CacheReport,
+    /// Whether the first chunk (the one with `role`) went out.
+    role_sent: bool,
 }
 
 impl StreamTranslator {
+    /// The first chunk of a text answer, `{"role": "assistant", "content": "", "refusal":
+    /// null}`, unless it went out already.
+    fn role_chunk(&mut self) -> Option<Event> {
+        if self.role_sent {
+            return None;
+        }
+        self.role_sent = true;
+        Some(self.chunk(
+            json!({"role": "assistant", "content": "", "refusal": null}),
+            None,
+        ))
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Event {
         let mut v = json!({
             "id": self.meta.id,
@@ -567,37 +591,43 @@ impl StreamTranslator {
 
 impl Translator for StreamTranslator {
     fn on_delta(&mut self, text: String) -> Vec<Event> {
-        let out = match &mut self.filter {
-            Some(f) => f.push(&text),
-            None => text,
-        };
+        let out = self.answer.push(&text);
         if out.is_empty() {
             Vec::new()
         } else {
-            vec![self.chunk(json!({"content": out}), None)]
+            let mut events: Vec<Event> = self.role_chunk().into_iter().collect();
+            events.push(self.chunk(json!({"content": out}), None));
+            events
         }
     }
 
     fn on_finished(&mut self, c: Completion) -> Vec<Event> {
         let mut events = Vec::new();
         let mut has_calls = false;
-        if let Some(f) = self.filter.take() {
-            let parsed = f.finish(&self.tool_names);
+        let text = std::mem::replace(&mut self.answer, StreamText::new(false));
+        if text.tools() {
+            let parsed = text.finish(&c.text, &self.tool_names);
             has_calls = !parsed.calls.is_empty();
             if !parsed.text.is_empty() {
+                events.extend(self.role_chunk());
                 events.push(self.chunk(json!({"content": parsed.text}), None));
             }
             for (index, call) in parsed.calls.iter().enumerate() {
                 let full = tool_call_json(call);
-                events.push(self.chunk(
-                    json!({"tool_calls": [{
-                        "index": index,
-                        "id": full["id"],
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": ""},
-                    }]}),
-                    None,
-                ));
+                let mut delta = json!({"tool_calls": [{
+                    "index": index,
+                    "id": full["id"],
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": ""},
+                }]});
+                if !self.role_sent {
+                    // A tool-call-only answer: no text, so `content` is null, not "".
+                    self.role_sent = true;
+                    delta["role"] = json!("assistant");
+                    delta["content"] = Value::Null;
+                    delta["refusal"] = Value::Null;
+                }
+                events.push(self.chunk(delta, None));
                 events.push(self.chunk(
                     json!({"tool_calls": [{
                         "index": index,
@@ -607,6 +637,7 @@ impl Translator for StreamTranslator {
                 ));
             }
         }
+        events.extend(self.role_chunk());
         events.push(self.chunk(json!({}), Some(finish_reason(&c.finish_reason, has_calls))));
         if self.include_usage {
             events.push(sse::data(&json!({

@@ -101,6 +101,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { var: "SEMANTIC_MLX_WEIGHTS", default: "auto", help: "How weights are kept: auto (host on Linux, quantized on macOS), host (the GGUF file's blocks in RAM, as much memory as the file; prefill through BLAS over panels dequantized on the fly, decode on the block kernels), f32 (everything dequantized to f32 at load: 4 bytes a weight) or quantized (MLX affine arrays, for Metal). Part of the cache fingerprint." },
     SettingDef { var: "SEMANTIC_MLX_ATTENTION", default: "auto", help: "Attention kernel: auto (host on Linux CPU, mlx on macOS), host (masked softmax on the CPU threads, matmuls in MLX; fastest on MLX's CPU backend) or mlx (fast::scaled_dot_product_attention). Part of the cache fingerprint." },
     SettingDef { var: "SEMANTIC_MLX_DEFAULT_MAX_TOKENS", default: "256", help: "Answer length when a request names none (1-65536)." },
+    SettingDef { var: "SEMANTIC_MLX_MAX_TOKENS_CAP", default: "4096", help: "Longest answer a request may ask for (1-1048576, at least the default): a larger max_tokens (Claude Code asks 64000 or more) is lowered to it, and an answer that reaches it ends with stop_reason max_tokens / finish_reason length." },
     SettingDef { var: "SEMANTIC_MLX_DEFAULT_TEMPERATURE", default: "0.7", help: "Temperature when a request names none (0-2; 0 is greedy)." },
     SettingDef { var: "SEMANTIC_AGENT_CACHE_DIR", default: "", help: "Where KV blocks and agent manifests persist. Unset: $SEMANTIC_HOME/caches or ~/.semantic/caches." },
     SettingDef { var: "SEMANTIC_AGENT_DISK_BUDGET_MB", default: "0", help: "Disk budget for KV blocks in MiB; least recently used unpinned blocks go first. 0: unlimited." },
@@ -149,6 +150,8 @@ pub struct Settings {
     pub weights: Option<engine_mlx::WeightFormat>,
     /// Default answer length.
     pub default_max_tokens: u32,
+    /// Longest answer a request may ask for (a larger `max_tokens` is lowered to it).
+    pub max_tokens_cap: u32,
     /// Default temperature.
     pub default_temperature: f32,
     /// Cache directory.
@@ -268,6 +271,19 @@ fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, SettingsError> {
         out.insert(k, v);
     }
     Ok(out)
+}
+
+/// `SEMANTIC_MLX_MAX_TOKENS_CAP`: 1 to 1,048,576 and at least the default answer length.
+fn max_tokens_cap(v: &str, default_max_tokens: u32) -> Result<u32, SettingsError> {
+    let cap: u32 = parse_range("SEMANTIC_MLX_MAX_TOKENS_CAP", v, 1, 1 << 20)?;
+    if cap < default_max_tokens {
+        return Err(invalid(
+            "SEMANTIC_MLX_MAX_TOKENS_CAP",
+            v,
+            format!("at least SEMANTIC_MLX_DEFAULT_MAX_TOKENS ({default_max_tokens})"),
+        ));
+    }
+    Ok(cap)
 }
 
 fn invalid(var: &'static str, value: &str, allowed: impl Into<String>) -> SettingsError {
@@ -441,6 +457,14 @@ impl Settings {
             0.0,
             2.0,
         )?;
+        let default_max_tokens: u32 = parse_range(
+            "SEMANTIC_MLX_DEFAULT_MAX_TOKENS",
+            &get("SEMANTIC_MLX_DEFAULT_MAX_TOKENS"),
+            1,
+            65_536,
+        )?;
+        let max_tokens_cap =
+            max_tokens_cap(&get("SEMANTIC_MLX_MAX_TOKENS_CAP"), default_max_tokens)?;
         Ok(Self {
             model_id: opt("SEMANTIC_MLX_MODEL_ID"),
             cache_budget_bytes: cache_budget_mb * 1024 * 1024,
@@ -467,12 +491,8 @@ impl Settings {
             kv_bits,
             attention,
             weights,
-            default_max_tokens: parse_range(
-                "SEMANTIC_MLX_DEFAULT_MAX_TOKENS",
-                &get("SEMANTIC_MLX_DEFAULT_MAX_TOKENS"),
-                1,
-                65_536,
-            )?,
+            default_max_tokens,
+            max_tokens_cap,
             default_temperature,
             cache_dir,
             disk_budget_bytes: (disk_budget_mb > 0).then_some(disk_budget_mb * 1024 * 1024),
@@ -638,6 +658,43 @@ mod tests {
         };
         let err = Settings::load_with_env(&layers, &HashMap::new()).expect_err("unknown");
         assert!(err.to_string().contains("prot"));
+    }
+}
+
+#[cfg(test)]
+mod max_tokens_cap_tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let env = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_with_env(&Layers::default(), &env)
+    }
+
+    #[test]
+    fn the_cap_defaults_to_4096_and_may_not_undercut_the_default_length() {
+        let s = load(&[]).expect("defaults");
+        assert_eq!(s.max_tokens_cap, 4096);
+        assert_eq!(
+            s.max_tokens_cap,
+            agent_session::DEFAULT_MAX_TOKENS_CAP,
+            "the service's default and the setting's agree"
+        );
+        let s = load(&[("SEMANTIC_MLX_MAX_TOKENS_CAP", "20000")]).expect("valid");
+        assert_eq!(s.max_tokens_cap, 20_000);
+        let e = load(&[
+            ("SEMANTIC_MLX_MAX_TOKENS_CAP", "100"),
+            ("SEMANTIC_MLX_DEFAULT_MAX_TOKENS", "256"),
+        ])
+        .expect_err("below the default");
+        let text = e.to_string();
+        assert!(
+            text.contains("SEMANTIC_MLX_MAX_TOKENS_CAP") && text.contains("256"),
+            "{text}"
+        );
+        assert!(load(&[("SEMANTIC_MLX_MAX_TOKENS_CAP", "0")]).is_err());
     }
 }
 

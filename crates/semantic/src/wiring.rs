@@ -129,6 +129,7 @@ fn service_config(settings: &Settings, engine: &dyn InferenceEngine) -> ServiceC
     c.max_batch_size = settings.max_batch_size;
     c.max_queue = settings.max_queue;
     c.default_max_tokens = settings.default_max_tokens;
+    c.max_tokens_cap = settings.max_tokens_cap;
     c.hot_capacity_blocks =
         usize::try_from(spec.blocks_for_budget(settings.cache_budget_bytes)).unwrap_or(usize::MAX);
     c

@@ -243,7 +243,8 @@ async fn tool_use_streaming_with_input_json_delta() {
         .take_while(|e| e.event.as_deref() == Some("content_block_delta"))
         .map(|e| e.json()["delta"]["text"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(text, "Checking. ");
+    // The space before the call is held back and dropped, as the non-streamed text is trimmed.
+    assert_eq!(text, "Checking.");
     names.dedup();
     let events: Vec<SseEvent> = events
         .iter()
@@ -387,8 +388,11 @@ async fn errors_are_in_anthropics_shape() {
     ]}]);
     expect_400(b, "messages[0].content[0].type").await;
     let mut b = messages_body("x", 10);
-    b["messages"] = json!([{"role": "system", "content": "x"}]);
+    b["messages"] = json!([{"role": "developer", "content": "x"}]);
     expect_400(b, "messages[0].role").await;
+    let mut b = messages_body("x", 10);
+    b["messages"] = json!([{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "x"}]);
+    expect_400(b, "messages[0].content[0].type").await;
     let mut b = messages_body("x", 10);
     b["messages"] = json!([]);
     expect_400(b, "messages").await;

@@ -3,6 +3,7 @@
 
 mod admin;
 mod anthropic;
+mod clients;
 mod common;
 mod openai;
 mod streaming;

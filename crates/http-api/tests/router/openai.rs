@@ -148,7 +148,7 @@ async fn streaming_event_by_event() {
     }
     assert_eq!(
         chunks[0]["choices"][0]["delta"],
-        json!({"role": "assistant", "content": ""})
+        json!({"role": "assistant", "content": "", "refusal": null})
     );
     let usage_chunk = &chunks[chunks.len() - 1];
     assert_eq!(usage_chunk["choices"], json!([]));
@@ -366,7 +366,8 @@ async fn tool_calls_streaming_with_text_and_two_calls() {
             finish = Some(f.to_string());
         }
     }
-    assert_eq!(content, "Let me check. ");
+    // The space before the calls is held back and dropped, as in the non-streamed content.
+    assert_eq!(content, "Let me check.");
     assert_eq!(finish.as_deref(), Some("tool_calls"));
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0].1, "get_weather");
@@ -580,4 +581,101 @@ async fn context_too_long_is_400_with_both_numbers() {
         let n = prompt.expect("tokenize").len();
         assert!(m.contains(&n.to_string()) && m.contains("200"), "{m}");
     }
+}
+
+/// Merges streamed deltas into one message the way the official SDKs' stream helpers do
+/// (a key's first value stays unless later string values extend it).
+fn accumulate(chunks: &[Value]) -> Value {
+    let mut message = serde_json::Map::new();
+    for c in chunks {
+        let Some(delta) = c["choices"][0]["delta"].as_object() else {
+            continue;
+        };
+        for (k, v) in delta {
+            if k == "tool_calls" {
+                continue;
+            }
+            match (message.get_mut(k), v) {
+                (Some(Value::String(acc)), Value::String(s)) => acc.push_str(s),
+                (Some(Value::Null), Value::String(s)) => {
+                    message.insert(k.clone(), Value::String(s.clone()));
+                }
+                (Some(_), _) => {}
+                (None, v) => {
+                    message.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    Value::Object(message)
+}
+
+async fn streamed_chunks(app: &axum::Router, mut body: Value) -> Vec<Value> {
+    body["stream"] = json!(true);
+    let events = post(app, "/v1/chat/completions", &[], body).await.events();
+    assert_eq!(events.last().map(|e| e.data.as_str()), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(SseEvent::json)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_streamed_tool_call_answer_ends_with_the_non_streamed_content() {
+    // Only a tool call: content is null both ways, and the first chunk carries the role,
+    // `content: null` and the call's head, as the real API sends it.
+    let (app, _svc) = scripted_app(r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#);
+    let mut body = chat(chat_messages("Weather?"));
+    body["tools"] = weather_tools();
+    let plain = post(&app, "/v1/chat/completions", &[], body.clone())
+        .await
+        .json();
+    assert_eq!(plain["choices"][0]["message"]["content"], Value::Null);
+    let chunks = streamed_chunks(&app, body.clone()).await;
+    let first = &chunks[0]["choices"][0]["delta"];
+    assert_eq!(first["role"], "assistant");
+    assert_eq!(first.get("content"), Some(&Value::Null), "{first}");
+    assert_eq!(first["refusal"], Value::Null);
+    assert_eq!(first["tool_calls"][0]["index"], 0);
+    assert_eq!(first["tool_calls"][0]["type"], "function");
+    assert_eq!(first["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(first["tool_calls"][0]["function"]["arguments"], "");
+    assert!(first["tool_calls"][0]["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("call_")));
+    let merged = accumulate(&chunks);
+    assert_eq!(merged["content"], plain["choices"][0]["message"]["content"]);
+    assert_eq!(merged["role"], "assistant");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["choices"][0]["delta"]["content"] != ""),
+        "no empty-string content anywhere: {chunks:?}"
+    );
+
+    // Text before the call: the text both ways, after a role chunk with content "".
+    let (app, _svc) =
+        scripted_app(r#"Checking. {"name": "get_weather", "arguments": {"city": "Oslo"}}"#);
+    let plain = post(&app, "/v1/chat/completions", &[], body.clone())
+        .await
+        .json();
+    let chunks = streamed_chunks(&app, body.clone()).await;
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": "", "refusal": null})
+    );
+    assert_eq!(
+        accumulate(&chunks)["content"],
+        plain["choices"][0]["message"]["content"]
+    );
+    assert_eq!(plain["choices"][0]["message"]["content"], "Checking.");
+
+    // Tools offered, plain text answer: the usual shape.
+    let (app, _svc) = scripted_app("No tool needed.");
+    let chunks = streamed_chunks(&app, body).await;
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": "", "refusal": null})
+    );
+    assert_eq!(accumulate(&chunks)["content"], "No tool needed.");
 }
