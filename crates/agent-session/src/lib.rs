@@ -15,18 +15,18 @@ pub mod sampling;
 pub mod service;
 pub mod text;
 
-pub use agent::{AgentId, AgentIdError, AgentKey, Namespace};
+pub use agent::{AgentId, AgentIdError, AgentKey, Namespace, MAX_AGENT_ID_LEN};
 pub use conversation::{Conversation, Message, Role, ToolCall, ToolDefinition};
 pub use error::ServiceError;
 pub use kv::{AgentManifest, BlockMeta, KvBlock, KvEncoding, KvPayload, KvTensor, TensorDtype};
 pub use ports::{
-    CacheStore, ChatFormatter, Clock, EngineError, FormatError, InferenceEngine, ModelDescriptor,
-    SequenceId, StepRequest, StoreError, StoreStats, SystemClock,
+    BlockingRunner, CacheStore, ChatFormatter, Clock, EngineError, FormatError, InferenceEngine,
+    InlineRunner, ModelDescriptor, SequenceId, StepRequest, StoreError, StoreStats, SystemClock,
 };
 pub use sampling::SamplingParams;
 pub use service::{
     AgentService, CacheReport, CacheTier, Completion, FinishReason, GenerateRequest,
-    GenerationEvent, ServiceConfig, RESTORE_GROUP_BLOCKS,
+    GenerationEvent, Persistence, ServiceConfig, RESTORE_GROUP_BLOCKS,
 };
 
 /// A token id of the model's vocabulary.

@@ -4,5 +4,6 @@
 mod admin;
 mod anthropic;
 mod common;
+mod hardening;
 mod openai;
 mod streaming;
