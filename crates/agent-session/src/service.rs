@@ -1151,6 +1151,31 @@ impl AgentService {
                 }
             })
             .collect();
+        // Agents whose turns never reached the store are listed from RAM (not persisted).
+        let now = self.clock.now_ms();
+        let tier = lock(&self.hot);
+        for (key, error) in &errors {
+            let listed = out
+                .iter()
+                .any(|a| a.agent == key.agent && a.namespace == key.namespace.0);
+            if listed || namespace.is_some_and(|ns| *ns != key.namespace) {
+                continue;
+            }
+            if let Some((tokens, pinned)) = tier.session_summary(key) {
+                out.push(AgentInfo {
+                    agent: key.agent.clone(),
+                    namespace: key.namespace.0.clone(),
+                    tier: CacheTier::Hot,
+                    tokens,
+                    blocks: tokens / b.max(1),
+                    pinned,
+                    last_used_at_ms: now,
+                    persisted: false,
+                    persist_error: Some(error.clone()),
+                });
+            }
+        }
+        drop(tier);
         out.sort_by_key(|a| std::cmp::Reverse(a.last_used_at_ms));
         Ok(out)
     }

@@ -209,6 +209,9 @@ async fn a_persistence_failure_is_reported_on_the_turn_the_agent_and_metrics() {
     assert!(g.json()["persist_error"]
         .as_str()
         .is_some_and(|e| e.contains("No space left")));
+    let list = get(&app, "/v1/agents", &[]).await.json();
+    assert_eq!(list["data"][0]["id"], "disk-full", "{list}");
+    assert_eq!(list["data"][0]["persisted"], false);
     let m = get(&app, "/metrics", &[]).await.text();
     assert!(m.contains("semantic_persist_failures_total 1"), "{m}");
 
