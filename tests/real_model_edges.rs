@@ -146,6 +146,7 @@ fn idle_and_slow_header_connections_under_a_512_file_limit() {
     );
     let addr = server.base.trim_start_matches("http://").to_string();
     let mut hogs = Vec::new();
+    let opening = Instant::now();
     for i in 0..600 {
         let Ok(mut s) = TcpStream::connect(&addr) else {
             break;
@@ -156,6 +157,7 @@ fn idle_and_slow_header_connections_under_a_512_file_limit() {
         hogs.push(s);
     }
     let opened = hogs.len();
+    println!("opened {opened} connections in {:?}", opening.elapsed());
     let start = Instant::now();
     let latency = health_latency(&server.base);
     // Slow headers keep dribbling: the server still closes them.
@@ -169,6 +171,9 @@ fn idle_and_slow_header_connections_under_a_512_file_limit() {
         start.elapsed()
     );
     let log = server.log_text();
+    for line in log.lines().filter(|l| l.contains("limit")) {
+        println!("server: {line}");
+    }
     assert!(
         log.contains("lowered to fit") || log.contains("connection limit reached"),
         "no descriptor / connection-limit warning in the log:\n{log}"

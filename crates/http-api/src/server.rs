@@ -36,6 +36,9 @@ use tower::Service as _;
 /// commit and end, before the store is flushed regardless.
 pub const SHUTDOWN_SETTLE: Duration = Duration::from_secs(5);
 
+/// The connection-limit warning is logged at most this often.
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 /// How often a connection checks its idle time and the shutdown state.
 const CONNECTION_TICK: Duration = Duration::from_millis(250);
 
@@ -190,7 +193,9 @@ where
         let _ = signalled_tx.send(true);
     });
     let mut signalled = signalled_rx.clone();
-    let mut warned_full = false;
+    // The limit warning is logged at most once per LIMIT_WARNING_EVERY.
+    let mut warned_full: Option<Instant> = None;
+    let mut at_limit = false;
     let mut grace_deadline: Option<tokio::time::Instant> = None;
     loop {
         // Once draining, stop when nothing is in flight or the grace period is over.
@@ -210,13 +215,17 @@ where
         }
         let tick = tokio::time::sleep(CONNECTION_TICK);
         let permit = if permits.available_permits() == 0 {
-            if !warned_full {
-                tracing::warn!(
-                    max_connections = limits.max_connections,
-                    "connection limit reached: new connections wait in the backlog"
-                );
-                warned_full = true;
+            if !at_limit {
+                at_limit = true;
                 state.limited.fetch_add(1, Ordering::Relaxed);
+                if warned_full.is_none_or(|t| t.elapsed() >= LIMIT_WARNING_EVERY) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        open_connections = state.open_connections(),
+                        "connection limit reached: new connections wait in the backlog"
+                    );
+                    warned_full = Some(Instant::now());
+                }
             }
             tokio::select! {
                 p = permits.clone().acquire_owned() => p.ok(),
@@ -224,7 +233,7 @@ where
                 _ = signalled.changed(), if grace_deadline.is_none() => None,
             }
         } else {
-            warned_full = false;
+            at_limit = false;
             permits.clone().acquire_owned().await.ok()
         };
         if grace_deadline.is_none() && *signalled.borrow() {

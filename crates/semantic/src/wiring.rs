@@ -169,7 +169,7 @@ fn connection_cap(setting: usize, fd_limit: Option<u64>) -> usize {
             fd_limit = limit,
             max_connections = fit,
             configured = setting,
-            "the file-descriptor limit is near: SEMANTIC_SERVER_MAX_CONNECTIONS lowered to fit              it (raise `ulimit -n` to serve more connections)"
+            "the file-descriptor limit is near: SEMANTIC_SERVER_MAX_CONNECTIONS lowered to fit it (raise `ulimit -n` to serve more connections)"
         );
         fit
     } else {
