@@ -344,6 +344,16 @@ fn measure_max_token_bytes(formatter: &dyn ChatFormatter, vocab_size: usize) -> 
     longest.saturating_mul(2).max(16)
 }
 
+/// The prompt text of a conversation, with the assistant's turn opened (the one place that
+/// renders prompts: [`AgentService::tokenize`] and [`AgentService::prompt_tokens`] go
+/// through [`checked_tokens`]).
+fn render_prompt(
+    formatter: &dyn ChatFormatter,
+    conversation: &Conversation,
+) -> Result<String, ServiceError> {
+    Ok(formatter.render(conversation, true)?)
+}
+
 /// Renders and tokenizes a conversation; refuses one that cannot fit `context_length` by
 /// its byte length before tokenizing it.
 fn checked_tokens(
@@ -353,7 +363,7 @@ fn checked_tokens(
     vocab_size: usize,
     max_token_bytes: &OnceLock<usize>,
 ) -> Result<Vec<TokenId>, ServiceError> {
-    let text = formatter.render(conversation, true)?;
+    let text = render_prompt(formatter, conversation)?;
     // Every token stands for at least one byte, so a text no longer than the context in
     // bytes always fits; only longer ones need the bound.
     if text.len() > context_length {
