@@ -81,10 +81,30 @@ impl Server {
     /// Starts the binary with these arguments and environment, and waits until
     /// `/health/ready` answers 200 (at most `timeout`).
     pub fn start(model: &Path, cache_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_limited(model, cache_dir, env, None)
+    }
+
+    /// [`Server::start`] with the process's file-descriptor limit (soft and hard) set to
+    /// `nofile` (through `prlimit`, from util-linux), when given.
+    pub fn start_limited(
+        model: &Path,
+        cache_dir: &Path,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Self {
         let port = free_port();
         let log = cache_dir.with_extension(format!("{port}.log"));
         let log_file = std::fs::File::create(&log).expect("create server log");
-        let mut cmd = Command::new(semantic_bin());
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(semantic_bin());
+                c
+            }
+            None => Command::new(semantic_bin()),
+        };
         cmd.arg("serve")
             .arg("--model")
             .arg(model)

@@ -3,8 +3,10 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Longest accepted agent id, in bytes.
-pub const MAX_AGENT_ID_LEN: usize = 256;
+/// Longest accepted agent id, in bytes. Stores must persist every valid id (the disk store
+/// names manifest files by a digest of the id, never by the id itself, so the length of an
+/// id never meets a file-name limit).
+pub const MAX_AGENT_ID_LEN: usize = 512;
 
 /// Why a string is not a valid [`AgentId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,7 +25,7 @@ pub enum AgentIdError {
     BadChar(char),
 }
 
-/// An agent's id: `[A-Za-z0-9_.-]{1,256}`, never `.` or `..`, so it is safe as a file name.
+/// An agent's id: `[A-Za-z0-9_.-]{1,512}`, never `.` or `..`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct AgentId(String);
@@ -128,15 +130,15 @@ mod tests {
         assert_eq!(AgentId::new("a\\b"), Err(AgentIdError::BadChar('\\')));
         assert_eq!(AgentId::new("a\0b"), Err(AgentIdError::BadChar('\0')));
         assert_eq!(
-            AgentId::new("x".repeat(257)),
-            Err(AgentIdError::TooLong(257))
+            AgentId::new("x".repeat(513)),
+            Err(AgentIdError::TooLong(513))
         );
-        assert!(AgentId::new("x".repeat(256)).is_ok());
+        assert!(AgentId::new("x".repeat(512)).is_ok());
     }
 
     proptest! {
         #[test]
-        fn valid_ids_are_safe_file_names(s in "\\PC{0,300}") {
+        fn valid_ids_are_safe_file_names(s in "\\PC{0,600}") {
             if let Ok(id) = AgentId::new(s) {
                 prop_assert!(!id.as_str().contains(['/', '\\', '\0']));
                 prop_assert!(id.as_str() != "." && id.as_str() != "..");

@@ -16,6 +16,17 @@ pub enum ServiceError {
         /// The model's context window.
         context_length: usize,
     },
+    /// The rendered prompt is so long that it cannot fit the context window whatever its
+    /// tokens: refused from its byte length, before it is tokenized.
+    #[error("prompt has {prompt_bytes} bytes, at least {min_tokens} tokens; the model's context window is {context_length}")]
+    PromptTooLarge {
+        /// Bytes of the rendered prompt.
+        prompt_bytes: usize,
+        /// A lower bound of its tokens (bytes / the most bytes one token stands for).
+        min_tokens: usize,
+        /// The model's context window.
+        context_length: usize,
+    },
     /// No capacity now (queue full or KV pool exhausted); retry after the given seconds.
     #[error("server overloaded: {reason}")]
     Overloaded {

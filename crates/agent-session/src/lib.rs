@@ -15,20 +15,20 @@ pub mod sampling;
 pub mod service;
 pub mod text;
 
-pub use agent::{AgentId, AgentIdError, AgentKey, Namespace};
+pub use agent::{AgentId, AgentIdError, AgentKey, Namespace, MAX_AGENT_ID_LEN};
 pub use conversation::{
     Conversation, Message, Role, ToolCall, ToolDefinition, INLINE_SYSTEM_PREFIX,
 };
 pub use error::ServiceError;
 pub use kv::{AgentManifest, BlockMeta, KvBlock, KvEncoding, KvPayload, KvTensor, TensorDtype};
 pub use ports::{
-    CacheStore, ChatFormatter, Clock, EngineError, FormatError, InferenceEngine, ModelDescriptor,
-    SequenceId, StepRequest, StoreError, StoreStats, SystemClock,
+    BlockingRunner, CacheStore, ChatFormatter, Clock, EngineError, FormatError, InferenceEngine,
+    InlineRunner, ModelDescriptor, SequenceId, StepRequest, StoreError, StoreStats, SystemClock,
 };
 pub use sampling::SamplingParams;
 pub use service::{
     AgentService, CacheReport, CacheTier, Completion, FinishReason, GenerateRequest,
-    GenerationEvent, ServiceConfig, DEFAULT_MAX_TOKENS_CAP, RESTORE_GROUP_BLOCKS,
+    GenerationEvent, Persistence, ServiceConfig, DEFAULT_MAX_TOKENS_CAP, RESTORE_GROUP_BLOCKS,
 };
 
 /// A token id of the model's vocabulary.

@@ -156,6 +156,9 @@ pub struct StoreStats {
     pub quarantined: u64,
     /// Blocks deleted by the disk budget since start.
     pub evicted: u64,
+    /// Block writes that failed in the background since start (each logged with the block
+    /// and the cause; the block stayed RAM-only).
+    pub write_errors: u64,
 }
 
 /// The cache store port: content-addressed KV blocks and per-agent manifests.
@@ -219,6 +222,31 @@ pub trait ChatFormatter: Send + Sync + 'static {
     fn stop_token_ids(&self) -> Vec<TokenId>;
     /// Identity of the tokenizer and template, part of the model fingerprint.
     fn fingerprint(&self) -> String;
+    /// The most bytes of text one token can stand for (special tokens' written form
+    /// included), for the service's cheap "cannot fit the context" check before a long text
+    /// is tokenized. `None` (the default): the service measures it once, from the decoded
+    /// text of every token id, with a safety margin.
+    fn max_token_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Runs CPU-heavy work of a request (template rendering, tokenization) where blocking is
+/// fine, away from the caller's async executor. Adapters provide one for their runtime
+/// (http-api: tokio's blocking pool, bounded); [`InlineRunner`] runs the job at once.
+pub trait BlockingRunner: Send + Sync + 'static {
+    /// Runs `job` soon, on a thread that may block; the job sends its own result.
+    fn spawn(&self, job: Box<dyn FnOnce() + Send + 'static>);
+}
+
+/// A [`BlockingRunner`] that runs each job on the calling thread (tests, tools).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InlineRunner;
+
+impl BlockingRunner for InlineRunner {
+    fn spawn(&self, job: Box<dyn FnOnce() + Send + 'static>) {
+        job();
+    }
 }
 
 /// Wall-clock time, injectable so tests control it.

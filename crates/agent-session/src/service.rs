@@ -11,8 +11,8 @@ use crate::conversation::Conversation;
 use crate::error::ServiceError;
 use crate::kv::{AgentManifest, BlockMeta, KvBlock};
 use crate::ports::{
-    CacheStore, ChatFormatter, Clock, InferenceEngine, ModelDescriptor, SequenceId, StepRequest,
-    StoreStats,
+    BlockingRunner, CacheStore, ChatFormatter, Clock, InferenceEngine, InlineRunner,
+    ModelDescriptor, SequenceId, StepRequest, StoreStats,
 };
 use crate::prefix::{common_prefix_len, persistable_len, prefill_chunks, reusable_len};
 use crate::sampling::SamplingParams;
@@ -28,7 +28,7 @@ use hot::{HotSession, HotTier};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Blocks a restore reads per group: each group is imported into the engine as soon as it is
 /// read, while the next ones are read. On the 2-core development VM (cold page cache, 16
@@ -172,6 +172,34 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// What the cache did.
     pub cache: CacheReport,
+    /// Whether the turn's cache (new blocks, the agent's manifest) was handed to the store.
+    pub persistence: Persistence,
+}
+
+/// Whether a turn's cache was persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "status", content = "error")]
+pub enum Persistence {
+    /// Blocks and manifest were accepted by the store (block files are written in the
+    /// background; a later write failure is counted in the store's `write_errors`).
+    Saved,
+    /// Something was not persisted (the cause); the turn itself succeeded and its KV stays
+    /// in RAM. Logged, counted in [`ServiceStats::persist_failures`] and shown by
+    /// [`AgentService::agent`] until a later turn of the agent persists.
+    Failed(String),
+    /// Persistence is switched off ([`ServiceConfig::persist`]).
+    Disabled,
+}
+
+impl Persistence {
+    /// `saved`, `failed` or `disabled`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Persistence::Saved => "saved",
+            Persistence::Failed(_) => "failed",
+            Persistence::Disabled => "disabled",
+        }
+    }
 }
 
 /// Events of one generation, in order: `Admitted`, `Started`, any number of `Delta`, then
@@ -218,6 +246,11 @@ pub struct AgentInfo {
     pub pinned: bool,
     /// Last use, unix milliseconds.
     pub last_used_at_ms: u64,
+    /// False when the agent's last turn could not be persisted (its manifest on disk, if
+    /// any, is older than its KV in RAM, and a restart would lose the difference).
+    pub persisted: bool,
+    /// Why the last turn was not persisted, when it was not.
+    pub persist_error: Option<String>,
 }
 
 /// Counters of the service, for `/metrics` and the stats route.
@@ -266,6 +299,8 @@ pub struct ServiceStats {
     pub decode_step_sequences: u64,
     /// Agents with KV in RAM.
     pub hot_agents: u64,
+    /// Turns whose cache could not be persisted (see [`Persistence::Failed`]).
+    pub persist_failures: u64,
     /// The store's own counters.
     pub store: StoreStats,
 }
@@ -282,6 +317,7 @@ struct Counters {
     restored_bytes: AtomicU64,
     /// A gauge: generations processing their prompt now.
     prefilling: AtomicU64,
+    persist_failures: AtomicU64,
 }
 
 /// Counts one generation in the `prefilling` gauge while it lives.
@@ -300,6 +336,65 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
+/// Most bytes one token stands for, by decoding every token id: the longest decoded token,
+/// doubled, and at least 16 (special tokens decode to nothing, so their written form, like
+/// `<|im_start|>`, is not seen; the margin covers them).
+fn measure_max_token_bytes(formatter: &dyn ChatFormatter, vocab_size: usize) -> usize {
+    if let Some(n) = formatter.max_token_bytes() {
+        return n.max(1);
+    }
+    let longest = (0..vocab_size)
+        .filter_map(|id| TokenId::try_from(id).ok())
+        .filter_map(|id| formatter.decode(&[id]).ok())
+        .map(|t| t.len())
+        .max()
+        .unwrap_or(0);
+    longest.saturating_mul(2).max(16)
+}
+
+/// The prompt text of a conversation, with the assistant's turn opened (the one place that
+/// renders prompts: [`AgentService::tokenize`] and [`AgentService::prompt_tokens`] go
+/// through [`checked_tokens`]).
+fn render_prompt(
+    formatter: &dyn ChatFormatter,
+    conversation: &Conversation,
+) -> Result<String, ServiceError> {
+    match formatter.render(conversation, true) {
+        Ok(text) => Ok(text),
+        Err(e) => match conversation.with_inline_system_as_user() {
+            Some(fallback) => Ok(formatter.render(&fallback, true).map_err(|_| e)?),
+            None => Err(e.into()),
+        },
+    }
+}
+
+/// Renders and tokenizes a conversation; refuses one that cannot fit `context_length` by
+/// its byte length before tokenizing it.
+fn checked_tokens(
+    formatter: &dyn ChatFormatter,
+    conversation: &Conversation,
+    context_length: usize,
+    vocab_size: usize,
+    max_token_bytes: &OnceLock<usize>,
+) -> Result<Vec<TokenId>, ServiceError> {
+    let text = render_prompt(formatter, conversation)?;
+    // Every token stands for at least one byte, so a text no longer than the context in
+    // bytes always fits; only longer ones need the bound.
+    if text.len() > context_length {
+        let per_token =
+            *max_token_bytes.get_or_init(|| measure_max_token_bytes(formatter, vocab_size));
+        let min_tokens = text.len() / per_token.max(1);
+        if min_tokens >= context_length {
+            return Err(ServiceError::PromptTooLarge {
+                prompt_bytes: text.len(),
+                min_tokens,
+                context_length,
+            });
+        }
+    }
+    Ok(formatter.encode(&text)?)
+}
+
 /// The application core: serves generations for agents over the four ports.
 pub struct AgentService {
     engine: Arc<dyn InferenceEngine>,
@@ -314,6 +409,12 @@ pub struct AgentService {
     /// Sequences of generations that were dropped mid-way; released by the next request.
     orphans: Arc<Mutex<Vec<SequenceId>>>,
     counters: Counters,
+    /// Where template rendering and tokenization run.
+    runner: Arc<dyn BlockingRunner>,
+    /// The most bytes one token stands for (measured on first need).
+    max_token_bytes: Arc<OnceLock<usize>>,
+    /// Agents whose last turn was not persisted, with the cause.
+    persist_errors: Mutex<HashMap<AgentKey, String>>,
 }
 
 /// Cleans up after a generation future that is dropped before it finishes (client gone,
@@ -404,7 +505,17 @@ impl AgentService {
             config,
             agent_locks: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            runner: Arc::new(InlineRunner),
+            max_token_bytes: Arc::new(OnceLock::new()),
+            persist_errors: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same service with template rendering and tokenization run by `runner` (off the
+    /// caller's async executor; the default runs them inline).
+    pub fn with_blocking_runner(mut self, runner: Arc<dyn BlockingRunner>) -> Self {
+        self.runner = runner;
+        self
     }
 
     /// The loaded model.
@@ -421,21 +532,46 @@ impl AgentService {
         self.engine.model().spec.block_tokens() as usize
     }
 
-    /// The prompt tokens a conversation renders to (what generation would see).
+    /// The prompt tokens a conversation renders to (what generation would see), on the
+    /// calling thread. A prompt too long for the context window by its byte length alone is
+    /// refused before it is tokenized ([`ServiceError::PromptTooLarge`]).
     ///
     /// A system message after the first message is rendered where it stands, with the
     /// template's system role. A template that refuses that (some allow a system message only
     /// first) gets the conversation of [`Conversation::with_inline_system_as_user`] instead:
     /// each such message becomes a user message whose text starts with `System: `.
     pub fn tokenize(&self, conversation: &Conversation) -> Result<Vec<TokenId>, ServiceError> {
-        let text = match self.formatter.render(conversation, true) {
-            Ok(text) => text,
-            Err(e) => match conversation.with_inline_system_as_user() {
-                Some(fallback) => self.formatter.render(&fallback, true).map_err(|_| e)?,
-                None => return Err(e.into()),
-            },
-        };
-        Ok(self.formatter.encode(&text)?)
+        let model = self.engine.model();
+        checked_tokens(
+            self.formatter.as_ref(),
+            conversation,
+            model.context_length,
+            model.vocab_size,
+            &self.max_token_bytes,
+        )
+    }
+
+    /// [`AgentService::tokenize`] on the service's [`BlockingRunner`], so that rendering
+    /// and tokenizing a long prompt never occupies the caller's async executor.
+    pub async fn prompt_tokens(
+        &self,
+        conversation: &Conversation,
+    ) -> Result<Vec<TokenId>, ServiceError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let formatter = self.formatter.clone();
+        let conversation = conversation.clone();
+        let model = self.engine.model();
+        let (context, vocab) = (model.context_length, model.vocab_size);
+        let bound = self.max_token_bytes.clone();
+        self.runner.spawn(Box::new(move || {
+            let result = checked_tokens(formatter.as_ref(), &conversation, context, vocab, &bound);
+            let _ = tx.send(result);
+        }));
+        rx.await.unwrap_or_else(|_| {
+            Err(ServiceError::Format(crate::ports::FormatError::Tokenizer(
+                "the tokenization job stopped before it answered".into(),
+            )))
+        })
     }
 
     /// Chained hashes of the whole blocks of `tokens[..len]`.
@@ -476,7 +612,7 @@ impl AgentService {
             let _ = self.engine.release(seq).await;
         }
         let model = self.engine.model();
-        let tokens = self.tokenize(&req.conversation)?;
+        let tokens = self.prompt_tokens(&req.conversation).await?;
         let len = tokens.len();
         if len == 0 {
             return Err(ServiceError::InvalidRequest(
@@ -797,7 +933,8 @@ impl AgentService {
             .fetch_add(generated.len() as u64, Ordering::Relaxed);
 
         // 5. Commit: drop decode-made KV, persist new whole chunks, keep the session hot.
-        self.commit(key, guard, seq, tokens, &hashes, reused, persist_len)
+        let persistence = self
+            .commit(key, guard, seq, tokens, &hashes, reused, persist_len)
             .await?;
 
         if cancelled {
@@ -808,6 +945,7 @@ impl AgentService {
             token_ids: generated,
             finish_reason,
             cache: report,
+            persistence,
         };
         on_event(GenerationEvent::Finished(completion.clone()));
         Ok(completion)
@@ -908,33 +1046,40 @@ impl AgentService {
         hashes: &[BlockHash],
         reused: usize,
         persist_len: usize,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Persistence, ServiceError> {
         let owner = &guard.owner;
+        let mut failure: Option<String> = None;
         let b = self.block_tokens();
         self.engine.truncate(seq, persist_len).await?;
         let first = reused / b;
         let count = (persist_len / b).saturating_sub(first);
         if self.config.persist && count > 0 {
             let fp = self.engine.model().fingerprint.clone();
-            if let Ok(payloads) = self.engine.export_blocks(seq, first, count).await {
-                let blocks: Vec<Arc<KvBlock>> = payloads
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, payload)| {
-                        let idx = first + i;
-                        Arc::new(KvBlock {
-                            meta: BlockMeta {
-                                hash: hashes[idx],
-                                parent: idx.checked_sub(1).map(|p| hashes[p]),
-                                token_ids: tokens[idx * b..(idx + 1) * b].to_vec(),
-                                model_fingerprint: fp.clone(),
-                            },
-                            payload,
+            match self.engine.export_blocks(seq, first, count).await {
+                Err(e) => failure = Some(format!("exporting the new blocks failed: {e}")),
+                Ok(payloads) => {
+                    let blocks: Vec<Arc<KvBlock>> = payloads
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, payload)| {
+                            let idx = first + i;
+                            Arc::new(KvBlock {
+                                meta: BlockMeta {
+                                    hash: hashes[idx],
+                                    parent: idx.checked_sub(1).map(|p| hashes[p]),
+                                    token_ids: tokens[idx * b..(idx + 1) * b].to_vec(),
+                                    model_fingerprint: fp.clone(),
+                                },
+                                payload,
+                            })
                         })
-                    })
-                    .collect();
-                // Persistence failures degrade to RAM-only; the turn itself succeeded.
-                let _ = self.store.save_blocks(blocks).await;
+                        .collect();
+                    // Persistence failures degrade to RAM-only; the turn itself succeeded, but
+                    // the failure is reported (log, counter, the turn, the agent).
+                    if let Err(e) = self.store.save_blocks(blocks).await {
+                        failure = Some(format!("saving the new blocks failed: {e}"));
+                    }
+                }
             }
         }
         let now = self.clock.now_ms();
@@ -955,7 +1100,13 @@ impl AgentService {
                     ttl_secs: previous.as_ref().and_then(|m| m.ttl_secs),
                 };
                 if self.config.persist {
-                    let _ = self.store.save_manifest(&manifest).await;
+                    if let Err(e) = self.store.save_manifest(&manifest).await {
+                        let e = format!("saving the agent's manifest failed: {e}");
+                        failure = Some(match failure.take() {
+                            Some(f) => format!("{f}; {e}"),
+                            None => e,
+                        });
+                    }
                 }
                 let evicted = lock(&self.hot).commit(
                     owner,
@@ -977,7 +1128,33 @@ impl AgentService {
                 self.engine.release(seq).await?;
             }
         }
-        Ok(())
+        Ok(self.record_persistence(key, failure))
+    }
+
+    /// Logs, counts and remembers a turn's persistence outcome.
+    fn record_persistence(&self, key: Option<&AgentKey>, failure: Option<String>) -> Persistence {
+        if !self.config.persist {
+            return Persistence::Disabled;
+        }
+        match failure {
+            None => {
+                if let Some(key) = key {
+                    lock(&self.persist_errors).remove(key);
+                }
+                Persistence::Saved
+            }
+            Some(cause) => {
+                self.counters
+                    .persist_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let agent = key.map_or_else(|| "(anonymous)".to_string(), |k| k.to_string());
+                tracing::warn!(agent = %agent, cause = %cause, "a turn's cache was not persisted; its KV stays in RAM only");
+                if let Some(key) = key {
+                    lock(&self.persist_errors).insert(key.clone(), cause.clone());
+                }
+                Persistence::Failed(cause)
+            }
+        }
     }
 
     /// Agents of a namespace (or all), hot and warm.
@@ -987,6 +1164,7 @@ impl AgentService {
     ) -> Result<Vec<AgentInfo>, ServiceError> {
         let manifests = self.store.list_manifests(namespace).await?;
         let hot = lock(&self.hot).hot_keys();
+        let errors = lock(&self.persist_errors).clone();
         let b = self.block_tokens();
         let mut out: Vec<AgentInfo> = manifests
             .into_iter()
@@ -1007,30 +1185,76 @@ impl AgentService {
                     blocks: m.block_hashes.len().min(m.token_ids.len() / b.max(1)),
                     pinned: m.pinned,
                     last_used_at_ms: m.last_used_at_ms,
+                    persisted: !errors.contains_key(&key),
+                    persist_error: errors.get(&key).cloned(),
                 }
             })
             .collect();
+        // Agents whose turns never reached the store are listed from RAM (not persisted).
+        let now = self.clock.now_ms();
+        let tier = lock(&self.hot);
+        for (key, error) in &errors {
+            let listed = out
+                .iter()
+                .any(|a| a.agent == key.agent && a.namespace == key.namespace.0);
+            if listed || namespace.is_some_and(|ns| *ns != key.namespace) {
+                continue;
+            }
+            if let Some((tokens, pinned)) = tier.session_summary(key) {
+                out.push(AgentInfo {
+                    agent: key.agent.clone(),
+                    namespace: key.namespace.0.clone(),
+                    tier: CacheTier::Hot,
+                    tokens,
+                    blocks: tokens / b.max(1),
+                    pinned,
+                    last_used_at_ms: now,
+                    persisted: false,
+                    persist_error: Some(error.clone()),
+                });
+            }
+        }
+        drop(tier);
         out.sort_by_key(|a| std::cmp::Reverse(a.last_used_at_ms));
         Ok(out)
     }
 
-    /// One agent.
+    /// One agent: from its manifest, or, when its last turn could not be persisted and no
+    /// manifest exists, from its KV in RAM (`persisted: false` with the cause).
     pub async fn agent(&self, key: &AgentKey) -> Result<AgentInfo, ServiceError> {
-        let m = self
-            .store
-            .load_manifest(key)
-            .await?
-            .ok_or_else(|| ServiceError::AgentNotFound(key.to_string()))?;
-        let hot = lock(&self.hot).hot_keys().contains(key);
-        Ok(AgentInfo {
-            agent: m.agent.clone(),
-            namespace: m.namespace.0.clone(),
-            tier: if hot { CacheTier::Hot } else { CacheTier::Warm },
-            tokens: m.token_ids.len(),
-            blocks: m.block_hashes.len(),
-            pinned: m.pinned,
-            last_used_at_ms: m.last_used_at_ms,
-        })
+        let error = lock(&self.persist_errors).get(key).cloned();
+        let manifest = self.store.load_manifest(key).await?;
+        let hot = lock(&self.hot).session_summary(key);
+        let info = match (manifest, hot) {
+            (Some(m), hot) => AgentInfo {
+                agent: m.agent.clone(),
+                namespace: m.namespace.0.clone(),
+                tier: if hot.is_some() {
+                    CacheTier::Hot
+                } else {
+                    CacheTier::Warm
+                },
+                tokens: m.token_ids.len(),
+                blocks: m.block_hashes.len(),
+                pinned: m.pinned,
+                last_used_at_ms: m.last_used_at_ms,
+                persisted: error.is_none(),
+                persist_error: error,
+            },
+            (None, Some((tokens, pinned))) if error.is_some() => AgentInfo {
+                agent: key.agent.clone(),
+                namespace: key.namespace.0.clone(),
+                tier: CacheTier::Hot,
+                tokens,
+                blocks: tokens / self.block_tokens().max(1),
+                pinned,
+                last_used_at_ms: self.clock.now_ms(),
+                persisted: false,
+                persist_error: error,
+            },
+            _ => return Err(ServiceError::AgentNotFound(key.to_string())),
+        };
+        Ok(info)
     }
 
     /// Drops an agent's KV from RAM; with `keep_on_disk == false` also deletes its manifest
@@ -1099,6 +1323,7 @@ impl AgentService {
             decode_steps: batches.steps,
             decode_step_sequences: batches.sequences,
             hot_agents: agents as u64,
+            persist_failures: c.persist_failures.load(Ordering::Relaxed),
             store: self.store.stats().await.unwrap_or_default(),
         }
     }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::ErrorKind;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -130,6 +130,24 @@ pub fn namespace_dir_name(namespace: &Namespace) -> Option<String> {
     ))
 }
 
+/// Prefix of manifest file names (`a-<digest>.json`).
+pub const MANIFEST_FILE_PREFIX: &str = "a-";
+
+/// The file name of an agent's manifest: `a-` + 32 hex digits of a keyed BLAKE3 hash of the
+/// id + `.json`. Derived from the id, never the id itself: any valid id (up to
+/// [`agent_session::MAX_AGENT_ID_LEN`] bytes) gives a 39-byte name, and the temporary file
+/// of an atomic write stays far below the 255-byte file-name limit. The manifest holds the
+/// id itself, checked on every read.
+pub fn manifest_file_name(agent: &AgentId) -> String {
+    let mut h = blake3::Hasher::new_derive_key("semantic cache-store-disk manifest name v1");
+    h.update(agent.as_str().as_bytes());
+    let hex = h.finalize().to_hex();
+    format!(
+        "{MANIFEST_FILE_PREFIX}{}.json",
+        hex.as_str().get(..32).unwrap_or(hex.as_str())
+    )
+}
+
 /// File name of a block: `<hash>.safetensors`.
 pub fn block_file_name(hash: &BlockHash) -> String {
     format!("{hash}.{BLOCK_EXTENSION}")
@@ -165,28 +183,11 @@ impl Layout {
         }
     }
 
-    /// The manifest's directory and file name, checked to stay inside that directory.
+    /// The manifest's directory and file name ([`manifest_file_name`]: a digest of the id,
+    /// so it never leaves the directory and never meets a file-name length limit).
     fn manifest_location(&self, key: &AgentKey) -> Result<(PathBuf, String), DiskStoreError> {
-        let id = key.agent.as_str();
-        let escape = || DiskStoreError::PathEscape(id.to_owned());
-        // AgentId already guarantees this; check again at the edge that touches the disk.
-        let mut components = Path::new(id).components();
-        if !matches!(
-            (components.next(), components.next()),
-            (Some(Component::Normal(_)), None)
-        ) || id.contains(['/', '\\', '\0'])
-        {
-            return Err(escape());
-        }
         let dir = self.namespace_dir(&key.namespace);
-        let name = format!("{id}.json");
-        let path = dir.join(&name);
-        if path.parent() != Some(dir.as_path())
-            || path.file_name().and_then(|n| n.to_str()) != Some(name.as_str())
-        {
-            return Err(escape());
-        }
-        Ok((dir, name))
+        Ok((dir, manifest_file_name(&key.agent)))
     }
 }
 
@@ -697,8 +698,8 @@ impl Inner {
         if m.version != AgentManifest::VERSION {
             return Err(format!("manifest version {}", m.version));
         }
-        let stem = path.file_stem().and_then(|s| s.to_str());
-        if stem != Some(m.agent.as_str()) {
+        let name = path.file_name().and_then(|s| s.to_str());
+        if name != Some(manifest_file_name(&m.agent).as_str()) {
             return Err(format!("names agent {:?}", m.agent.as_str()));
         }
         match expected {
@@ -746,8 +747,10 @@ impl Inner {
             let Some(stem) = name.strip_suffix(".json") else {
                 continue;
             };
-            if AgentId::new(stem).is_err() {
-                warn!(path = %path.display(), "skipping a manifest file with an invalid agent id");
+            if !stem.starts_with(MANIFEST_FILE_PREFIX) {
+                // A manifest of an older layout (`<agent_id>.json`) not migrated at open (the
+                // store was opened read-only by another process meanwhile): skipped.
+                warn!(path = %path.display(), "skipping a manifest file of the old layout");
                 continue;
             }
             match self.read_manifest(&path, None, dir_name) {
@@ -759,6 +762,73 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Renames manifests of the old layout (`<agent_id>.json`, named by the raw id) in `dir`
+    /// to their digest names ([`manifest_file_name`]); a file that does not hold the manifest
+    /// of the agent its name gives is left alone (and skipped by scans). When both names
+    /// exist the digest-named file is the newer one and the old file is removed.
+    fn migrate_legacy_manifests(&self, dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let mut moved = 0usize;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if stem.starts_with(MANIFEST_FILE_PREFIX) || fsutil::is_temp_name(stem) {
+                continue;
+            }
+            let Ok(agent) = AgentId::new(stem) else {
+                continue;
+            };
+            let path = entry.path();
+            let holds_it = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<AgentManifest>(&b).ok())
+                .is_some_and(|m| m.agent == agent);
+            if !holds_it {
+                continue;
+            }
+            let dest = dir.join(manifest_file_name(&agent));
+            let result = if dest.exists() {
+                fs::remove_file(&path).map_err(|e| DiskStoreError::io(&path, e))
+            } else {
+                fsutil::rename_into_place_keep(&path, &dest)
+            };
+            match result {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    warn!(agent = %agent, error = %e, "cannot migrate a manifest to its digest name")
+                }
+            }
+        }
+        if moved > 0 {
+            if let Err(e) = fsutil::sync_dir(dir) {
+                warn!(error = %e, "fsync of a manifest directory failed");
+            }
+            info!(dir = %dir.display(), moved, "manifests renamed to digest file names");
+        }
+    }
+
+    /// [`Inner::migrate_legacy_manifests`] in `agents/` and every namespace directory.
+    fn migrate_all_legacy_manifests(&self) {
+        let agents = &self.layout.agents;
+        self.migrate_legacy_manifests(agents);
+        let Ok(entries) = fs::read_dir(agents) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let is_ns = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(NAMESPACE_DIR_PREFIX));
+            if is_ns && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                self.migrate_legacy_manifests(&entry.path());
+            }
+        }
     }
 
     /// Every valid manifest of a namespace, or of all namespaces.
@@ -822,9 +892,10 @@ fn key_of(m: &AgentManifest) -> AgentKey {
 /// Layout under the cache directory (directories 0700, files 0600):
 /// - `blocks/<hash>.safetensors`: one block each (format: [`crate::format`](mod@crate::format));
 ///   agents that share a prefix share its block files;
-/// - `agents/<agent_id>.json`: manifests of the default namespace;
-///   `agents/ns-<hash>/<agent_id>.json`: manifests of other namespaces
-///   ([`namespace_dir_name`]);
+/// - `agents/a-<digest>.json`: manifests of the default namespace;
+///   `agents/ns-<hash>/a-<digest>.json`: manifests of other namespaces
+///   ([`namespace_dir_name`], [`manifest_file_name`]; manifests of the older
+///   `<agent_id>.json` layout are renamed at open);
 /// - `quarantine/`: block files that failed verification, kept for inspection (the
 ///   [`QUARANTINE_KEEP`] most recent).
 ///
@@ -867,6 +938,7 @@ impl DiskCacheStore {
         });
         let mut state = State::default();
         scan_blocks(&inner.layout.blocks, &mut state)?;
+        inner.migrate_all_legacy_manifests();
         for (m, blocks) in inner.scan_manifests(None)? {
             state
                 .manifests
@@ -1146,6 +1218,7 @@ impl DiskCacheStore {
             bytes_read: c.bytes_read.load(Ordering::Relaxed),
             quarantined: c.quarantined.load(Ordering::Relaxed),
             evicted: c.evicted.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
         }
     }
 

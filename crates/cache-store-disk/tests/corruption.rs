@@ -156,15 +156,15 @@ fn bad_agent_ids_are_rejected_with_a_typed_error() {
         let mapped = StoreError::from(DiskStoreError::AgentId(want.clone()));
         assert!(matches!(mapped, StoreError::Invalid(_)));
     }
-    let long = "x".repeat(257);
+    let long = "x".repeat(513);
     assert!(matches!(
         DiskCacheStore::agent_key(Namespace::default(), &long),
-        Err(DiskStoreError::AgentId(AgentIdError::TooLong(257)))
+        Err(DiskStoreError::AgentId(AgentIdError::TooLong(513)))
     ));
     // The longest valid id still maps inside the agents directory.
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let key = DiskCacheStore::agent_key(Namespace::default(), &"x".repeat(256)).expect("key");
+    let key = DiskCacheStore::agent_key(Namespace::default(), &"x".repeat(512)).expect("key");
     let path = store.manifest_path(&key).expect("path");
     assert_eq!(path.parent(), Some(dir.path().join("agents").as_path()));
     assert!(AgentId::new("ok.id-1_x").is_ok());
@@ -179,13 +179,18 @@ fn invalid_manifest_files_are_skipped_in_listings() {
         .save_manifest_blocking(&manifest("good", "", &blocks, &[1, 2], true))
         .expect("save");
     let agents = dir.path().join("agents");
-    fs::write(agents.join("broken.json"), b"{ not json").expect("write");
+    let path_of = |id: &str| {
+        store
+            .manifest_path(&DiskCacheStore::agent_key(Namespace::default(), id).expect("key"))
+            .expect("path")
+    };
+    fs::write(path_of("broken"), b"{ not json").expect("write");
     fs::write(agents.join("bad name!.json"), b"{}").expect("write");
     // Valid JSON, but the file name and the agent inside disagree.
     let mut renamed = manifest("someone-else", "", &blocks, &[], false);
     renamed.block_hashes = vec![blocks[0].meta.hash.to_string()];
     fs::write(
-        agents.join("impostor.json"),
+        path_of("impostor"),
         serde_json::to_vec(&renamed).expect("json"),
     )
     .expect("write");
@@ -193,11 +198,11 @@ fn invalid_manifest_files_are_skipped_in_listings() {
     let text = serde_json::to_string(&renamed)
         .expect("json")
         .replace("someone-else", "../../escape");
-    fs::write(agents.join("escape.json"), text).expect("write");
+    fs::write(path_of("escape"), text).expect("write");
     // A default-namespace manifest claiming another namespace.
     let foreign = manifest("wrong-ns", "tenant", &blocks, &[], false);
     fs::write(
-        agents.join("wrong-ns.json"),
+        path_of("wrong-ns"),
         serde_json::to_vec(&foreign).expect("json"),
     )
     .expect("write");

@@ -94,7 +94,8 @@ fn namespaces_do_not_share_blocks_or_manifest_dirs() {
     names.sort();
     assert_eq!(names.len(), 2);
     assert!(names.iter().all(|n| !n.contains("tenant")), "{names:?}");
-    assert!(names.contains(&"same-id.json".to_owned()));
+    let same = agent_session::AgentId::new("same-id").expect("id");
+    assert!(names.contains(&cache_store_disk::manifest_file_name(&same)));
 
     let ns = agent_session::Namespace("tenant-secret-key".into());
     let listed = store.list_manifests_blocking(Some(&ns)).expect("list ns");

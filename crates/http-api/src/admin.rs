@@ -4,10 +4,11 @@ use crate::auth::{Access, Caller};
 use crate::error::{ApiError, Flavor};
 use crate::metrics::pool_utilization;
 use crate::util::rfc3339;
+use crate::util::Path;
 use crate::Shared;
 use agent_session::service::AgentInfo;
 use agent_session::{AgentId, AgentKey, Namespace};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -128,6 +129,8 @@ fn agent_json(a: &AgentInfo) -> Value {
         "blocks": a.blocks,
         "pinned": a.pinned,
         "last_used_at_ms": a.last_used_at_ms,
+        "persisted": a.persisted,
+        "persist_error": a.persist_error,
     })
 }
 
@@ -300,6 +303,12 @@ pub(crate) async fn metrics(State(ctx): State<Shared>, headers: HeaderMap) -> Re
         async {
             ctx.keys.authorize(&headers, Access::Read)?;
             let stats = ctx.service.stats().await;
+            ctx.metrics
+                .gauge("semantic_connections_open", &[])
+                .set(ctx.shutdown.open_connections() as f64);
+            ctx.metrics
+                .counter("semantic_connections_limited_total", &[])
+                .absolute(ctx.shutdown.limited());
             let text = ctx.metrics.render(&stats);
             Ok((
                 [(

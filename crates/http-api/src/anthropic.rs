@@ -318,7 +318,7 @@ fn tools(
         tools.push(ToolDefinition {
             name: t.name,
             description: t.description.unwrap_or_default(),
-            parameters: schema,
+            parameters: crate::request::tool_schema(&format!("tools[{i}].input_schema"), schema)?,
         });
     }
     offered_tools(tools, &tool_mode(choice)?, "tool_choice")
@@ -393,7 +393,8 @@ pub(crate) async fn count_tokens(State(ctx): State<Shared>, req: Request) -> Res
         let messages = conversation_messages(system_text(r.system)?, r.messages)?;
         let tokens = ctx
             .service
-            .tokenize(&Conversation { messages, tools })
+            .prompt_tokens(&Conversation { messages, tools })
+            .await
             .map_err(ApiError::from)?;
         Ok::<_, ApiError>(Json(json!({"input_tokens": tokens.len()})).into_response())
     }
@@ -466,7 +467,8 @@ async fn handle(ctx: Shared, req: Request) -> Result<Response, ApiError> {
             "stop_sequence": stop_sequence(&completion.finish_reason),
             "usage": usage(&completion.cache, completion.token_ids.len()),
         });
-        Ok((response_headers, Json(body)).into_response())
+        let headers = generation::with_persistence(response_headers, &completion.persistence);
+        Ok((headers, Json(body)).into_response())
     }
 }
 

@@ -63,6 +63,26 @@ pub enum ApiError {
         /// The model's context window.
         context_length: usize,
     },
+    /// The prompt cannot fit the context window by its byte length alone (400, refused
+    /// before tokenizing it).
+    #[error("prompt is too long: {prompt_bytes} bytes, at least {min_tokens} tokens, but the model's context window is {context_length} tokens")]
+    PromptTooLarge {
+        /// Bytes of the rendered prompt.
+        prompt_bytes: usize,
+        /// A lower bound of its tokens.
+        min_tokens: usize,
+        /// The model's context window.
+        context_length: usize,
+    },
+    /// Any other client or server error with its status (a framework rejection of a
+    /// request, re-shaped into the API's error body).
+    #[error("{message}")]
+    Status {
+        /// The HTTP status (4xx or 5xx).
+        status: u16,
+        /// What went wrong.
+        message: String,
+    },
     /// No API key, or a wrong one (401).
     #[error("{0}")]
     Unauthorized(String),
@@ -125,7 +145,11 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. }
             | ApiError::MalformedJson(_)
-            | ApiError::ContextTooLong { .. } => StatusCode::BAD_REQUEST,
+            | ApiError::ContextTooLong { .. }
+            | ApiError::PromptTooLarge { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Status { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -148,7 +172,7 @@ impl ApiError {
             ApiError::InvalidRequest { param, .. } | ApiError::Unprocessable { param, .. } => {
                 param.as_deref()
             }
-            ApiError::ContextTooLong { .. } => Some("messages"),
+            ApiError::ContextTooLong { .. } | ApiError::PromptTooLarge { .. } => Some("messages"),
             _ => None,
         }
     }
@@ -159,9 +183,16 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => ("invalid_request_error", None),
             ApiError::MalformedJson(_) => ("invalid_request_error", Some("invalid_json")),
             ApiError::Unprocessable { .. } => ("invalid_request_error", Some("invalid_body")),
-            ApiError::ContextTooLong { .. } => {
+            ApiError::ContextTooLong { .. } | ApiError::PromptTooLarge { .. } => {
                 ("invalid_request_error", Some("context_length_exceeded"))
             }
+            ApiError::Status { status, .. } => match *status {
+                404 => ("not_found_error", Some("not_found")),
+                405 => ("invalid_request_error", Some("method_not_allowed")),
+                413 => ("invalid_request_error", Some("request_too_large")),
+                s if s >= 500 => ("server_error", Some("internal_error")),
+                _ => ("invalid_request_error", None),
+            },
             ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::Forbidden(_) => ("permission_error", Some("forbidden")),
             ApiError::NotFound(_) => ("not_found_error", Some("not_found")),
@@ -183,7 +214,14 @@ impl ApiError {
             | ApiError::MalformedJson(_)
             | ApiError::Unprocessable { .. }
             | ApiError::ContextTooLong { .. }
+            | ApiError::PromptTooLarge { .. }
             | ApiError::MethodNotAllowed => "invalid_request_error",
+            ApiError::Status { status, .. } => match *status {
+                404 => "not_found_error",
+                413 => "request_too_large",
+                s if s >= 500 => "api_error",
+                _ => "invalid_request_error",
+            },
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
@@ -273,6 +311,15 @@ impl From<ServiceError> for ApiError {
                 context_length,
             } => ApiError::ContextTooLong {
                 prompt_tokens,
+                context_length,
+            },
+            ServiceError::PromptTooLarge {
+                prompt_bytes,
+                min_tokens,
+                context_length,
+            } => ApiError::PromptTooLarge {
+                prompt_bytes,
+                min_tokens,
                 context_length,
             },
             ServiceError::Overloaded {

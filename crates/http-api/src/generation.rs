@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::Ctx;
 use agent_session::{
-    AgentId, CacheReport, Completion, GenerateRequest, GenerationEvent, ServiceError,
+    AgentId, CacheReport, Completion, GenerateRequest, GenerationEvent, Persistence, ServiceError,
 };
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +20,10 @@ use tokio::sync::mpsc;
 /// Response header describing what the cache did for the prompt:
 /// `tier=<hot|warm|miss>; prompt=<P>; reused=<R>; prefilled=<F>; created=<C>; restored=<S>`.
 pub const CACHE_HEADER: &str = "x-semantic-cache";
+/// Response header of a non-streaming generation saying whether the turn's cache was
+/// persisted: `saved`, `disabled`, or `failed; error="<cause>"` (a stream's headers leave
+/// before the turn commits: `GET /v1/agents/{id}` shows the outcome there).
+pub const PERSIST_HEADER: &str = "x-semantic-persist";
 /// Response header naming the agent the request was served as (absent when anonymous).
 pub(crate) const AGENT_HEADER: &str = "x-semantic-agent";
 
@@ -48,6 +52,8 @@ pub(crate) struct Running {
     rx: mpsc::UnboundedReceiver<Msg>,
     observer: Observer,
     deadline: Option<Deadline>,
+    /// Turns true when a shutdown's grace period is over: the generation is then ended.
+    grace_over: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The request's time limit.
@@ -57,18 +63,38 @@ struct Deadline {
     limit_secs: u64,
 }
 
-/// The next message, or `Err(limit)` when the deadline passed first.
+/// The next message; `Err` when the deadline passed first (504) or a shutdown's grace
+/// period ended (503).
 async fn recv(
     rx: &mut mpsc::UnboundedReceiver<Msg>,
     deadline: Option<Deadline>,
+    grace_over: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<Msg>, ApiError> {
-    match deadline {
-        None => Ok(rx.recv().await),
-        Some(d) => tokio::time::timeout_at(d.at, rx.recv())
-            .await
-            .map_err(|_| ApiError::Timeout {
-                limit_secs: d.limit_secs,
-            }),
+    let next = async {
+        match deadline {
+            None => Ok(rx.recv().await),
+            Some(d) => {
+                tokio::time::timeout_at(d.at, rx.recv())
+                    .await
+                    .map_err(|_| ApiError::Timeout {
+                        limit_secs: d.limit_secs,
+                    })
+            }
+        }
+    };
+    tokio::select! {
+        r = next => r,
+        () = crate::server::grace_over(grace_over.clone()) => Err(ApiError::Unavailable {
+            reason: "the server is shutting down; the generation was ended".into(),
+            retry_after_secs: 5,
+        }),
+    }
+}
+
+fn failure_kind(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::Unavailable { .. } => "shutdown",
+        _ => "timeout",
     }
 }
 
@@ -121,7 +147,9 @@ impl Observer {
 fn error_kind(e: &ServiceError) -> &'static str {
     match e {
         ServiceError::InvalidRequest(_) => "invalid_request",
-        ServiceError::ContextTooLong { .. } => "context_too_long",
+        ServiceError::ContextTooLong { .. } | ServiceError::PromptTooLarge { .. } => {
+            "context_too_long"
+        }
         ServiceError::Overloaded { .. } => "overloaded",
         ServiceError::AgentNotFound(_) => "agent_not_found",
         ServiceError::Format(_) => "format",
@@ -188,10 +216,11 @@ pub(crate) async fn start(
         start,
         first_token: None,
     };
+    let grace_over = ctx.shutdown.grace_over();
     // On any early return `rx` is dropped, which cancels the generation.
-    let first = recv(&mut rx, deadline)
+    let first = recv(&mut rx, deadline, &grace_over)
         .await
-        .inspect_err(|_| observer.failed("timeout"))?;
+        .inspect_err(|e| observer.failed(failure_kind(e)))?;
     match first {
         Some(Msg::Started(report)) => {
             observer.tier = report.tier.as_str();
@@ -217,6 +246,7 @@ pub(crate) async fn start(
                 rx,
                 observer,
                 deadline,
+                grace_over,
             })
         }
         Some(Msg::Failed(e)) => {
@@ -235,10 +265,10 @@ pub(crate) async fn start(
 impl Running {
     /// The next delta, the end, or a failure.
     pub(crate) async fn next(&mut self) -> Next {
-        let msg = match recv(&mut self.rx, self.deadline).await {
+        let msg = match recv(&mut self.rx, self.deadline, &self.grace_over).await {
             Ok(m) => m,
             Err(e) => {
-                self.observer.failed("timeout");
+                self.observer.failed(failure_kind(&e));
                 // Stop listening: the generation is cancelled at its next event.
                 self.rx.close();
                 return Next::Failed(e);
@@ -305,4 +335,27 @@ pub(crate) fn response_headers(report: &CacheReport, agent: Option<&AgentId>) ->
         h.insert(HeaderName::from_static(AGENT_HEADER), v);
     }
     h
+}
+
+/// `headers` plus the [`PERSIST_HEADER`] of a finished turn.
+pub(crate) fn with_persistence(mut headers: HeaderMap, persistence: &Persistence) -> HeaderMap {
+    let value = match persistence {
+        Persistence::Failed(cause) => {
+            let cause: String = cause
+                .chars()
+                .map(|c| match c {
+                    '"' | '\\' => '\'',
+                    c if c.is_ascii_graphic() || c == ' ' => c,
+                    _ => '?',
+                })
+                .take(300)
+                .collect();
+            format!("failed; error=\"{cause}\"")
+        }
+        other => other.as_str().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(HeaderName::from_static(PERSIST_HEADER), v);
+    }
+    headers
 }

@@ -12,7 +12,7 @@ pub const AGENT_ID_HEADER: &str = "x-agent-id";
 pub const SESSION_ID_HEADER: &str = "x-session-id";
 
 /// Resolves the agent of a request. Header values must be valid agent ids
-/// (`[A-Za-z0-9_.-]{1,256}`, not `.` or `..`): anything else is a 400 naming the header. Body
+/// (`[A-Za-z0-9_.-]{1,512}`, not `.` or `..`): anything else is a 400 naming the header. Body
 /// fields are free-form strings in the real APIs (an e-mail address as `user` is common), so
 /// a body value that is not a valid id is mapped to `h-` + 32 hex digits of its digest
 /// instead of being refused: the same value always names the same agent.
@@ -95,6 +95,7 @@ mod tests {
         assert_eq!(a, id("alice@example.com"));
         assert_ne!(a, id("bob@example.com"));
         assert_eq!(id("bob").as_str(), "bob");
-        assert!(id(&"x".repeat(300)).as_str().starts_with("h-"));
+        assert_eq!(id(&"x".repeat(300)).as_str(), "x".repeat(300));
+        assert!(id(&"x".repeat(513)).as_str().starts_with("h-"));
     }
 }

@@ -7,8 +7,12 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
+/// Bodies at least this long are decoded on the blocking pool, not on the async executor.
+const DECODE_OFF_EXECUTOR_BYTES: usize = 256 * 1024;
+
 /// Reads and decodes a JSON body (whatever its content type: `curl -d` sends a form type).
-pub(crate) async fn read_json<T: DeserializeOwned>(
+/// Large bodies are decoded on the blocking pool.
+pub(crate) async fn read_json<T: DeserializeOwned + Send + 'static>(
     req: Request,
     limit: usize,
 ) -> Result<T, ApiError> {
@@ -22,7 +26,12 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
             }
         }
     })?;
-    decode(&bytes)
+    if bytes.len() < DECODE_OFF_EXECUTOR_BYTES {
+        return decode(&bytes);
+    }
+    tokio::task::spawn_blocking(move || decode(&bytes))
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding the request body failed: {e}")))?
 }
 
 /// Decodes JSON into `T`: syntax errors are 400, schema errors 422 with the field's path.

@@ -16,6 +16,7 @@
 mod admin;
 mod anthropic;
 mod auth;
+mod blocking;
 mod error;
 mod generation;
 mod identity;
@@ -24,14 +25,16 @@ mod metrics;
 mod openai;
 mod request;
 mod root;
+mod server;
 mod sse;
 mod stream_text;
 pub mod tools;
 mod util;
 
 pub use auth::{namespace_for_key, AuthConfig};
+pub use blocking::TokioBlocking;
 pub use error::{ApiError, Flavor, STATUS_OVERLOADED_ANTHROPIC};
-pub use generation::CACHE_HEADER;
+pub use generation::{CACHE_HEADER, PERSIST_HEADER};
 pub use identity::{AGENT_ID_HEADER, SESSION_ID_HEADER};
 pub use metrics::Metrics;
 
@@ -47,7 +50,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Size limits and health thresholds of the HTTP layer.
+/// Default largest request body: 32 MiB. The one source of truth: `semantic`'s settings take
+/// their default (`SEMANTIC_SERVER_MAX_BODY_MB`) from it, and a test checks that
+/// docs/api.md and docs/configuration.md state it.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+pub use server::SHUTDOWN_SETTLE;
+
+/// Size limits, connection rules and health thresholds of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest request body accepted, in bytes; larger ones get a 413.
@@ -56,9 +66,17 @@ pub struct Limits {
     pub ready_max_pool_utilization: f64,
     /// Interval of SSE keep-alives (Anthropic `ping` events, OpenAI comment lines).
     pub sse_keep_alive: Duration,
-    /// How long [`serve`] waits, after the listener closed, for running generations to end
-    /// before flushing the cache store.
+    /// Grace period of a shutdown: how long [`serve`] lets requests in flight (streams
+    /// included) finish after the shutdown signal, before it ends them (streams with their
+    /// API's error event) and flushes the cache store.
     pub shutdown_drain: Duration,
+    /// A request's headers must be complete within this, counted from the connection's
+    /// start or the end of the previous response; otherwise the connection is closed.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub keep_alive_timeout: Duration,
+    /// Most open client connections; more wait in the listener's backlog.
+    pub max_connections: usize,
     /// Longest time a generation request may take, queueing included (`None`: no limit).
     /// Past it the generation is cancelled: a 504 before the answer starts, an error event
     /// ending a stream.
@@ -68,10 +86,13 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_body_bytes: 16 * 1024 * 1024,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             ready_max_pool_utilization: 0.95,
             sse_keep_alive: Duration::from_secs(15),
             shutdown_drain: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(30),
+            max_connections: 1024,
             request_timeout: None,
         }
     }
@@ -175,6 +196,8 @@ pub(crate) struct Ctx {
     pub(crate) metrics: Arc<Metrics>,
     /// Unix seconds when the router was built (the model's `created`).
     pub(crate) created: u64,
+    /// Connection counts and the drain state (see `server.rs`).
+    pub(crate) shutdown: Arc<server::Shutdown>,
 }
 
 pub(crate) type Shared = Arc<Ctx>;
@@ -195,6 +218,10 @@ impl Ctx {
 
 /// The full HTTP API over `state`: OpenAI, Anthropic, models, agents, stats, health, metrics.
 pub fn router(state: AppState) -> Router {
+    router_with_ctx(state).0
+}
+
+fn router_with_ctx(state: AppState) -> (Router, Shared) {
     let ctx: Shared = Arc::new(Ctx {
         keys: auth::Keys::new(&state.auth),
         service: state.service,
@@ -203,9 +230,10 @@ pub fn router(state: AppState) -> Router {
         ready: state.ready,
         metrics: state.metrics,
         created: util::unix_now(),
+        shutdown: Arc::new(server::Shutdown::default()),
     });
     let body_limit = ctx.limits.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/", get(root::root))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
@@ -227,10 +255,74 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            refuse_when_draining,
+        ))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), observe))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
-        .with_state(ctx)
+        .with_state(ctx.clone());
+    (router, ctx)
+}
+
+/// During a shutdown every route but the health probes answers 503 in its API's shape, with
+/// `Retry-After` (and `Connection: close`, added by the server loop).
+async fn refuse_when_draining(State(ctx): State<Shared>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if ctx.shutdown.draining() && !(path == "/health" || path.starts_with("/health/")) {
+        return ApiError::Unavailable {
+            reason: "the server is shutting down".into(),
+            retry_after_secs: 5,
+        }
+        .into_response_for(Flavor::for_path(path));
+    }
+    next.run(req).await
+}
+
+/// The safety net of the error shapes: a 4xx/5xx answer that is not JSON (a framework
+/// rejection: a path, query or header extractor, an unsupported method…) is re-shaped into
+/// the route's API error body, keeping its status and message.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let flavor = Flavor::for_path(req.uri().path());
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string()
+    } else {
+        text
+    };
+    let mut shaped = ApiError::Status {
+        status: status.as_u16(),
+        message,
+    }
+    .into_response_for(flavor);
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            shaped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    shaped
 }
 
 /// A router for the time before the model is loaded: `/health` and `/health/live` answer
@@ -287,8 +379,12 @@ pub async fn shutdown_signal() {
 }
 
 /// Serves `state`'s router on `listener` until `shutdown` completes, then drains: readiness
-/// turns false at once, open connections finish (streams run to their end), running
-/// generations get up to [`Limits::shutdown_drain`] to finish, and the cache store is flushed.
+/// turns false at once, new requests get 503 (with `Retry-After`), idle connections close,
+/// requests in flight get up to [`Limits::shutdown_drain`] to finish and are then ended
+/// (streams with their API's error event), and the cache store is flushed. Returns within
+/// the grace period plus [`SHUTDOWN_SETTLE`] and the flush. Connections follow
+/// [`Limits::header_read_timeout`], [`Limits::keep_alive_timeout`] and
+/// [`Limits::max_connections`].
 pub async fn serve<F>(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -297,22 +393,10 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let ready = state.ready.clone();
     let service = state.service.clone();
-    let drain = state.limits.shutdown_drain;
-    let app = router(state);
+    let (app, ctx) = router_with_ctx(state);
     tracing::info!(addr = ?listener.local_addr().ok(), "serving the HTTP API");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            ready.store(false, Ordering::Release);
-            tracing::info!("shutting down: draining connections");
-        })
-        .await?;
-    let deadline = Instant::now() + drain;
-    while service.stats().await.active > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server::run(listener, app, ctx, shutdown).await?;
     service.flush().await.map_err(ApiError::from)?;
     tracing::info!("HTTP API stopped; cache store flushed");
     Ok(())

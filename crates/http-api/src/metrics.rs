@@ -56,6 +56,10 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("semantic_store_bytes_read_total", 'c', Some(Unit::Bytes), "Bytes read from the store."),
     ("semantic_store_quarantined_total", 'c', None, "Corrupt or foreign store entries quarantined."),
     ("semantic_store_evicted_blocks_total", 'c', None, "Blocks deleted by the store's disk budget."),
+    ("semantic_store_write_errors_total", 'c', None, "Block writes that failed in the store's background writer (logged with the block and the cause)."),
+    ("semantic_persist_failures_total", 'c', None, "Turns whose cache (blocks or agent manifest) could not be persisted (logged with the agent and the cause)."),
+    ("semantic_connections_open", 'g', None, "Open client connections."),
+    ("semantic_connections_limited_total", 'c', None, "Times the connection limit was reached (new connections then wait in the listen backlog)."),
 ];
 
 /// The metrics of one router: a Prometheus recorder and the handle that renders it.
@@ -160,6 +164,11 @@ impl Metrics {
             ("semantic_store_bytes_read_total", stats.store.bytes_read),
             ("semantic_store_quarantined_total", stats.store.quarantined),
             ("semantic_store_evicted_blocks_total", stats.store.evicted),
+            (
+                "semantic_store_write_errors_total",
+                stats.store.write_errors,
+            ),
+            ("semantic_persist_failures_total", stats.persist_failures),
         ];
         for (name, v) in counters {
             self.counter(name, &[]).absolute(v);

@@ -320,9 +320,12 @@ fn plan(
         tools.push(ToolDefinition {
             name: f.name,
             description: f.description.unwrap_or_default(),
-            parameters: f
-                .parameters
-                .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            parameters: match f.parameters {
+                Some(p) => {
+                    crate::request::tool_schema(&format!("tools[{i}].function.parameters"), p)?
+                }
+                None => json!({"type": "object", "properties": {}}),
+            },
         });
     }
     let mode = tool_mode(r.tool_choice.as_ref())?;
@@ -469,7 +472,8 @@ async fn handle(ctx: Shared, req: Request) -> Result<Response, ApiError> {
     } else {
         let completion = running.collect().await?;
         let body = completion_body(&meta, &completion, &plan.tool_names);
-        Ok((response_headers, Json(body)).into_response())
+        let headers = generation::with_persistence(response_headers, &completion.persistence);
+        Ok((headers, Json(body)).into_response())
     }
 }
 

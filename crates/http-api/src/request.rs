@@ -52,6 +52,30 @@ pub(crate) fn offered_tools(
     }
 }
 
+/// A tool's JSON Schema (OpenAI `function.parameters`, Anthropic `input_schema`): it must
+/// be a JSON object (a 400 naming the field otherwise).
+pub(crate) fn tool_schema(
+    param: &str,
+    schema: serde_json::Value,
+) -> Result<serde_json::Value, ApiError> {
+    if schema.is_object() {
+        Ok(schema)
+    } else {
+        let kind = match &schema {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::Object(_) => "an object",
+        };
+        Err(ApiError::invalid(
+            param,
+            format!("must be a JSON Schema object, not {kind}"),
+        ))
+    }
+}
+
 /// Checks that an optional number lies in `lo..=hi`.
 pub(crate) fn check_range(
     param: &str,

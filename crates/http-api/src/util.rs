@@ -55,3 +55,34 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     }
 }
+
+/// A path parameter extractor whose rejection (a segment that is not UTF-8 after
+/// percent-decoding, like `/v1/agents/%FF%FE`) is a 400 in the route's API shape, not
+/// axum's plain-text answer.
+#[derive(Debug)]
+pub(crate) struct Path<T>(pub(crate) T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = axum::response::Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(rejection) => {
+                let flavor = crate::error::Flavor::for_path(parts.uri.path());
+                Err(crate::error::ApiError::InvalidRequest {
+                    message: format!("invalid path: {}", rejection.body_text()),
+                    param: Some("path".into()),
+                }
+                .into_response_for(flavor))
+            }
+        }
+    }
+}

@@ -112,8 +112,12 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { var: "SEMANTIC_ADMIN_KEY", default: "", help: "Key for admin routes (agent deletion, pin). Unset: admin routes need no key when auth is off and are refused when it is on." },
     SettingDef { var: "SEMANTIC_SERVER_LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)." },
     SettingDef { var: "SEMANTIC_SERVER_LOG_FORMAT", default: "human", help: "human or json." },
-    SettingDef { var: "SEMANTIC_SERVER_MAX_BODY_MB", default: "32", help: "Largest request body in MiB (413 beyond)." },
+    SettingDef { var: "SEMANTIC_SERVER_MAX_BODY_MB", default: "32", help: "Largest request body in MiB (1-4096; 413 beyond)." },
     SettingDef { var: "SEMANTIC_SERVER_REQUEST_TIMEOUT_SECS", default: "600", help: "A generation running longer is cancelled (0: no limit)." },
+    SettingDef { var: "SEMANTIC_SERVER_HEADER_READ_TIMEOUT_SECS", default: "10", help: "A request's headers must be complete within this many seconds (1-3600), counted from the connection's start or the previous response's end; else the connection is closed." },
+    SettingDef { var: "SEMANTIC_SERVER_KEEP_ALIVE_TIMEOUT_SECS", default: "30", help: "A connection with no request in flight for this many seconds (1-3600) is closed." },
+    SettingDef { var: "SEMANTIC_SERVER_MAX_CONNECTIONS", default: "1024", help: "Most open client connections (1-1000000); more wait in the listen backlog. Lowered at start to fit the file-descriptor limit (raised to its hard limit first), with a warning." },
+    SettingDef { var: "SEMANTIC_SERVER_SHUTDOWN_GRACE_SECS", default: "30", help: "On SIGTERM / Ctrl-C: seconds (0-3600) requests in flight may still run; then streams end with an error event and the process exits within a few seconds." },
 ];
 
 /// Log output format.
@@ -176,6 +180,14 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Generation timeout in seconds (0: none).
     pub request_timeout_secs: u64,
+    /// Header read timeout in seconds.
+    pub header_read_timeout_secs: u64,
+    /// Idle keep-alive timeout in seconds.
+    pub keep_alive_timeout_secs: u64,
+    /// Most open client connections.
+    pub max_connections: usize,
+    /// Shutdown grace period in seconds.
+    pub shutdown_grace_secs: u64,
     /// Where each value came from, by variable.
     pub sources: BTreeMap<&'static str, (String, Source)>,
 }
@@ -529,6 +541,30 @@ impl Settings {
                 0,
                 86_400,
             )?,
+            header_read_timeout_secs: parse_range(
+                "SEMANTIC_SERVER_HEADER_READ_TIMEOUT_SECS",
+                &get("SEMANTIC_SERVER_HEADER_READ_TIMEOUT_SECS"),
+                1,
+                3600,
+            )?,
+            keep_alive_timeout_secs: parse_range(
+                "SEMANTIC_SERVER_KEEP_ALIVE_TIMEOUT_SECS",
+                &get("SEMANTIC_SERVER_KEEP_ALIVE_TIMEOUT_SECS"),
+                1,
+                3600,
+            )?,
+            max_connections: parse_range(
+                "SEMANTIC_SERVER_MAX_CONNECTIONS",
+                &get("SEMANTIC_SERVER_MAX_CONNECTIONS"),
+                1,
+                1_000_000,
+            )?,
+            shutdown_grace_secs: parse_range(
+                "SEMANTIC_SERVER_SHUTDOWN_GRACE_SECS",
+                &get("SEMANTIC_SERVER_SHUTDOWN_GRACE_SECS"),
+                0,
+                3600,
+            )?,
             sources,
         })
     }
@@ -715,5 +751,21 @@ mod doc_tests {
             let row = format!("| `{}` | `{}` | `{}` |", def.var, def.key(), default);
             assert!(doc.contains(&row), "docs/configuration.md lacks {row}");
         }
+    }
+
+    /// The body limit's default is http-api's one constant, and both docs state it.
+    #[test]
+    fn body_limit_default_is_http_apis() {
+        let def = SETTINGS
+            .iter()
+            .find(|d| d.var == "SEMANTIC_SERVER_MAX_BODY_MB")
+            .expect("the body limit setting");
+        let mb: usize = def.default.parse().expect("a number");
+        assert_eq!(mb * 1024 * 1024, http_api::DEFAULT_MAX_BODY_BYTES);
+        let api = include_str!("../../../docs/api.md");
+        assert!(
+            api.contains(&format!("(default {mb} MiB")),
+            "docs/api.md does not state the {mb} MiB body limit"
+        );
     }
 }

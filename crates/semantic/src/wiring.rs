@@ -135,9 +135,55 @@ fn service_config(settings: &Settings, engine: &dyn InferenceEngine) -> ServiceC
     c
 }
 
+/// Descriptors kept for everything but client connections (model and cache files, block
+/// reads, the runtime's own, logs).
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft file-descriptor limit to the hard one (as servers do) and returns the
+/// resulting soft limit (`None` when unknown or unlimited).
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let raised = Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(
+                from = ?before.current,
+                to = ?before.maximum,
+                "raised the file-descriptor limit to its hard limit"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// The connection cap: the setting, lowered (with a warning) to fit the descriptor limit.
+fn connection_cap(setting: usize, fd_limit: Option<u64>) -> usize {
+    let Some(limit) = fd_limit else {
+        return setting;
+    };
+    let fit = usize::try_from(limit.saturating_sub(RESERVED_FDS).max(8)).unwrap_or(usize::MAX);
+    if fit < setting {
+        tracing::warn!(
+            fd_limit = limit,
+            max_connections = fit,
+            configured = setting,
+            "the file-descriptor limit is near: SEMANTIC_SERVER_MAX_CONNECTIONS lowered to fit it (raise `ulimit -n` to serve more connections)"
+        );
+        fit
+    } else {
+        setting
+    }
+}
+
 /// `semantic serve`: load, wire, listen, and on SIGTERM / Ctrl-C drain, flush and return.
 pub fn serve(settings: Settings) -> Result<(), AppError> {
     init_logging(&settings);
+    let max_connections = connection_cap(settings.max_connections, raise_fd_limit());
     // Validate the cheap things before the expensive model load.
     let store = open_store(&settings)?;
     let (engine, formatter) = load_engine(&settings)?;
@@ -152,24 +198,34 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
     );
     let config = service_config(&settings, engine.as_ref());
     let store: Arc<dyn CacheStore> = Arc::new(store);
-    let service = AgentService::new(engine, store, formatter, Arc::new(SystemClock), config)
-        .map_err(|e| AppError::Service(e.to_string()))?;
-    let service = Arc::new(service);
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| AppError::Server(e.to_string()))?;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Template rendering and tokenization run on the blocking pool, one per CPU at most.
+    let runner = Arc::new(http_api::TokioBlocking::new(runtime.handle().clone(), cpus));
+    let service = AgentService::new(engine, store, formatter, Arc::new(SystemClock), config)
+        .map_err(|e| AppError::Service(e.to_string()))?
+        .with_blocking_runner(runner);
+    let service = Arc::new(service);
+
     runtime.block_on(async {
+        let limits = http_api::Limits {
+            max_body_bytes: settings.max_body_bytes,
+            request_timeout: (settings.request_timeout_secs > 0)
+                .then(|| Duration::from_secs(settings.request_timeout_secs)),
+            shutdown_drain: Duration::from_secs(settings.shutdown_grace_secs),
+            header_read_timeout: Duration::from_secs(settings.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(settings.keep_alive_timeout_secs),
+            max_connections,
+            ..http_api::Limits::default()
+        };
         let state = http_api::AppState::new(service.clone())
+            .with_limits(limits)
             .with_api_keys(settings.api_keys.clone())
             .with_admin_key(settings.admin_key.clone())
-            .with_max_body_bytes(settings.max_body_bytes)
-            .with_default_temperature(settings.default_temperature)
-            .with_request_timeout(
-                (settings.request_timeout_secs > 0)
-                    .then(|| Duration::from_secs(settings.request_timeout_secs)),
-            );
+            .with_default_temperature(settings.default_temperature);
         let addr = format!("{}:{}", settings.host, settings.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await

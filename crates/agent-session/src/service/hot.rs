@@ -190,6 +190,14 @@ impl HotTier {
         }
     }
 
+    /// (tokens held, pinned) of an agent's idle hot session, if it has one.
+    pub(crate) fn session_summary(&self, key: &AgentKey) -> Option<(usize, bool)> {
+        self.sessions
+            .get(key)
+            .and_then(|e| e.session.as_ref())
+            .map(|s| (s.tokens.len(), s.pinned))
+    }
+
     pub(crate) fn hot_keys(&self) -> HashSet<AgentKey> {
         self.sessions
             .iter()

@@ -5,5 +5,6 @@ mod admin;
 mod anthropic;
 mod clients;
 mod common;
+mod hardening;
 mod openai;
 mod streaming;
