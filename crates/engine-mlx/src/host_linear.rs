@@ -674,6 +674,56 @@ mod x86 {
     }
 }
 
+/// `y = x Wᵀ` over a GGUF tensor's own blocks with the `gguf-quants` kernels: `x` is `[rows,
+/// in]`, `y` `[rows, out]`. The outputs are split across the host threads in ranges of 16;
+/// each value is computed by one fixed sequence of operations whatever `rows`, the row's
+/// place among them, the split and the instruction set.
+pub fn blocks_matmul(
+    m: &gguf_quants::QuantMatrix,
+    x: &[f32],
+    rows: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    let (n_out, n_in) = (m.rows(), m.cols());
+    if x.len() != rows * n_in || y.len() != rows * n_out {
+        return Err(invalid(format!(
+            "{rows} rows: input of {} values for {n_in} features, output of {} for {n_out}",
+            x.len(),
+            y.len()
+        )));
+    }
+    if n_out == 0 || rows == 0 {
+        return Ok(());
+    }
+    let isa = gguf_quants::Isa::detected();
+    let parts = if rows * n_out * n_in < PARALLEL_MIN_MACS {
+        1
+    } else {
+        threads()
+    };
+    let chunk = n_out.div_ceil(parts).div_ceil(16) * 16;
+    let mut yt = vec![0.0f32; rows * n_out];
+    let failed = std::sync::Mutex::new(None);
+    for_each_piece(&mut yt, chunk * rows, |k, out| {
+        let o0 = k * chunk;
+        if let Err(e) = m.matmul_transposed(isa, x, rows, o0..o0 + out.len() / rows, out) {
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(e);
+            }
+        }
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(invalid(e.to_string()));
+    }
+    // `yt` is [outputs, rows]: transpose into y.
+    for (o, vals) in yt.chunks_exact(rows).enumerate() {
+        for (r, &v) in vals.iter().enumerate() {
+            y[r * n_out + o] = v;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -843,54 +893,4 @@ mod tests {
         assert!(PackedMatrix::concat(vec![w, eight]).is_err());
         assert!(PackedMatrix::concat(vec![]).is_err());
     }
-}
-
-/// `y = x Wᵀ` over a GGUF tensor's own blocks with the `gguf-quants` kernels: `x` is `[rows,
-/// in]`, `y` `[rows, out]`. The outputs are split across the host threads in ranges of 16;
-/// each value is computed by one fixed sequence of operations whatever `rows`, the row's
-/// place among them, the split and the instruction set.
-pub fn blocks_matmul(
-    m: &gguf_quants::QuantMatrix,
-    x: &[f32],
-    rows: usize,
-    y: &mut [f32],
-) -> Result<()> {
-    let (n_out, n_in) = (m.rows(), m.cols());
-    if x.len() != rows * n_in || y.len() != rows * n_out {
-        return Err(invalid(format!(
-            "{rows} rows: input of {} values for {n_in} features, output of {} for {n_out}",
-            x.len(),
-            y.len()
-        )));
-    }
-    if n_out == 0 || rows == 0 {
-        return Ok(());
-    }
-    let isa = gguf_quants::Isa::detected();
-    let parts = if rows * n_out * n_in < PARALLEL_MIN_MACS {
-        1
-    } else {
-        threads()
-    };
-    let chunk = n_out.div_ceil(parts).div_ceil(16) * 16;
-    let mut yt = vec![0.0f32; rows * n_out];
-    let failed = std::sync::Mutex::new(None);
-    for_each_piece(&mut yt, chunk * rows, |k, out| {
-        let o0 = k * chunk;
-        if let Err(e) = m.matmul_transposed(isa, x, rows, o0..o0 + out.len() / rows, out) {
-            if let Ok(mut f) = failed.lock() {
-                *f = Some(e);
-            }
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(invalid(e.to_string()));
-    }
-    // `yt` is [outputs, rows]: transpose into y.
-    for (o, vals) in yt.chunks_exact(rows).enumerate() {
-        for (r, &v) in vals.iter().enumerate() {
-            y[r * n_out + o] = v;
-        }
-    }
-    Ok(())
 }

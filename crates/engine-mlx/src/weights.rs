@@ -557,7 +557,9 @@ impl RawTensor {
         }
         let (rows, cols) = (m.rows(), m.cols());
         let shape = |c: usize| [rows, c].map(|d| i32::try_from(d).unwrap_or(i32::MAX));
-        let (bits, scale_of): (i32, Option<fn(&[u8]) -> (f32, f32)>) = match m.ty() {
+        /// A block's MLX scale and bias from its bytes.
+        type BlockScale = fn(&[u8]) -> (f32, f32);
+        let (bits, scale_of): (i32, Option<BlockScale>) = match m.ty() {
             QuantType::Q4_0 => (
                 4,
                 Some(|b| {

@@ -155,7 +155,7 @@ async fn a_system_message_inside_messages_renders_where_it_stands() {
     let read = u["cache_read_input_tokens"].as_u64().expect("read");
     assert_eq!(
         read,
-        prompt - prompt % 64 - if prompt % 64 == 0 { 64 } else { 0 },
+        prompt - prompt % 64 - if prompt.is_multiple_of(64) { 64 } else { 0 },
         "{u}"
     );
     assert!(read > 0);
