@@ -1,11 +1,12 @@
 //! Inference engine adapter on MLX through mlx-rs: the [`agent_session::InferenceEngine`]
 //! and [`agent_session::ChatFormatter`] ports for real models.
 //!
-//! - Loading: GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1; header validated in Rust first),
+//! - Loading: GGUF files (every type of `gguf_quants::SUPPORTED`, read straight from the file
+//!   after the header, size, architecture, tokenizer, types and memory are checked),
 //!   Hugging Face / MLX safetensors directories, Hugging Face ids through hf-hub.
 //! - Architectures: the Llama family (llama, mistral, qwen2, qwen3), see [`arch`].
-//! - Weights: dequantized to f32 at load on Linux (fastest with MLX's CPU backend), kept
-//!   quantized on macOS ([`WeightFormat`]).
+//! - Weights: the GGUF's own blocks on Linux (prefill through BLAS over dequantized panels,
+//!   decode on host block kernels), MLX affine on macOS, or f32 ([`WeightFormat`]).
 //! - KV: per-sequence buffers grown a block at a time; whole blocks exported as bytes and
 //!   imported bit-exactly ([`kv`]).
 //! - Threads: one worker thread owns every MLX object; [`MlxEngine`] is a Send + Sync handle.

@@ -1,8 +1,10 @@
-//! `engine`: prefill tokens/s (512- and 2,048-token prompts) and decode tokens/s at batch 1
-//! of the default model, measured over HTTP on the release server (what a client gets: chat
-//! template, chunked prefill of `SEMANTIC_MLX_PREFILL_STEP_SIZE` tokens, sampling, SSE);
-//! optionally also the engine crate's own example (`--engine-example`), and llama.cpp's
-//! `llama-bench` on the same GGUF when the peers are installed.
+//! `engine`: prefill tokens/s (512- and 2,048-token prompts), decode tokens/s at batch 1 and
+//! the server's resident memory, for the default model and for Qwen2.5-Coder-0.5B-Instruct
+//! Q4_K_M (a K-quant file, fetched from PyPI like the test set-up does), measured over HTTP on
+//! the release server (what a client gets: chat template, chunked prefill of
+//! `SEMANTIC_MLX_PREFILL_STEP_SIZE` tokens, sampling, SSE); optionally also the engine crate's
+//! own example (`--engine-example`), and llama.cpp's `llama-bench` on the same GGUF when the
+//! peers are installed.
 
 use std::process::Command;
 
@@ -16,7 +18,9 @@ use super::report::{fmt_ratio, fmt_summary, Table};
 use super::server::Server;
 use super::stats::Summary;
 use super::{Ctx, Scenario};
+use crate::setup::real_models;
 use crate::util::{self, log};
+use std::path::Path;
 
 #[derive(Debug, Clone, Default, Serialize)]
 struct Figures {
@@ -25,10 +29,37 @@ struct Figures {
     decode: Vec<f64>,
 }
 
-/// Run the scenario.
+/// Run the scenario: each model in turn, one section each.
 pub fn run(ctx: &Ctx) -> Result<()> {
-    let cache = ctx.fresh_dir("engine-cache")?;
-    let server = Server::start(ctx.ours(&cache, "engine", &[])?)?;
+    let qwen = real_models::QWEN_CODER_05B;
+    let mut models = vec![("Default model".to_owned(), ctx.model.clone())];
+    match qwen.ensure(&util::build_dir()) {
+        Ok(path) => models.push(("Qwen2.5-Coder-0.5B-Instruct Q4_K_M".to_owned(), path)),
+        Err(e) => log("bench", format_args!("engine: skipping {}: {e:#}", qwen.name)),
+    }
+    let mut md = String::new();
+    let mut all = Vec::new();
+    for (i, (label, model)) in models.iter().enumerate() {
+        let (section, json) = run_model(ctx, i, label, model)?;
+        md.push_str(&section);
+        md.push('\n');
+        all.push(json);
+    }
+    let json = json!({
+        "scenario": "engine", "date": ctx.date, "command": ctx.command, "machine": ctx.machine,
+        "runs": ctx.runs, "models": all,
+    });
+    ctx.publish(Scenario::Engine, &json, &md)
+}
+
+/// One model's figures: its Markdown section and JSON.
+fn run_model(ctx: &Ctx, index: usize, label: &str, model: &Path) -> Result<(String, Value)> {
+    let cache = ctx.fresh_dir(&format!("engine-cache-{index}"))?;
+    let mut spec = ctx.ours(&cache, &format!("engine-{index}"), &[])?;
+    if let Some(arg) = spec.args.get_mut(2) {
+        *arg = model.into();
+    }
+    let server = Server::start(spec)?;
     let client = server.client();
     let models: Value =
         serde_json::from_str(&client.get_text("/v1/models")?).context("/v1/models is not JSON")?;
@@ -38,6 +69,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         .unwrap_or("unknown")
         .to_owned();
     let mut http = Figures::default();
+    let mut rss = Vec::new();
     for run in 0..ctx.runs {
         for (len, out) in [
             (512u64, &mut http.prefill_512),
@@ -73,6 +105,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         if let Some(r) = s.decode_rate() {
             http.decode.push(r);
         }
+        rss.extend(server.rss_bytes());
         log(
             "bench",
             format_args!(
@@ -86,14 +119,16 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     drop(server);
 
     let example = if ctx.engine_example {
-        Some(engine_example(ctx)?)
+        Some(engine_example(ctx, model)?)
     } else {
         None
     };
     let llama = match &ctx.peers {
-        Some(p) => Some(llama_bench(ctx, &p.llama_bench)?),
+        Some(p) => Some(llama_bench(ctx, &p.llama_bench, model)?),
         None => None,
     };
+    let file_bytes = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
+    let max_rss = rss.iter().copied().max().unwrap_or(0);
 
     let s = |v: &[f64]| Summary::of(v);
     let mut header = vec!["figure (tokens/s)", "semantic over HTTP"];
@@ -128,8 +163,15 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         }
         t.row(row);
     }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let mut md = format!(
-        "Default model, weights as `{weight_format}` in the engine (from `/v1/models`):\n\n"
+        "{label} (`{}`, {:.0} MiB), weights as `{weight_format}` in the engine (from \
+         `/v1/models`); server RSS after the runs {:.0} MiB ({:.2}x the file, KV pool and hot \
+         KV included):\n\n",
+        model.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        mib(file_bytes),
+        mib(max_rss),
+        max_rss as f64 / file_bytes.max(1) as f64,
     );
     md.push_str(&t.render());
     md.push_str(
@@ -137,20 +179,20 @@ pub fn run(ctx: &Ctx) -> Result<()> {
          `max_tokens: 1` (includes the chat template, tokenization, the chunked prefill and the \
          first token); decode = content pieces after the first / their time span, for 64 \
          greedy tokens after a short prompt. *llama-bench*: `-t <cores> -p 512,2048 -n 64` \
-         (pp512, pp2048, tg64; its own repetitions), on the GGUF's Q4_1 weights.\n",
+         (pp512, pp2048, tg64; its own repetitions), on the same GGUF file.\n",
     );
     if example.is_some() {
         md.push_str("*Engine example*: `cargo run --release -p engine-mlx --example bench -- --runs 1 --long`, once per run (prefill as one pass; decode after the 512-token prompt).\n");
     }
     let json = json!({
-        "scenario": "engine", "date": ctx.date, "command": ctx.command, "machine": ctx.machine,
-        "runs": ctx.runs, "weight_format": weight_format, "http": http, "engine_example": example, "llama_bench": llama,
+        "model": label, "file": model, "file_bytes": file_bytes, "rss_bytes": rss,
+        "weight_format": weight_format, "http": http, "engine_example": example, "llama_bench": llama,
     });
-    ctx.publish(Scenario::Engine, &json, &md)
+    Ok((md, json))
 }
 
 /// Run crates/engine-mlx/examples/bench.rs once per run and parse its medians.
-fn engine_example(ctx: &Ctx) -> Result<Figures> {
+fn engine_example(ctx: &Ctx, model: &Path) -> Result<Figures> {
     let mut f = Figures::default();
     for run in 0..ctx.runs {
         let mut cmd = util::cargo_command();
@@ -165,7 +207,7 @@ fn engine_example(ctx: &Ctx) -> Result<Figures> {
         ])
         .args(&ctx.cargo_config)
         .arg("--")
-        .arg(&ctx.model)
+        .arg(model)
         .args(["--runs", "1", "--long"]);
         log(
             "bench",
@@ -189,12 +231,12 @@ fn engine_example(ctx: &Ctx) -> Result<Figures> {
 }
 
 /// llama-bench pp512, pp2048, tg64 on the same GGUF (per-repetition samples).
-fn llama_bench(ctx: &Ctx, bench: &std::path::Path) -> Result<Figures> {
+fn llama_bench(ctx: &Ctx, bench: &Path, model: &Path) -> Result<Figures> {
     let threads = std::thread::available_parallelism()
         .map_or(2, usize::from)
         .to_string();
     let mut cmd = Command::new(bench);
-    cmd.arg("-m").arg(&ctx.model).args([
+    cmd.arg("-m").arg(model).args([
         "-t",
         &threads,
         "-p",

@@ -69,6 +69,22 @@ pub fn free_port() -> Result<u16> {
 }
 
 impl Server {
+    /// The server process's resident memory (`VmRSS`), in bytes, where /proc tells.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| {
+            let kib: u64 = l
+                .strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        })
+    }
+
     /// Spawn the server and wait until it is ready (and warmed up with one tiny request).
     pub fn start(spec: Spec) -> Result<Self> {
         let mut server = Self {
