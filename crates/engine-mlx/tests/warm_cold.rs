@@ -5,11 +5,11 @@
 mod common;
 
 use agent_session::{
-    BlockMeta, ChatFormatter, InferenceEngine, KvBlock, KvEncoding, KvPayload, SequenceId,
-    TensorDtype, TokenId,
+    ChatFormatter, InferenceEngine, KvBlock, KvEncoding, KvPayload, SequenceId, TensorDtype,
+    TokenId,
 };
-use block_pool::BlockHash;
 use common::block_on;
+use common::warm::same_bits;
 use engine_mlx::{EngineConfig, MlxEngine};
 use std::sync::Arc;
 
@@ -29,16 +29,7 @@ fn text_tokens(fmt: &dyn ChatFormatter, n: usize) -> Vec<TokenId> {
 
 /// Prefills `tokens[from..]` in chunks aligned to absolute block boundaries.
 async fn prefill_aligned(engine: &MlxEngine, seq: SequenceId, tokens: &[TokenId], from: usize) {
-    let mut pos = from;
-    while pos < tokens.len() {
-        let end = ((pos / BLOCK) + 1) * BLOCK;
-        let end = end.min(tokens.len());
-        engine
-            .prefill(seq, tokens[pos..end].to_vec())
-            .await
-            .expect("prefill");
-        pos = end;
-    }
+    common::warm::prefill_aligned(engine, seq, tokens, from, BLOCK).await;
 }
 
 async fn greedy_continue(engine: &MlxEngine, seq: SequenceId, n: u32) -> Vec<TokenId> {
@@ -50,29 +41,7 @@ fn blocks_of(
     tokens: &[TokenId],
     payloads: Vec<KvPayload>,
 ) -> Vec<Arc<KvBlock>> {
-    let fp = engine.model().fingerprint.clone();
-    let mut parent: Option<BlockHash> = None;
-    payloads
-        .into_iter()
-        .enumerate()
-        .map(|(i, payload)| {
-            let ids = tokens[i * BLOCK..(i + 1) * BLOCK].to_vec();
-            let hash = BlockHash::chain(parent.as_ref(), &ids, &fp, "test");
-            let meta = BlockMeta {
-                hash,
-                parent,
-                token_ids: ids,
-                model_fingerprint: fp.clone(),
-            };
-            parent = Some(hash);
-            Arc::new(KvBlock { meta, payload })
-        })
-        .collect()
-}
-
-/// Whether two logit vectors are equal bit for bit (and equally long).
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    common::warm::blocks_of(engine, tokens, payloads, BLOCK)
 }
 
 /// `seq` holds every block of `exported` (imported somehow): its blocks export to the same
