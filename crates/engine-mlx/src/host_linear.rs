@@ -454,6 +454,27 @@ pub(crate) fn for_each_piece<T: Send>(
     }
 }
 
+/// [`for_each_piece`] with a fallible job: the first error any piece reports (the other
+/// pieces still run).
+pub(crate) fn try_for_each_piece<T: Send, E: Send>(
+    data: &mut [T],
+    piece_len: usize,
+    job: impl Fn(usize, &mut [T]) -> std::result::Result<(), E> + Sync,
+) -> std::result::Result<(), E> {
+    let failed = std::sync::Mutex::new(None);
+    for_each_piece(data, piece_len, |k, piece| {
+        if let Err(e) = job(k, piece) {
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// The helper threads: the calling thread plus `cores - 1` helpers (none on one core).
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
@@ -703,18 +724,11 @@ pub fn blocks_matmul(
     };
     let chunk = n_out.div_ceil(parts).div_ceil(16) * 16;
     let mut yt = vec![0.0f32; rows * n_out];
-    let failed = std::sync::Mutex::new(None);
-    for_each_piece(&mut yt, chunk * rows, |k, out| {
+    try_for_each_piece(&mut yt, chunk * rows, |k, out| {
         let o0 = k * chunk;
-        if let Err(e) = m.matmul_transposed(isa, x, rows, o0..o0 + out.len() / rows, out) {
-            if let Ok(mut f) = failed.lock() {
-                *f = Some(e);
-            }
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(invalid(e.to_string()));
-    }
+        m.matmul_transposed(isa, x, rows, o0..o0 + out.len() / rows, out)
+    })
+    .map_err(|e| invalid(e.to_string()))?;
     // `yt` is [outputs, rows]: transpose into y.
     for (o, vals) in yt.chunks_exact(rows).enumerate() {
         for (r, &v) in vals.iter().enumerate() {

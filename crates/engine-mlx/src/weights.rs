@@ -226,19 +226,11 @@ pub fn dequantize_matrix(m: &QuantMatrix, out: &mut [f32]) -> Result<()> {
         )));
     }
     let rows = m.rows().div_ceil(host_linear::threads()).max(1);
-    let failed = std::sync::Mutex::new(None);
-    host_linear::for_each_piece(out, rows * cols, |k, dst| {
+    host_linear::try_for_each_piece(out, rows * cols, |k, dst| {
         let r0 = k * rows;
-        if let Err(e) = m.dequantize_rows(r0..r0 + dst.len() / cols, dst) {
-            if let Ok(mut f) = failed.lock() {
-                *f = Some(e);
-            }
-        }
-    });
-    match failed.into_inner().ok().flatten() {
-        Some(e) => Err(Error::HostKernel(e.to_string())),
-        None => Ok(()),
-    }
+        m.dequantize_rows(r0..r0 + dst.len() / cols, dst)
+    })
+    .map_err(|e| Error::HostKernel(e.to_string()))
 }
 
 /// Maps a Hugging Face / MLX tensor name to the canonical GGUF-style name, keeping the
@@ -934,19 +926,10 @@ impl HostLinear {
     fn dequantize_panel(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
         let n_in = self.in_features.max(1);
         let per = rows.len().div_ceil(host_linear::threads()).max(1);
-        let failed = std::sync::Mutex::new(None);
-        host_linear::for_each_piece(out, per * n_in, |k, dst| {
+        host_linear::try_for_each_piece(out, per * n_in, |k, dst| {
             let r0 = rows.start + k * per;
-            if let Err(e) = self.dequantize_rows(r0..r0 + dst.len() / n_in, dst) {
-                if let Ok(mut f) = failed.lock() {
-                    *f = Some(e);
-                }
-            }
-        });
-        match failed.into_inner().ok().flatten() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+            self.dequantize_rows(r0..r0 + dst.len() / n_in, dst)
+        })
     }
 
     /// `y = x Wᵀ` (`[rows, out]`) through BLAS: the output rows of all parts in panels of
