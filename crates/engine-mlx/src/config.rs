@@ -14,10 +14,21 @@ pub enum Family {
     Qwen2,
     /// Qwen3 (dense): Llama plus RMSNorm on each query and key head.
     Qwen3,
+    /// Gemma 3 (text): sliding-window and global layers with their own RoPE bases, GeGLU,
+    /// norms before and after each block, q/k norms, a scaled embedding (see
+    /// [`crate::arch::gemma3`]).
+    Gemma3,
 }
 
 /// Architecture names accepted, as GGUF `general.architecture` or HF `model_type`.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "gemma3_text",
+];
 
 impl Family {
     /// The family of an architecture name.
@@ -26,6 +37,7 @@ impl Family {
             "llama" | "mistral" => Some(Family::Llama),
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
+            "gemma3" | "gemma3_text" => Some(Family::Gemma3),
             _ => None,
         }
     }
@@ -55,6 +67,16 @@ pub enum RopeScaling {
     /// Per-frequency divisors stored in the GGUF (`rope_freqs.weight`, llama.cpp's form of
     /// Llama 3 scaling); read with the weights.
     FreqFactors,
+}
+
+/// The activation of the gated MLP, `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// `silu(gate) · up` (SwiGLU: Llama, Qwen, Mistral).
+    #[default]
+    Silu,
+    /// `gelu_tanh(gate) · up` (GeGLU with the tanh approximation: Gemma).
+    GeluTanh,
 }
 
 /// Everything the forward pass needs to know about the model's shape.
@@ -96,16 +118,49 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Longest supported context.
     pub context_length: usize,
+    /// Gated-MLP activation.
+    pub activation: Activation,
+    /// Per layer, the keys its attention sees: `None` every earlier one, `Some(w)` only the
+    /// last `w` (the token itself included: position `p` sees keys `p - w + 1 ..= p`).
+    /// Empty: every layer is global.
+    pub layer_windows: Vec<Option<usize>>,
+    /// RoPE base of the sliding-window layers when it differs from `rope_theta` (which the
+    /// global layers use, with `rope_scaling`); sliding layers are never scaled.
+    pub rope_local_theta: Option<f32>,
+    /// RMSNorm after the attention and after the MLP too, before each residual add
+    /// (Gemma 2/3's "sandwich" norms: `post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+    /// Factor applied to the embedding rows (Gemma: `sqrt(hidden_size)`).
+    pub embed_scale: Option<f32>,
+    /// Attention softmax scale when it is not `1 / sqrt(head_dim)` (Gemma's
+    /// `query_pre_attn_scalar`).
+    pub attention_scale: Option<f32>,
+    /// Added to every RMSNorm weight at load: 1 for Gemma checkpoints in the Hugging Face
+    /// layout, which store `w - 1` (GGUF converters add the 1 themselves).
+    pub norm_weight_offset: f32,
 }
 
-fn missing(path: &Path, field: &str) -> Error {
+impl ModelConfig {
+    /// The window of layer `i`, if it is a sliding-window layer.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        self.layer_windows.get(i).copied().flatten()
+    }
+
+    /// The attention softmax scale.
+    pub fn softmax_scale(&self) -> f32 {
+        self.attention_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
+    }
+}
+
+pub(crate) fn missing(path: &Path, field: &str) -> Error {
     Error::MissingField {
         path: path.to_path_buf(),
         field: field.to_owned(),
     }
 }
 
-fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> Error {
+pub(crate) fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> Error {
     Error::Invalid {
         path: path.to_path_buf(),
         field: field.to_owned(),
@@ -125,7 +180,7 @@ fn unsupported(path: &Path, arch: &str) -> Error {
 }
 
 /// A positive count that fits the tensor API's i32 dimensions.
-fn count(path: &Path, field: &str, v: Option<u64>) -> Result<usize> {
+pub(crate) fn count(path: &Path, field: &str, v: Option<u64>) -> Result<usize> {
     match v {
         Some(n) if n > 0 && n <= i32::MAX as u64 => Ok(n as usize),
         Some(n) => Err(invalid(path, field, format!("{n} is out of range"))),
@@ -258,9 +313,46 @@ impl ModelConfig {
             qk_norm: tensors.contains_key("blk.0.attn_q_norm.weight"),
             context_length,
             architecture: arch,
+            ..ModelConfig::plain()
+        };
+        let cfg = match family {
+            Family::Gemma3 => crate::arch::gemma3::from_gguf(cfg, h)?,
+            _ => cfg,
         };
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Defaults of the options only some architectures set (SwiGLU, global layers, plain
+    /// norms and scales) around placeholder shape fields that every reader overwrites.
+    fn plain() -> Self {
+        ModelConfig {
+            architecture: String::new(),
+            family: Family::Llama,
+            hidden_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            intermediate_size: 0,
+            vocab_size: 0,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_dims: 0,
+            rope_scaling: RopeScaling::None,
+            rope_traditional: false,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            qk_norm: false,
+            context_length: 4096,
+            activation: Activation::Silu,
+            layer_windows: Vec::new(),
+            rope_local_theta: None,
+            post_norms: false,
+            embed_scale: None,
+            attention_scale: None,
+            norm_weight_offset: 0.0,
+        }
     }
 
     /// Reads the configuration from a Hugging Face `config.json` value.
@@ -377,6 +469,11 @@ impl ModelConfig {
                 uint("max_position_embeddings")?.or(Some(4096)),
             )?,
             architecture: arch,
+            ..ModelConfig::plain()
+        };
+        let cfg = match family {
+            Family::Gemma3 => crate::arch::gemma3::from_hf(cfg, path, v)?,
+            _ => cfg,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -392,6 +489,20 @@ impl ModelConfig {
                     self.num_heads, self.num_kv_heads
                 ),
             ));
+        }
+        if !self.layer_windows.is_empty() && self.layer_windows.len() != self.num_layers {
+            return Err(invalid(
+                path,
+                "sliding_window",
+                format!(
+                    "{} layer kinds for {} layers",
+                    self.layer_windows.len(),
+                    self.num_layers
+                ),
+            ));
+        }
+        if self.layer_windows.contains(&Some(0)) {
+            return Err(invalid(path, "sliding_window", "a window of 0 tokens"));
         }
         if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return Err(invalid(

@@ -1,7 +1,8 @@
 //! Tokenizer and chat template of the loaded model: the [`ChatFormatter`] port.
 //!
 //! The tokenizer is built with the `tokenizers` crate, from GGUF metadata (byte-level BPE:
-//! `tokenizer.ggml.tokens`, `merges`, `token_type`, the `tokenizer.ggml.pre` pre-tokenizer)
+//! `tokenizer.ggml.tokens`, `merges`, `token_type`, the `tokenizer.ggml.pre` pre-tokenizer;
+//! or SentencePiece, `tokenizer.ggml.model` `llama`: see [`sentencepiece_from_gguf`])
 //! or from a `tokenizer.json`. The chat template (`tokenizer.chat_template` or
 //! `tokenizer_config.json`'s `chat_template`) is rendered with minijinja plus the
 //! Python-compat string/dict methods, `raise_exception`, `strftime_now` and `tojson`.
@@ -39,8 +40,13 @@ const END_TOKENS: &[&str] = &[
     "</s>",
 ];
 
-/// A ChatML template used when a model ships none.
+/// A ChatML template used when a model ships none and its vocabulary has ChatML's tokens.
 pub const FALLBACK_CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The plain template of a model that ships none and has no ChatML tokens (a base model such
+/// as Gemma 3 270M): BOS when the model wants one, the system text, then `User: …` and
+/// `Assistant: …` lines, and `Assistant:` to answer.
+pub const FALLBACK_PLAIN_TEMPLATE: &str = "{% if add_bos %}{{ bos_token }}{% endif %}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\n' }}{% else %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
 
 /// Tokenizer + chat template of one model.
 pub struct MlxChatFormatter {
@@ -50,6 +56,7 @@ pub struct MlxChatFormatter {
     supports_tools: bool,
     bos_token: String,
     eos_token: String,
+    add_bos: bool,
     stop_ids: Vec<TokenId>,
     fingerprint: String,
 }
@@ -82,34 +89,21 @@ pub fn tokenizer_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
             path: path.to_path_buf(),
             field: "tokenizer.ggml.model".into(),
         })?;
+    if model == "llama" {
+        return sentencepiece_from_gguf(h);
+    }
     if model != "gpt2" {
         return Err(tok_err(
             path,
             format!(
                 "tokenizer.ggml.model `{model}` is not supported from GGUF metadata (supported: \
-                 gpt2 byte-level BPE); use a model directory with tokenizer.json instead"
+                 gpt2 byte-level BPE, llama SentencePiece); use a model directory with \
+                 tokenizer.json instead"
             ),
         ));
     }
-    let strings = |key: &str| -> Result<Vec<String>> {
-        let arr = h
-            .get(key)
-            .ok_or_else(|| Error::MissingField {
-                path: path.to_path_buf(),
-                field: key.into(),
-            })?
-            .as_array()
-            .ok_or_else(|| tok_err(path, format!("`{key}` is not an array")))?;
-        arr.iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| tok_err(path, format!("`{key}` has a non-string entry")))
-            })
-            .collect()
-    };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
+    let tokens = gguf_strings(h, "tokenizer.ggml.tokens")?;
+    let merges = gguf_strings(h, "tokenizer.ggml.merges")?;
     let types: Vec<u64> = match h
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.as_array())
@@ -183,21 +177,187 @@ pub fn tokenizer_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
         }
     }
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-    let special: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, &t)| t == 3)
-        .map(|(s, _)| AddedToken::from(s.clone(), true).normalized(false))
-        .collect();
-    let user: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, &t)| t == 4)
-        .map(|(s, _)| AddedToken::from(s.clone(), false).normalized(false))
-        .collect();
-    tok.add_special_tokens(&special);
-    tok.add_tokens(&user);
+    add_typed_tokens(&mut tok, &tokens, &types);
     Ok(tok)
+}
+
+/// GGUF token types (`tokenizer.ggml.token_type`), as llama.cpp writes them.
+mod token_type {
+    pub const NORMAL: u64 = 1;
+    pub const CONTROL: u64 = 3;
+    pub const USER_DEFINED: u64 = 4;
+}
+
+/// The strings of a GGUF array field.
+fn gguf_strings(h: &GgufHeader, key: &str) -> Result<Vec<String>> {
+    let path = h.path.as_path();
+    let arr = h
+        .get(key)
+        .ok_or_else(|| Error::MissingField {
+            path: path.to_path_buf(),
+            field: key.into(),
+        })?
+        .as_array()
+        .ok_or_else(|| tok_err(path, format!("`{key}` is not an array")))?;
+    arr.iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| tok_err(path, format!("`{key}` has a non-string entry")))
+        })
+        .collect()
+}
+
+/// Merges that make a score-driven SentencePiece BPE of `pieces`: for every normal piece,
+/// each split into two pieces of the vocabulary, ordered by the merged piece's score (highest
+/// first, then by id), and within one piece by the ids of its halves. Merging the
+/// lowest-ranked pair first is then SentencePiece's (and llama.cpp's) rule of merging the
+/// adjacent pair whose union scores highest.
+fn sentencepiece_merges(pieces: &[String], scores: &[f32], types: &[u64]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> = pieces
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types.get(*i).copied().unwrap_or(token_type::NORMAL) == token_type::NORMAL)
+        .map(|(i, p)| (p.as_str(), i))
+        .collect();
+    let mut order: Vec<usize> = (0..pieces.len())
+        .filter(|&i| types.get(i).copied().unwrap_or(token_type::NORMAL) == token_type::NORMAL)
+        .collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (
+            scores.get(a).copied().unwrap_or(0.0),
+            scores.get(b).copied().unwrap_or(0.0),
+        );
+        sb.total_cmp(&sa).then(a.cmp(&b))
+    });
+    let mut merges = Vec::new();
+    let mut local = Vec::new();
+    for i in order {
+        let piece = pieces[i].as_str();
+        local.clear();
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                local.push((li, ri));
+            }
+        }
+        local.sort_unstable();
+        merges.extend(
+            local
+                .iter()
+                .map(|&(l, r)| (pieces[l].clone(), pieces[r].clone())),
+        );
+    }
+    merges
+}
+
+/// A SentencePiece tokenizer from GGUF metadata (`tokenizer.ggml.model` `llama`: Gemma,
+/// Llama 2, Mistral v0.1–0.3, Phi-3): the pieces, their scores and types, byte fallback to
+/// `<0xNN>`, spaces as `▁`, a leading `▁` when `tokenizer.ggml.add_space_prefix` (default
+/// true) says so. Control and user-defined pieces are matched in the text as special tokens,
+/// as llama.cpp does; BOS is added by the chat template, not here.
+pub fn sentencepiece_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::prepend::Prepend;
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::normalizers::Sequence as NormalizerSequence;
+
+    let path = h.path.as_path();
+    let pieces = gguf_strings(h, "tokenizer.ggml.tokens")?;
+    let scores: Vec<f32> = match h.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+        None => {
+            return Err(tok_err(
+                path,
+                "a SentencePiece vocabulary needs `tokenizer.ggml.scores`",
+            ))
+        }
+    };
+    let types: Vec<u64> = match h
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+    {
+        Some(a) => a
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(token_type::NORMAL))
+            .collect(),
+        None => vec![token_type::NORMAL; pieces.len()],
+    };
+    if scores.len() != pieces.len() || types.len() != pieces.len() {
+        return Err(tok_err(
+            path,
+            format!(
+                "{} tokens, {} scores and {} token types",
+                pieces.len(),
+                scores.len(),
+                types.len()
+            ),
+        ));
+    }
+    let add_prefix = h
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let unk = h
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(|v| v.as_u64())
+        .and_then(|i| pieces.get(i as usize))
+        .cloned();
+    let vocab: tokenizers::models::bpe::Vocab = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let merges = sentencepiece_merges(&pieces, &scores, &types);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder.build().map_err(|e| tok_err(path, e))?;
+    let mut tok = Tokenizer::new(bpe);
+    let space = Replace::new(" ", "\u{2581}").map_err(|e| tok_err(path, e))?;
+    if add_prefix {
+        tok.with_normalizer(Some(NormalizerSequence::new(vec![
+            Prepend::new("\u{2581}".into()).into(),
+            space.into(),
+        ])));
+    } else {
+        tok.with_normalizer(Some(space));
+    }
+    let mut decoders = vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| tok_err(path, e))?
+            .into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tok.with_decoder(Some(DecoderSequence::new(decoders)));
+    add_typed_tokens(&mut tok, &pieces, &types);
+    Ok(tok)
+}
+
+/// Control pieces as special tokens and user-defined ones as added tokens: both are matched
+/// whole in the text before the model splits it (llama.cpp's `parse_special`).
+fn add_typed_tokens(tok: &mut Tokenizer, pieces: &[String], types: &[u64]) {
+    let of = |ty: u64, special: bool| -> Vec<AddedToken> {
+        pieces
+            .iter()
+            .zip(types)
+            .filter(|(_, &t)| t == ty)
+            .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
+            .collect()
+    };
+    tok.add_special_tokens(&of(token_type::CONTROL, true));
+    tok.add_tokens(&of(token_type::USER_DEFINED, false));
 }
 
 /// Special-token strings and stop ids of a model.
@@ -209,6 +369,9 @@ pub struct SpecialTokens {
     pub eos_token: String,
     /// Ids that end generation, besides the end-of-turn tokens found in the vocabulary.
     pub eos_ids: Vec<TokenId>,
+    /// Whether a prompt starts with BOS (`tokenizer.ggml.add_bos_token`,
+    /// `tokenizer_config.json`'s `add_bos_token`): used by the plain fallback template.
+    pub add_bos: bool,
 }
 
 impl SpecialTokens {
@@ -237,6 +400,10 @@ impl SpecialTokens {
             bos_token,
             eos_token,
             eos_ids,
+            add_bos: h
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         }
     }
 }
@@ -351,8 +518,17 @@ impl MlxChatFormatter {
         source: &Path,
     ) -> Result<Self> {
         let template_source = template.unwrap_or_else(|| {
-            tracing::warn!(path = %source.display(), "model has no chat template; using ChatML");
-            FALLBACK_CHATML_TEMPLATE.to_owned()
+            if tokenizer.token_to_id("<|im_start|>").is_some() {
+                tracing::warn!(path = %source.display(), "model has no chat template; using ChatML");
+                FALLBACK_CHATML_TEMPLATE.to_owned()
+            } else {
+                tracing::warn!(
+                    path = %source.display(),
+                    "model has no chat template and no ChatML tokens (a base model?); using the \
+                     plain `User:` / `Assistant:` fallback"
+                );
+                FALLBACK_PLAIN_TEMPLATE.to_owned()
+            }
         });
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
@@ -394,6 +570,7 @@ impl MlxChatFormatter {
         h.update(special.bos_token.as_bytes());
         h.update(b"\0");
         h.update(special.eos_token.as_bytes());
+        h.update(&[u8::from(special.add_bos)]);
         for id in &stop_ids {
             h.update(&id.to_le_bytes());
         }
@@ -406,6 +583,7 @@ impl MlxChatFormatter {
             supports_tools,
             bos_token: special.bos_token,
             eos_token: special.eos_token,
+            add_bos: special.add_bos,
             stop_ids,
             fingerprint,
         })
@@ -502,6 +680,10 @@ impl MlxChatFormatter {
                 bos_token,
                 eos_token,
                 eos_ids,
+                add_bos: tc
+                    .get("add_bos_token")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             },
             &tok_path,
         )
@@ -579,6 +761,7 @@ impl MlxChatFormatter {
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
+            "add_bos": self.add_bos,
         })
     }
 }
@@ -633,6 +816,7 @@ mod tests {
                 bos_token: "<s>".into(),
                 eos_token: "</s>".into(),
                 eos_ids: vec![2],
+                add_bos: false,
             },
             Path::new("test"),
         )

@@ -22,6 +22,9 @@ pub struct Scores {
     pub positions: usize,
     /// Tokens cached before the first new one; position `r` sees keys `0..=offset + r`.
     pub offset: usize,
+    /// Sliding window: position `r` sees only the last `w` of those keys (itself included);
+    /// `None`: all of them.
+    pub window: Option<usize>,
 }
 
 impl Scores {
@@ -103,7 +106,11 @@ fn rows_softmax(shape: Scores, scale: f32, first: usize, scores: &[f32], out: &m
         .enumerate()
     {
         let visible = (shape.offset + (first + i) % positions + 1).min(keys);
-        let (s, (o, hidden)) = (&s[..visible], o.split_at_mut(visible));
+        let start = shape.window.map_or(0, |w| visible.saturating_sub(w.max(1)));
+        let (o, hidden) = o.split_at_mut(visible);
+        let (before, o) = o.split_at_mut(start);
+        before.fill(0.0);
+        let s = &s[start..visible];
         // Max and sum over LANES interleaved partial results, then across them: explicit,
         // so the compiler may use vector registers without reordering anything.
         let mut maxes = [f32::NEG_INFINITY; LANES];
@@ -159,14 +166,15 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Matches an f64 reference with the causal mask, and the thread split never
-        /// changes a bit.
+        /// Matches an f64 reference with the causal mask (and a sliding window, when one
+        /// is set), and the thread split never changes a bit.
         #[test]
         fn matches_reference_and_ignores_threads(
             groups in 1usize..7, positions in 1usize..40, offset in 0usize..300,
             seed in any::<u32>(), scale in 0.05f32..1.0,
+            window in prop::option::of(1usize..64),
         ) {
-            let shape = Scores { rows: groups * positions, keys: offset + positions, positions, offset };
+            let shape = Scores { rows: groups * positions, keys: offset + positions, positions, offset, window };
             let scores = data(shape.rows * shape.keys, seed);
             prop_assert!(shape.fits(scores.len()));
             let mut one = vec![f32::NAN; scores.len()];
@@ -176,11 +184,17 @@ mod tests {
             prop_assert_eq!(&one, &two);
             for (i, row) in one.chunks_exact(shape.keys).enumerate() {
                 let visible = offset + i % positions + 1;
-                let s = &scores[i * shape.keys..][..visible];
+                let start = window.map_or(0, |w| visible.saturating_sub(w));
+                let all = &scores[i * shape.keys..][..visible];
+                let s = &all[start..];
                 let m = s.iter().map(|&x| f64::from(x * scale)).fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|&x| (f64::from(x * scale) - m).exp()).sum();
                 for (j, &p) in row.iter().enumerate() {
-                    let want = if j < visible { (f64::from(s[j] * scale) - m).exp() / z } else { 0.0 };
+                    let want = if (start..visible).contains(&j) {
+                        (f64::from(all[j] * scale) - m).exp() / z
+                    } else {
+                        0.0
+                    };
                     prop_assert!((f64::from(p) - want).abs() < 1e-6, "row {} key {}: {} vs {}", i, j, p, want);
                 }
             }
@@ -211,6 +225,7 @@ mod tests {
             keys: 5,
             positions: 3,
             offset: 2,
+            window: None,
         };
         assert!(ok.fits(30));
         assert!(!ok.fits(29));

@@ -11,6 +11,7 @@
 //! batch, the row's position in it or the thread that runs it (reductions over fixed lanes
 //! in a fixed order), so a batched step gives each sequence the bits it gets alone.
 
+use crate::config::Activation;
 use crate::host_attention::{self, exp_approx, Scores};
 
 /// Lanes of the explicit reductions (as in [`crate::host_attention`]).
@@ -139,6 +140,9 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Token capacity of the K/V buffers (`[kv_heads, capacity, head_dim]`).
     pub capacity: usize,
+    /// Sliding window: the token attends only to the last `w` positions (itself
+    /// included); `None`: to all of them.
+    pub window: Option<usize>,
 }
 
 /// Below this many multiply-adds (`heads × keys × head_dim`) one token's attention runs on
@@ -169,7 +173,10 @@ pub fn attend_one(
         kv_heads,
         head_dim: hd,
         capacity,
+        window,
     } = shape;
+    // The first key the token sees.
+    let start = window.map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
     let kv_heads = kv_heads.max(1);
     let chunk = crate::fused_attention::Chunk {
         heads,
@@ -179,7 +186,11 @@ pub fn attend_one(
         offset: pos,
         capacity,
     };
-    if chunk.supported() && chunk.fits(q.len(), keys.len(), out.len()) && pos < capacity {
+    if start == 0
+        && chunk.supported()
+        && chunk.fits(q.len(), keys.len(), out.len())
+        && pos < capacity
+    {
         // The prefill's fused kernel: each KV head's keys and values are read once for the
         // whole group of query heads.
         let per_kv = capacity * hd;
@@ -214,43 +225,69 @@ pub fn attend_one(
                 s.spawn(move |_| {
                     let mut scratch = Vec::new();
                     for (((ks, vs), (kn, vn)), (qs, os)) in rest {
-                        attend_head(hd, group, pos, qs, kn, vn, ks, vs, scale, os, &mut scratch);
+                        let head = HeadKv {
+                            keys: ks,
+                            values: vs,
+                            k: kn,
+                            v: vn,
+                        };
+                        attend_head(hd, group, pos, start, qs, head, scale, os, &mut scratch);
                     }
                 });
                 for (((ks, vs), (kn, vn)), (qs, os)) in all {
-                    attend_head(hd, group, pos, qs, kn, vn, ks, vs, scale, os, scores);
+                    let head = HeadKv {
+                        keys: ks,
+                        values: vs,
+                        k: kn,
+                        v: vn,
+                    };
+                    attend_head(hd, group, pos, start, qs, head, scale, os, scores);
                 }
             });
         }
         _ => {
             for (((ks, vs), (kn, vn)), (qs, os)) in heads_iter {
-                attend_head(hd, group, pos, qs, kn, vn, ks, vs, scale, os, scores);
+                let head = HeadKv {
+                    keys: ks,
+                    values: vs,
+                    k: kn,
+                    v: vn,
+                };
+                attend_head(hd, group, pos, start, qs, head, scale, os, scores);
             }
         }
     }
 }
 
-/// [`attend_one`] for one KV head and the `group` query heads that share it: `keys`/`values`
-/// are that head's `[capacity, hd]` rows, `q`/`out` its group's `[group, hd]`.
+/// One KV head's buffers (`[capacity, hd]` rows) and the new token's key and value.
+struct HeadKv<'a> {
+    keys: &'a mut [f32],
+    values: &'a mut [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+/// [`attend_one`] for one KV head and the `group` query heads that share it, over keys
+/// `start..=pos`: `q`/`out` are the group's `[group, hd]`.
 #[allow(clippy::too_many_arguments)]
 fn attend_head(
     hd: usize,
     group: usize,
     pos: usize,
+    start: usize,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    keys: &mut [f32],
-    values: &mut [f32],
+    head: HeadKv<'_>,
     scale: f32,
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
-    let n = pos + 1;
+    let HeadKv { keys, values, k, v } = head;
+    let start = start.min(pos);
+    let n = pos + 1 - start;
     keys[pos * hd..][..hd].copy_from_slice(&k[..hd]);
     values[pos * hd..][..hd].copy_from_slice(&v[..hd]);
-    let ks = &keys[..n * hd];
-    let vs = &values[..n * hd];
+    let ks = &keys[start * hd..(pos + 1) * hd];
+    let vs = &values[start * hd..(pos + 1) * hd];
     // Scores of the group's heads, [group, n], then their probabilities.
     scores.clear();
     scores.resize(2 * group * n, 0.0);
@@ -266,7 +303,8 @@ fn attend_head(
             rows: group,
             keys: n,
             positions: 1,
-            offset: pos,
+            offset: n - 1,
+            window: None,
         },
         scale,
         sc,
@@ -278,6 +316,33 @@ fn attend_head(
             for (acc, &x) in oh.iter_mut().zip(vr) {
                 *acc += pj * x;
             }
+        }
+    }
+}
+
+/// `out = act(gate) · up` per row of `gu` (`[rows, 2 × inter]`, gate then up), `out`
+/// `[rows, inter]`.
+pub fn gated(gu: &[f32], inter: usize, activation: Activation, out: &mut [f32]) {
+    match activation {
+        Activation::Silu => swiglu(gu, inter, out),
+        Activation::GeluTanh => geglu(gu, inter, out),
+    }
+}
+
+/// `out = gelu_tanh(gate) · up` (see [`gated`]), with
+/// `gelu_tanh(x) = x / 2 · (1 + tanh(sqrt(2/π) · (x + 0.044715 x³)))` and
+/// `tanh(y) = 1 - 2 / (e^{2y} + 1)`.
+pub fn geglu(gu: &[f32], inter: usize, out: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2 / π)
+    let inter = inter.max(1);
+    for (row, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = row.split_at(inter);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let y = C * (g + 0.044_715 * g * g * g);
+            // tanh through e^{-2|y|} (≤ 1, where the exponential is accurate), sign restored.
+            let e = exp_approx(-2.0 * y.abs());
+            let t = ((1.0 - e) / (1.0 + e)).copysign(y);
+            *o = 0.5 * g * (1.0 + t) * u;
         }
     }
 }
@@ -318,6 +383,28 @@ mod tests {
             for ((&v, &g), &o) in xr.iter().zip(&w).zip(or) {
                 let want = f64::from(v) * inv * f64::from(g);
                 assert!((f64::from(o) - want).abs() < 1e-5, "{o} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn geglu_matches_f64() {
+        let gu = data(2 * 2 * 100, 5)
+            .iter()
+            .map(|v| v * 6.0)
+            .collect::<Vec<_>>();
+        let mut out = vec![0.0; 200];
+        gated(&gu, 100, Activation::GeluTanh, &mut out);
+        for (row, o) in gu.chunks_exact(200).zip(out.chunks_exact(100)) {
+            for i in 0..100 {
+                let (g, u) = (f64::from(row[i]), f64::from(row[100 + i]));
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let want = 0.5 * g * (1.0 + (c * (g + 0.044715 * g.powi(3))).tanh()) * u;
+                assert!(
+                    (f64::from(o[i]) - want).abs() <= 2e-6 * want.abs().max(1.0),
+                    "{} vs {want}",
+                    o[i]
+                );
             }
         }
     }
@@ -383,6 +470,7 @@ mod tests {
             kv_heads,
             head_dim: hd,
             capacity,
+            window: None,
         };
         let keys0 = data(kv_heads * capacity * hd, 11);
         let values0 = data(kv_heads * capacity * hd, 12);
@@ -409,15 +497,19 @@ mod tests {
         let mut serial = vec![f32::NAN; heads * hd];
         let per = capacity * hd;
         for h in 0..kv_heads {
+            let head = HeadKv {
+                keys: &mut keys2[h * per..][..per],
+                values: &mut values2[h * per..][..per],
+                k: &k[h * hd..][..hd],
+                v: &v[h * hd..][..hd],
+            };
             attend_head(
                 hd,
                 group,
                 pos,
+                0,
                 &q[h * group * hd..][..group * hd],
-                &k[h * hd..][..hd],
-                &v[h * hd..][..hd],
-                &mut keys2[h * per..][..per],
-                &mut values2[h * per..][..per],
+                head,
                 0.125,
                 &mut serial[h * group * hd..][..group * hd],
                 &mut Vec::new(),
@@ -453,11 +545,12 @@ mod tests {
         /// Attention of one token matches an f64 reference over the same K/V, and the new
         /// K/V land at `pos`.
         #[test]
-        fn attention_matches_reference(pos in 0usize..70, kv_heads in 1usize..4, group in 1usize..4, seed in any::<u32>(), fused in any::<bool>()) {
+        fn attention_matches_reference(pos in 0usize..70, kv_heads in 1usize..4, group in 1usize..4, seed in any::<u32>(), fused in any::<bool>(), window in prop::option::of(1usize..40)) {
             // 16: the fused kernel; 24: the per-head path for head sizes it has no kernel for.
             let (hd, capacity) = (if fused { 16 } else { 24 }, 72);
             let heads = kv_heads * group;
-            let shape = AttentionShape { heads, kv_heads, head_dim: hd, capacity };
+            let shape = AttentionShape { heads, kv_heads, head_dim: hd, capacity, window };
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let mut keys = data(kv_heads * capacity * hd, seed);
             let mut values = data(kv_heads * capacity * hd, seed ^ 0x55);
             let q = data(heads * hd, seed ^ 1);
@@ -475,14 +568,14 @@ mod tests {
             for h in 0..heads {
                 let kh = h / group;
                 let qh = &q[h * hd..][..hd];
-                let s: Vec<f64> = (0..=pos).map(|j| {
+                let s: Vec<f64> = (first..=pos).map(|j| {
                     let kr = &keys[(kh * capacity + j) * hd..][..hd];
                     qh.iter().zip(kr).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() * f64::from(scale)
                 }).collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 for d in 0..hd {
-                    let want: f64 = (0..=pos).map(|j| (s[j] - m).exp() / z * f64::from(values[(kh * capacity + j) * hd + d])).sum();
+                    let want: f64 = (first..=pos).map(|j| (s[j - first] - m).exp() / z * f64::from(values[(kh * capacity + j) * hd + d])).sum();
                     let got = f64::from(out[h * hd + d]);
                     prop_assert!((got - want).abs() < 1e-5, "head {} dim {}: {} vs {}", h, d, got, want);
                 }

@@ -235,7 +235,9 @@ pub fn dequantize_matrix(m: &QuantMatrix, out: &mut [f32]) -> Result<()> {
 
 /// Maps a Hugging Face / MLX tensor name to the canonical GGUF-style name, keeping the
 /// `.weight` / `.bias` / `.scales` / `.biases` suffix. `None` for tensors the engine ignores.
-pub fn canonical_hf_name(name: &str) -> Option<String> {
+/// `post_norms`: the checkpoint has norms after each block too (Gemma), where
+/// `post_attention_layernorm` follows the attention instead of preceding the MLP.
+pub fn canonical_hf_name(name: &str, post_norms: bool) -> Option<String> {
     let name = name.strip_prefix("model.").unwrap_or(name);
     let (stem, suffix) = name.rsplit_once('.')?;
     if !matches!(suffix, "weight" | "bias" | "scales" | "biases") {
@@ -251,7 +253,10 @@ pub fn canonical_hf_name(name: &str) -> Option<String> {
             idx.parse::<usize>().ok()?;
             let p = match part {
                 "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" if post_norms => "post_attention_norm",
                 "post_attention_layernorm" => "ffn_norm",
+                "pre_feedforward_layernorm" => "ffn_norm",
+                "post_feedforward_layernorm" => "post_ffw_norm",
                 "self_attn.q_proj" => "attn_q",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
@@ -366,6 +371,11 @@ pub fn load_safetensors_dir(dir: &Path, config: &serde_json::Value) -> Result<Te
         .and_then(|q| q.get("bits"))
         .and_then(|b| b.as_i64())
         .unwrap_or(4) as i32;
+    let post_norms = config
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .and_then(crate::config::Family::from_name)
+        == Some(crate::config::Family::Gemma3);
     let mut all: HashMap<String, Array> = HashMap::new();
     for f in &files {
         check_safetensors(f)?;
@@ -374,7 +384,7 @@ pub fn load_safetensors_dir(dir: &Path, config: &serde_json::Value) -> Result<Te
             message: e.to_string(),
         })?;
         for (name, a) in arrays {
-            if let Some(c) = canonical_hf_name(&name) {
+            if let Some(c) = canonical_hf_name(&name, post_norms) {
                 all.insert(c, a);
             }
         }
@@ -1504,9 +1514,26 @@ impl Embedding {
 
 /// Takes a 1-D norm weight as f32.
 pub fn norm_weight(map: &mut TensorMap, name: &str, dim: usize) -> Result<Array> {
+    norm_weight_offset(map, name, dim, 0.0)
+}
+
+/// [`norm_weight`] plus `offset` (1 for Gemma checkpoints that store `w - 1`).
+pub fn norm_weight_offset(
+    map: &mut TensorMap,
+    name: &str,
+    dim: usize,
+    offset: f32,
+) -> Result<Array> {
     let t = map.take(name)?;
     map.check_shape(name, &t, &[dim as i64])?;
-    t.to_f32()
+    let w = t.to_f32()?;
+    if offset == 0.0 {
+        return Ok(w);
+    }
+    w.add(Array::from_f32(offset)).map_err(|e| Error::Mlx {
+        context: format!("offsetting {name}"),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Golden fixtures from the Python reference implementation (mlx-lm 0.32.2 on MLX 0.32.2's
 //! CPU backend): tiny random-weight llama (llama3 RoPE scaling), mistral, qwen2 (q/k/v bias,
-//! separate LM head), qwen3 (q/k norm) and an MLX 4-bit llama. Made by
+//! separate LM head), qwen3 (q/k norm), an MLX 4-bit llama and gemma3 (sliding windows). Made by
 //! `crates/engine-mlx/scripts/golden.py` (never edited by hand).
 //!
 //! Tolerance: logits of every position within 1e-3 absolute of the reference (both sides
@@ -98,4 +98,13 @@ fn golden_qwen3() {
 fn golden_llama_mlx_4bit() {
     check("llama_q4", WeightFormat::Quantized);
     check("llama_q4", WeightFormat::F32);
+}
+
+/// Gemma 3: five sliding-window layers (window 8, so the 24 prompt ids and 16 greedy steps
+/// go well past it) to one global, local and global RoPE bases, GeGLU, post-block norms,
+/// q/k norms, the bf16-rounded embedding scale and the Hugging Face `1 + w` norms.
+#[test]
+fn golden_gemma3() {
+    check("gemma3", WeightFormat::F32);
+    check("gemma3", WeightFormat::Host);
 }

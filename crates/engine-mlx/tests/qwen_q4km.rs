@@ -16,21 +16,10 @@ use std::sync::{Arc, OnceLock};
 const FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const BLOCK: usize = 64;
 
-/// The file, from `SEMANTIC_TEST_QWEN_Q4KM` or the models folder; `None` (the tests are
-/// skipped, loudly) when it is not installed: `cargo xtask test` installs it.
+/// The file, from `SEMANTIC_TEST_QWEN_Q4KM` or the models folder (`cargo xtask test`
+/// installs it).
 fn model_path() -> Option<PathBuf> {
-    let candidates: Vec<PathBuf> = [
-        std::env::var_os("SEMANTIC_TEST_QWEN_Q4KM").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".semantic/models").join(FILE)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let found = candidates.into_iter().find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!("{FILE} is not installed (run `cargo xtask test`): skipping");
-    }
-    found
+    common::real_model("SEMANTIC_TEST_QWEN_Q4KM", FILE)
 }
 
 fn shared() -> Option<&'static (MlxEngine, Arc<MlxChatFormatter>)> {

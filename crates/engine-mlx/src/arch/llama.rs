@@ -1,20 +1,23 @@
-//! The Llama family: Llama 1/2/3.x (with `llama3` RoPE scaling), SmolLM, Mistral (dense),
-//! Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm), all config-driven.
+//! The dense decoder: Llama 1/2/3.x (with `llama3` RoPE scaling), SmolLM, Mistral (dense),
+//! Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm) and, with the options of [`super::gemma3`], Gemma 3
+//! (sliding-window layers, GeGLU, post-block norms, scaled embedding), all config-driven.
 //!
 //! Per layer: `x += o(attn(rope(q), rope(k), v))` over the cached and new tokens with a causal
-//! mask, then `x += down(silu(gate(h)) · up(h))`, with RMSNorm before each block. Activations
+//! mask (limited to the last `window` keys on sliding layers), then
+//! `x += down(act(gate(h)) · up(h))`, with RMSNorm before each block (and after it, with
+//! `post_norms`). Activations
 //! are 2-D `[rows, hidden]`: the tokens of one sequence (prefill), or one token of each
 //! sequence of a batched decode step; attention works per sequence on `[1, heads, tokens, dim]`.
 
 use super::{AttentionKind, BuildOptions, CausalLm, DecodeKernel, Logits};
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::{MlxContext, Result};
 use crate::fused_attention;
 use crate::host_attention;
 use crate::host_decode::{self, AttentionShape, Rope};
 use crate::kv::{KvLayout, SequenceKv};
 use crate::weights::{
-    norm_weight, Embedding, HostLinear, Linear, RawTensor, TensorMap, WeightFormat,
+    norm_weight_offset, Embedding, HostLinear, Linear, RawTensor, TensorMap, WeightFormat,
 };
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::TryIndexOp;
@@ -44,6 +47,11 @@ struct Layer {
     ffn_norm: Array,
     gate_up: GateUp,
     down: Linear,
+    /// Norms of the attention's and the MLP's outputs (Gemma), before each residual add.
+    post_attn_norm: Option<Array>,
+    post_ffn_norm: Option<Array>,
+    /// Sliding window of keys; `None`: a global layer.
+    window: Option<usize>,
 }
 
 /// A Llama-family decoder.
@@ -60,6 +68,10 @@ pub struct LlamaModel {
     /// Custom RoPE periods (llama3 scaling), else `None` (plain base).
     rope_freqs: Option<Array>,
     rope_scale: f32,
+    /// RoPE base of the sliding-window layers (unscaled), when it differs.
+    local_rope_theta: Option<f32>,
+    /// Factor of the embedding rows (Gemma), as an f32 scalar.
+    embed_scale: Option<Array>,
     attention_kind: AttentionKind,
     /// What a decode step needs to run wholly on the host ([`DecodeKernel::Host`] when every
     /// linear layer and the LM head have host weights); `None`: decode steps use MLX ops
@@ -71,6 +83,8 @@ pub struct LlamaModel {
 #[derive(Debug)]
 struct HostStep {
     rope: Rope,
+    /// RoPE of the sliding-window layers, when their base differs.
+    local_rope: Option<Rope>,
     final_norm: Vec<f32>,
     layers: Vec<HostNorms>,
 }
@@ -82,6 +96,8 @@ struct HostNorms {
     ffn: Vec<f32>,
     q: Option<Vec<f32>>,
     k: Option<Vec<f32>>,
+    post_attn: Option<Vec<f32>>,
+    post_ffn: Option<Vec<f32>>,
 }
 
 /// An evaluated f32 array's values, row-major.
@@ -155,6 +171,9 @@ impl LlamaModel {
             None
         };
         let embed = Embedding::new(embed_raw, fmt)?;
+        let offset = c.norm_weight_offset;
+        let norm_weight =
+            |w: &mut TensorMap, name: &str, dim: usize| norm_weight_offset(w, name, dim, offset);
         let final_norm = norm_weight(&mut w, "output_norm.weight", c.hidden_size)?;
 
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -220,9 +239,28 @@ impl LlamaModel {
                     up: Linear::fused(vec![up], vec![ub], fmt, host)?,
                 }
             };
+            let (post_attn_norm, post_ffn_norm) = if c.post_norms {
+                (
+                    Some(norm_weight(
+                        &mut w,
+                        &p("post_attention_norm.weight"),
+                        c.hidden_size,
+                    )?),
+                    Some(norm_weight(
+                        &mut w,
+                        &p("post_ffw_norm.weight"),
+                        c.hidden_size,
+                    )?),
+                )
+            } else {
+                (None, None)
+            };
             let layer = Layer {
                 attn_norm: norm_weight(&mut w, &p("attn_norm.weight"), c.hidden_size)?,
                 ffn_norm: norm_weight(&mut w, &p("ffn_norm.weight"), c.hidden_size)?,
+                post_attn_norm,
+                post_ffn_norm,
+                window: c.layer_window(i),
                 qkv,
                 q_norm,
                 k_norm,
@@ -293,10 +331,16 @@ impl LlamaModel {
                     ffn: host_vec(&l.ffn_norm)?,
                     q: l.q_norm.as_ref().map(host_vec).transpose()?,
                     k: l.k_norm.as_ref().map(host_vec).transpose()?,
+                    post_attn: l.post_attn_norm.as_ref().map(host_vec).transpose()?,
+                    post_ffn: l.post_ffn_norm.as_ref().map(host_vec).transpose()?,
                 });
             }
             Some(HostStep {
                 rope: Rope::new(c.rope_dims, c.rope_traditional, &host_periods, rope_scale),
+                local_rope: c.rope_local_theta.map(|base| {
+                    let periods = Rope::periods(base, c.rope_dims);
+                    Rope::new(c.rope_dims, c.rope_traditional, &periods, 1.0)
+                }),
                 final_norm: host_vec(&final_norm)?,
                 layers: norms,
             })
@@ -304,6 +348,8 @@ impl LlamaModel {
             None
         };
 
+        let local_rope_theta = config.rope_local_theta;
+        let embed_scale = config.embed_scale.map(Array::from_f32);
         let model = LlamaModel {
             config,
             embed,
@@ -313,6 +359,8 @@ impl LlamaModel {
             layers,
             rope_freqs,
             rope_scale,
+            local_rope_theta,
+            embed_scale,
             attention_kind: options.attention,
             host_step,
         };
@@ -320,43 +368,64 @@ impl LlamaModel {
         Ok(model)
     }
 
-    /// RoPE with each batch row (axis 0) at its own start position.
-    fn rope_at(&self, x: &Array, positions: &Array) -> Result<Array> {
+    /// Base, scale and custom periods of the RoPE of a layer: sliding-window layers with
+    /// their own base turn unscaled at it.
+    fn rope_params(&self, layer: &Layer) -> (Option<f32>, f32, Option<&Array>) {
+        match (layer.window, self.local_rope_theta) {
+            (Some(_), Some(base)) => (Some(base), 1.0, None),
+            _ if self.rope_freqs.is_some() => (None, self.rope_scale, self.rope_freqs.as_ref()),
+            _ => (Some(self.config.rope_theta), self.rope_scale, None),
+        }
+    }
+
+    /// RoPE of `layer` with each batch row (axis 0) at its own start position.
+    fn rope_at(&self, layer: &Layer, x: &Array, positions: &Array) -> Result<Array> {
         let c = &self.config;
-        let base = if self.rope_freqs.is_some() {
-            None
-        } else {
-            Some(c.rope_theta)
-        };
+        let (base, scale, freqs) = self.rope_params(layer);
         fast::rope_dynamic(
             x,
             c.rope_dims as i32,
             c.rope_traditional,
             base,
-            self.rope_scale,
+            scale,
             positions,
-            self.rope_freqs.as_ref(),
+            freqs,
         )
         .ctx("rope")
     }
 
-    fn rope(&self, x: &Array, offset: i32) -> Result<Array> {
+    fn rope(&self, layer: &Layer, x: &Array, offset: i32) -> Result<Array> {
         let c = &self.config;
-        let base = if self.rope_freqs.is_some() {
-            None
-        } else {
-            Some(c.rope_theta)
-        };
+        let (base, scale, freqs) = self.rope_params(layer);
         fast::rope(
             x,
             c.rope_dims as i32,
             c.rope_traditional,
             base,
-            self.rope_scale,
+            scale,
             offset,
-            self.rope_freqs.as_ref(),
+            freqs,
         )
         .ctx("rope")
+    }
+
+    /// Embedding rows of `ids`, scaled where the model says so.
+    fn embed_lookup(&self, ids: &Array) -> Result<Array> {
+        let x = self.embed.lookup(ids)?;
+        match &self.embed_scale {
+            Some(s) => x.multiply(s).ctx("scaling the embedding"),
+            None => Ok(x),
+        }
+    }
+
+    /// `x + norm(y)` with the post-block norm `post` (Gemma), else `x + y`.
+    fn residual(&self, x: &Array, y: &Array, post: Option<&Array>) -> Result<Array> {
+        match post {
+            Some(w) => x
+                .add(fast::rms_norm(y, Some(w), self.config.rms_norm_eps).ctx("post norm")?)
+                .ctx("residual"),
+            None => x.add(y).ctx("residual"),
+        }
     }
 }
 
@@ -432,15 +501,25 @@ impl LlamaModel {
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| crate::error::Error::Request("sequence too long".into()))?;
         let (q, k) = match offsets.as_slice() {
-            [offset] => (self.rope(&q, *offset)?, self.rope(&k, *offset)?),
+            [offset] => (
+                self.rope(layer, &q, *offset)?,
+                self.rope(layer, &k, *offset)?,
+            ),
             many => {
                 // One RoPE for the whole batch, each row at its own position (bit-identical
                 // to a scalar offset).
                 let positions = Array::from_slice(many, &[n]);
-                (self.rope_at(&q, &positions)?, self.rope_at(&k, &positions)?)
+                (
+                    self.rope_at(layer, &q, &positions)?,
+                    self.rope_at(layer, &k, &positions)?,
+                )
             }
         };
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let scale = c.softmax_scale();
+        // Whether the window hides any key from any of the new positions.
+        let windowed = layer
+            .window
+            .filter(|&w| offsets.iter().any(|&o| o as usize + rows as usize > w));
         let pick = |x: &Array, b: i32| -> Result<Array> {
             if n == 1 {
                 Ok(x.clone())
@@ -448,7 +527,7 @@ impl LlamaModel {
                 x.try_index(b..b + 1).ctx("batch row")
             }
         };
-        if self.attention_kind == AttentionKind::Host && rows > 1 {
+        if self.attention_kind == AttentionKind::Host && rows > 1 && windowed.is_none() {
             let chunk = fused_attention::Chunk {
                 heads: c.num_heads,
                 kv_heads: c.num_kv_heads,
@@ -471,7 +550,28 @@ impl LlamaModel {
                 let mut outs = Vec::with_capacity(kvs.len());
                 for (b, (keys, values)) in written.iter().enumerate() {
                     let qb = pick(&q, b as i32)?;
-                    let o = if rows > 1 {
+                    let total = offsets[b] + rows;
+                    let o = if let Some(w) = windowed {
+                        if rows > 1 {
+                            let mask = window_mask(offsets[b], rows, w)?;
+                            fast::scaled_dot_product_attention(
+                                &qb,
+                                keys,
+                                values,
+                                scale,
+                                ScaledDotProductAttentionMask::Array(&mask),
+                                None,
+                            )
+                        } else {
+                            // One token: only the last `w` keys.
+                            let first = (total - w as i32).max(0);
+                            let ks = keys.try_index((.., .., first.., ..)).ctx("window keys")?;
+                            let vs = values
+                                .try_index((.., .., first.., ..))
+                                .ctx("window values")?;
+                            fast::scaled_dot_product_attention(&qb, &ks, &vs, scale, None, None)
+                        }
+                    } else if rows > 1 {
                         fast::scaled_dot_product_attention(
                             &qb,
                             keys,
@@ -490,7 +590,7 @@ impl LlamaModel {
             }
             AttentionKind::Host => {
                 let offsets: Vec<usize> = kvs.iter().map(|kv| kv.len()).collect();
-                self.host_attention(&q, rows, &written, &offsets, scale)?
+                self.host_attention(&q, rows, &written, &offsets, scale, layer.window)?
             }
         };
         let out = if outs.len() == 1 {
@@ -593,6 +693,7 @@ impl LlamaModel {
         written: &[(Array, Array)],
         offsets: &[usize],
         scale: f32,
+        window: Option<usize>,
     ) -> Result<Vec<Array>> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads as i32, c.num_kv_heads as i32, c.head_dim as i32);
@@ -621,6 +722,7 @@ impl LlamaModel {
                 keys: offset + rows as usize,
                 positions: rows as usize,
                 offset,
+                window,
             };
             let data = s.try_as_slice::<f32>().map_err(slice_error)?;
             if !shape.fits(data.len()) {
@@ -645,14 +747,24 @@ impl LlamaModel {
             .ctx("ungrouping heads")?])
     }
 
-    /// `x + down(silu(gate(h)) · up(h))` with `h = norm(x)`; `decode`: a decode step.
+    /// `x + down(act(gate(h)) · up(h))` with `h = norm(x)` (and the post-MLP norm before
+    /// the add, where the model has one); `decode`: a decode step.
     fn mlp(&self, layer: &Layer, x: &Array, decode: bool) -> Result<Array> {
+        let down = |a: &Array| -> Result<Array> {
+            match &layer.post_ffn_norm {
+                Some(post) => {
+                    let y = layer.down.apply(a, None, decode)?;
+                    self.residual(x, &y, Some(post))
+                }
+                None => layer.down.apply(a, Some(x), decode),
+            }
+        };
         let c = &self.config;
         let inter = c.intermediate_size as i32;
         let h = fast::rms_norm(x, Some(&layer.ffn_norm), c.rms_norm_eps).ctx("rms_norm")?;
         let (g, u) = match &layer.gate_up {
             GateUp::Fused(lin) if self.attention_kind == AttentionKind::Host => {
-                // On the CPU backend, `silu(gate) · up` on the host: MLX's compiled kernel
+                // On the CPU backend, `act(gate) · up` on the host: MLX's compiled kernel
                 // calls libm's `fmaf` per element, through the PLT.
                 let gu = lin.apply(&h, None, decode)?;
                 let a = {
@@ -664,10 +776,10 @@ impl LlamaModel {
                         ));
                     }
                     let mut a = vec![0.0f32; rows * c.intermediate_size];
-                    host_decode::swiglu(data, c.intermediate_size, &mut a);
+                    host_decode::gated(data, c.intermediate_size, c.activation, &mut a);
                     Array::from_slice(&a, &[rows_of(rows)?, inter])
                 };
-                return layer.down.apply(&a, Some(x), decode);
+                return down(&a);
             }
             GateUp::Fused(lin) => {
                 let gu = lin.apply(&h, None, decode)?;
@@ -680,8 +792,11 @@ impl LlamaModel {
                 (gate.apply(&h, None, decode)?, up.apply(&h, None, decode)?)
             }
         };
-        let a = nn::silu(&g).ctx("silu")?.multiply(&u).ctx("swiglu")?;
-        layer.down.apply(&a, Some(x), decode)
+        let act = match c.activation {
+            Activation::Silu => nn::silu(&g).ctx("silu")?,
+            Activation::GeluTanh => nn::gelu_approximate(&g).ctx("gelu")?,
+        };
+        down(&act.multiply(&u).ctx("gated MLP")?)
     }
 
     /// Final norm and LM head over `[rows, hidden]`; `decode`: a decode step.
@@ -703,6 +818,49 @@ fn host_of(l: &Linear) -> Result<&HostLinear> {
     l.host.as_deref().ok_or_else(|| {
         crate::error::Error::HostKernel("a linear layer without host weights".into())
     })
+}
+
+/// `x += lin(input)` over `rows` rows, with the post-block norm `post` applied to
+/// `lin(input)` first when there is one; `scratch` has `x`'s length.
+fn post_residual(
+    lin: &HostLinear,
+    input: &[f32],
+    rows: usize,
+    x: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    post: Option<&[f32]>,
+    eps: f32,
+) -> Result<()> {
+    match post {
+        None => {
+            lin.forward_host(input, rows, Some(x), scratch)?;
+            std::mem::swap(x, scratch);
+        }
+        Some(w) => {
+            lin.forward_host(input, rows, None, scratch)?;
+            for row in scratch.chunks_exact_mut(w.len().max(1)) {
+                host_decode::rms_norm_in_place(row, w, eps);
+            }
+            for (a, &y) in x.iter_mut().zip(scratch.iter()) {
+                *a += y;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The additive mask of a sliding-window layer for `rows` new positions after `offset`
+/// cached keys: position `r` sees keys `offset + r - window + 1 ..= offset + r`.
+/// `[rows, offset + rows]`, 0 where visible, -inf elsewhere.
+fn window_mask(offset: i32, rows: i32, window: usize) -> Result<Array> {
+    let keys = (offset + rows) as usize;
+    let mut m = vec![f32::NEG_INFINITY; rows as usize * keys];
+    for (r, row) in m.chunks_exact_mut(keys).enumerate() {
+        let last = offset as usize + r;
+        let first = (last + 1).saturating_sub(window);
+        row[first..=last].fill(0.0);
+    }
+    Ok(Array::from_slice(&m, &[rows, rows_of(keys)?]))
 }
 
 /// Runs `parts` (each `[rows, out_i]`) on `x` and lays their outputs side by side in `y`
@@ -737,6 +895,11 @@ impl LlamaModel {
             let e = self.embed.lookup(&ids)?;
             x.copy_from_slice(&host_vec(&e)?);
         }
+        if let Some(s) = self.config.embed_scale {
+            for v in &mut x {
+                *v *= s;
+            }
+        }
         Ok(x)
     }
 
@@ -755,13 +918,17 @@ impl LlamaModel {
         let (qw, kvw) = (nh * hd, nkv * hd);
         let qkv_w = qw + 2 * kvw;
         let eps = c.rms_norm_eps;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = c.softmax_scale();
         for kv in kvs.iter_mut() {
             kv.reserve(kv.len() + 1)?;
             kv.prepare_host()?;
         }
         let tables: Vec<(Vec<f32>, Vec<f32>)> =
             kvs.iter().map(|kv| step.rope.table(kv.len())).collect();
+        let local_tables: Option<Vec<(Vec<f32>, Vec<f32>)>> = step
+            .local_rope
+            .as_ref()
+            .map(|r| kvs.iter().map(|kv| r.table(kv.len())).collect());
         let mut x = self.embed_host(tokens)?;
         let mut h = vec![0.0f32; b * hs];
         let mut x2 = vec![0.0f32; b * hs];
@@ -771,6 +938,10 @@ impl LlamaModel {
         let mut act = vec![0.0f32; b * inter];
         let mut scratch = Vec::new();
         for (i, (layer, norms)) in self.layers.iter().zip(&step.layers).enumerate() {
+            let (rope, tables) = match (&step.local_rope, &local_tables, layer.window) {
+                (Some(r), Some(t), Some(_)) => (r, t),
+                _ => (&step.rope, &tables),
+            };
             host_decode::rms_norm(&x, &norms.attn, eps, &mut h);
             match &layer.qkv {
                 Qkv::Fused(lin) => host_of(lin)?.forward_host(&h, b, None, &mut qkv)?,
@@ -789,13 +960,14 @@ impl LlamaModel {
                     host_decode::rms_norm_in_place(k, kn, eps);
                 }
                 let (cos, sin) = &tables[r];
-                step.rope.apply(q, hd, cos, sin);
-                step.rope.apply(k, hd, cos, sin);
+                rope.apply(q, hd, cos, sin);
+                rope.apply(k, hd, cos, sin);
                 let shape = AttentionShape {
                     heads: nh,
                     kv_heads: nkv,
                     head_dim: hd,
                     capacity: kv.capacity(),
+                    window: layer.window,
                 };
                 let pos = kv.len();
                 let (keys, values) = kv.host_layer_mut(i)?;
@@ -812,16 +984,30 @@ impl LlamaModel {
                     &mut scratch,
                 );
             }
-            host_of(&layer.o)?.forward_host(&att, b, Some(&x), &mut x2)?;
-            std::mem::swap(&mut x, &mut x2);
+            post_residual(
+                host_of(&layer.o)?,
+                &att,
+                b,
+                &mut x,
+                &mut x2,
+                norms.post_attn.as_deref(),
+                eps,
+            )?;
             host_decode::rms_norm(&x, &norms.ffn, eps, &mut h);
             match &layer.gate_up {
                 GateUp::Fused(lin) => host_of(lin)?.forward_host(&h, b, None, &mut gu)?,
                 GateUp::Split { gate, up } => host_split(&[gate, up], &h, b, &mut gu)?,
             }
-            host_decode::swiglu(&gu, inter, &mut act);
-            host_of(&layer.down)?.forward_host(&act, b, Some(&x), &mut x2)?;
-            std::mem::swap(&mut x, &mut x2);
+            host_decode::gated(&gu, inter, c.activation, &mut act);
+            post_residual(
+                host_of(&layer.down)?,
+                &act,
+                b,
+                &mut x,
+                &mut x2,
+                norms.post_ffn.as_deref(),
+                eps,
+            )?;
         }
         for kv in kvs.iter_mut() {
             kv.advance(1);
@@ -863,11 +1049,17 @@ impl CausalLm for LlamaModel {
         kv.reserve(kv.len() + tokens.len())?;
         let eps = self.config.rms_norm_eps;
         let ids = Array::from_slice(tokens, &[l]);
-        let mut x = self.embed.lookup(&ids)?; // [L, hidden]
+        let mut x = self.embed_lookup(&ids)?; // [L, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
             let o = self.attention(i, layer, &h, l, &mut [&mut *kv], false)?;
-            x = layer.o.forward_residual(&o, &x)?;
+            x = match &layer.post_attn_norm {
+                Some(post) => {
+                    let y = layer.o.apply(&o, None, false)?;
+                    self.residual(&x, &y, Some(post))?
+                }
+                None => layer.o.forward_residual(&o, &x)?,
+            };
             x = self.mlp(layer, &x, false)?;
         }
         kv.advance(tokens.len());
@@ -900,13 +1092,19 @@ impl CausalLm for LlamaModel {
         }
         let eps = self.config.rms_norm_eps;
         let ids = Array::from_slice(tokens, &[b]);
-        let mut x = self.embed.lookup(&ids)?; // [B, hidden]
+        let mut x = self.embed_lookup(&ids)?; // [B, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
             let h = fast::rms_norm(&x, Some(&layer.attn_norm), eps).ctx("rms_norm")?;
             // The projections and the MLP see every sequence's row at once (the weights are
             // read once per step); attention is per sequence, over its own cache.
             let o = self.attention(i, layer, &h, 1, kvs, true)?;
-            x = layer.o.apply(&o, Some(&x), true)?;
+            x = match &layer.post_attn_norm {
+                Some(post) => {
+                    let y = layer.o.apply(&o, None, true)?;
+                    self.residual(&x, &y, Some(post))?
+                }
+                None => layer.o.apply(&o, Some(&x), true)?,
+            };
             x = self.mlp(layer, &x, true)?;
         }
         for kv in kvs.iter_mut() {
@@ -924,6 +1122,7 @@ impl CausalLm for LlamaModel {
         if let Some(f) = &self.rope_freqs {
             v.push(f);
         }
+        v.extend(self.embed_scale.iter());
         for l in &self.layers {
             v.extend(layer_arrays(l));
         }
@@ -935,6 +1134,8 @@ fn layer_arrays(l: &Layer) -> Vec<&Array> {
     let mut v: Vec<&Array> = vec![&l.attn_norm, &l.ffn_norm];
     v.extend(l.q_norm.iter());
     v.extend(l.k_norm.iter());
+    v.extend(l.post_attn_norm.iter());
+    v.extend(l.post_ffn_norm.iter());
     match &l.qkv {
         Qkv::Fused(x) => v.extend(x.arrays()),
         Qkv::Split { q, k, v: vv } => {

@@ -2,6 +2,7 @@
 //! (sliding-window + global layers) or DeepSeek-V2 (MLA + MoE) means adding a module and a
 //! line in [`build`], not changing the engine.
 
+pub mod gemma3;
 pub mod llama;
 
 use crate::config::{Family, ModelConfig};
@@ -128,10 +129,8 @@ pub fn build(
     options: BuildOptions,
 ) -> Result<Box<dyn CausalLm>> {
     match config.family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 => Ok(Box::new(llama::LlamaModel::new(
-            config.clone(),
-            weights,
-            options,
-        )?)),
+        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => Ok(Box::new(
+            llama::LlamaModel::new(config.clone(), weights, options)?,
+        )),
     }
 }

@@ -41,6 +41,24 @@ pub fn model_path() -> Option<PathBuf> {
     }
 }
 
+/// A real checkpoint other than the default model: from the environment variable `var`
+/// (set by `cargo xtask test`) or the models folder; `None` (the tests are skipped, loudly)
+/// when it is not installed.
+pub fn real_model(var: &str, file: &str) -> Option<PathBuf> {
+    let candidates: Vec<PathBuf> = [
+        std::env::var_os(var).map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".semantic/models").join(file)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let found = candidates.into_iter().find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("{file} is not installed (run `cargo xtask test`): skipping");
+    }
+    found
+}
+
 /// Loads the default model with `config`.
 pub fn load(config: EngineConfig) -> Option<(MlxEngine, Arc<MlxChatFormatter>)> {
     let path = model_path()?;
