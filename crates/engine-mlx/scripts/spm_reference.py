@@ -71,6 +71,7 @@ PINNED = [
     "tokenizers==0.23.3",
     "sentencepiece==0.2.1",
     "protobuf==6.33.6",
+    "regex==2026.11.19",
 ]
 ROOT = Path(__file__).resolve().parents[3]
 VENV = ROOT / ".semantic-build" / "gemma-reference-venv"
