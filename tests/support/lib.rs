@@ -32,6 +32,23 @@ pub fn require_model() -> PathBuf {
     p
 }
 
+/// A real checkpoint besides the default model, from the environment variable `var` (set by
+/// `cargo xtask test`) or `~/.semantic/models/FILE`; `None`, said on stderr, when it is not
+/// installed, so its tests skip.
+pub fn real_model(var: &str, file: &str) -> Option<PathBuf> {
+    let found = [
+        std::env::var_os(var).map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".semantic/models").join(file)),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("{file} is not installed (run `cargo xtask test`): skipping");
+    }
+    found
+}
+
 /// The `semantic` binary built by this `cargo test` run (target/<profile>/semantic).
 pub fn semantic_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SEMANTIC_BIN") {
