@@ -18,6 +18,12 @@ pub enum Family {
     /// norms before and after each block, q/k norms, a scaled embedding (see
     /// [`crate::arch::gemma3`]).
     Gemma3,
+    /// Mixtral: Llama attention, a sparse mixture of experts in every layer (top-k by router
+    /// logit, softmax over the chosen).
+    Mixtral,
+    /// Qwen3-MoE: Qwen3 attention, experts on the layers `decoder_sparse_step` and
+    /// `mlp_only_layers` say (softmax over all, top-k, optionally renormalised).
+    Qwen3Moe,
 }
 
 /// Architecture names accepted, as GGUF `general.architecture` or HF `model_type`.
@@ -28,6 +34,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "qwen3",
     "gemma3",
     "gemma3_text",
+    "mixtral",
+    "qwen3_moe",
+    "qwen3moe",
 ];
 
 impl Family {
@@ -38,6 +47,8 @@ impl Family {
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
             "gemma3" | "gemma3_text" => Some(Family::Gemma3),
+            "mixtral" => Some(Family::Mixtral),
+            "qwen3_moe" | "qwen3moe" => Some(Family::Qwen3Moe),
             _ => None,
         }
     }
@@ -77,6 +88,27 @@ pub enum Activation {
     Silu,
     /// `gelu_tanh(gate) · up` (GeGLU with the tanh approximation: Gemma).
     GeluTanh,
+}
+
+/// A sparse mixture-of-experts MLP: per token a router picks `top_k` of `count` experts
+/// (each a gated MLP of width `expert_intermediate`) and sums their outputs, weighted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Experts {
+    /// Routed experts per MoE layer.
+    pub count: usize,
+    /// Experts each token uses.
+    pub top_k: usize,
+    /// Inner width of one expert.
+    pub expert_intermediate: usize,
+    /// Divide the chosen experts' softmax weights by their sum (Mixtral; Qwen3-MoE's
+    /// `norm_topk_prob`).
+    pub normalize_top_k: bool,
+    /// Factor on the routed weights (DeepSeek's `routed_scaling_factor`; 1 elsewhere).
+    pub routed_scale: f32,
+    /// Inner width of the always-on shared expert, when there is one.
+    pub shared_intermediate: Option<usize>,
+    /// Per layer, whether it is an MoE layer (else a dense MLP of `intermediate_size`).
+    pub layers: Vec<bool>,
 }
 
 /// Everything the forward pass needs to know about the model's shape.
@@ -138,6 +170,8 @@ pub struct ModelConfig {
     /// Added to every RMSNorm weight at load: 1 for Gemma checkpoints in the Hugging Face
     /// layout, which store `w - 1` (GGUF converters add the 1 themselves).
     pub norm_weight_offset: f32,
+    /// Mixture of experts, for the layers it names; `None`: every MLP is dense.
+    pub experts: Option<Experts>,
 }
 
 impl ModelConfig {
@@ -352,6 +386,7 @@ impl ModelConfig {
             embed_scale: None,
             attention_scale: None,
             norm_weight_offset: 0.0,
+            experts: None,
         }
     }
 
@@ -462,7 +497,7 @@ impl ModelConfig {
             rope_traditional: false,
             tie_word_embeddings: boolean("tie_word_embeddings")?.unwrap_or(family != Family::Qwen2),
             attention_bias: boolean("attention_bias")?.unwrap_or(family == Family::Qwen2),
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe),
             context_length: count(
                 path,
                 "max_position_embeddings",
@@ -473,6 +508,7 @@ impl ModelConfig {
         };
         let cfg = match family {
             Family::Gemma3 => crate::arch::gemma3::from_hf(cfg, path, v)?,
+            Family::Mixtral | Family::Qwen3Moe => crate::arch::moe::from_hf(cfg, path, v)?,
             _ => cfg,
         };
         cfg.validate(path)?;
@@ -500,6 +536,25 @@ impl ModelConfig {
                     self.num_layers
                 ),
             ));
+        }
+        if let Some(e) = &self.experts {
+            if e.count == 0
+                || e.top_k == 0
+                || e.top_k > e.count
+                || e.layers.len() != self.num_layers
+            {
+                return Err(invalid(
+                    path,
+                    "num_experts_per_tok",
+                    format!(
+                        "{} of {} experts per token over {} layer flags for {} layers",
+                        e.top_k,
+                        e.count,
+                        e.layers.len(),
+                        self.num_layers
+                    ),
+                ));
+            }
         }
         if self.layer_windows.contains(&Some(0)) {
             return Err(invalid(path, "sliding_window", "a window of 0 tokens"));

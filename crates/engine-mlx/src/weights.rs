@@ -251,6 +251,9 @@ pub fn canonical_hf_name(name: &str, post_norms: bool) -> Option<String> {
             let rest = stem.strip_prefix("layers.")?;
             let (idx, part) = rest.split_once('.')?;
             idx.parse::<usize>().ok()?;
+            if let Some(expert) = expert_name(part) {
+                return Some(format!("blk.{idx}.{expert}.{suffix}"));
+            }
             let p = match part {
                 "input_layernorm" => "attn_norm",
                 "post_attention_layernorm" if post_norms => "post_attention_norm",
@@ -272,6 +275,33 @@ pub fn canonical_hf_name(name: &str, post_norms: bool) -> Option<String> {
         }
     };
     Some(format!("{mapped}.{suffix}"))
+}
+
+/// The canonical name of a mixture-of-experts tensor of a layer (`part` is the name after
+/// `layers.N.`): the router `ffn_gate_inp`, routed expert `e`'s `ffn_{gate,up,down}_exps.e`
+/// and the shared expert's `ffn_{gate,up,down}_shexp`. Mixtral's `w1`/`w3`/`w2` are its
+/// gate/up/down.
+fn expert_name(part: &str) -> Option<String> {
+    if matches!(part, "block_sparse_moe.gate" | "mlp.gate") {
+        return Some("ffn_gate_inp".into());
+    }
+    let kind = |proj: &str| -> Option<&'static str> {
+        Some(match proj {
+            "gate_proj" | "w1" => "gate",
+            "up_proj" | "w3" => "up",
+            "down_proj" | "w2" => "down",
+            _ => return None,
+        })
+    };
+    if let Some(proj) = part.strip_prefix("mlp.shared_experts.") {
+        return Some(format!("ffn_{}_shexp", kind(proj)?));
+    }
+    let rest = part
+        .strip_prefix("block_sparse_moe.experts.")
+        .or_else(|| part.strip_prefix("mlp.experts."))?;
+    let (e, proj) = rest.split_once('.')?;
+    let e: usize = e.parse().ok()?;
+    Some(format!("ffn_{}_exps.{e}", kind(proj)?))
 }
 
 /// Checks a safetensors file's header in Rust (length, JSON, offsets within the file), so a

@@ -108,3 +108,17 @@ fn golden_gemma3() {
     check("gemma3", WeightFormat::F32);
     check("gemma3", WeightFormat::Host);
 }
+
+/// Mixtral: 4 experts, top 2 by router logit, softmax over the two.
+#[test]
+fn golden_mixtral() {
+    check("mixtral", WeightFormat::F32);
+    check("mixtral", WeightFormat::Host);
+}
+
+/// Qwen3-MoE: Qwen3 attention (q/k norms), softmax over 4 experts, top 2, renormalised.
+#[test]
+fn golden_qwen3_moe() {
+    check("qwen3_moe", WeightFormat::F32);
+    check("qwen3_moe", WeightFormat::Host);
+}

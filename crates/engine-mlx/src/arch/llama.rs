@@ -9,6 +9,7 @@
 //! are 2-D `[rows, hidden]`: the tokens of one sequence (prefill), or one token of each
 //! sequence of a batched decode step; attention works per sequence on `[1, heads, tokens, dim]`.
 
+use super::moe::MoeMlp;
 use super::{AttentionKind, BuildOptions, CausalLm, DecodeKernel, Logits};
 use crate::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::{MlxContext, Result};
@@ -30,6 +31,13 @@ enum Qkv {
     Split { q: Linear, k: Linear, v: Linear },
 }
 
+/// The MLP of a layer: dense, or a mixture of experts.
+#[derive(Debug)]
+enum Ffn {
+    Dense { gate_up: GateUp, down: Linear },
+    Experts(Box<MoeMlp>),
+}
+
 /// Gate and up projections, fused or not.
 #[derive(Debug)]
 enum GateUp {
@@ -45,8 +53,7 @@ struct Layer {
     k_norm: Option<Array>,
     o: Linear,
     ffn_norm: Array,
-    gate_up: GateUp,
-    down: Linear,
+    ffn: Ffn,
     /// Norms of the attention's and the MLP's outputs (Gemma), before each residual add.
     post_attn_norm: Option<Array>,
     post_ffn_norm: Option<Array>,
@@ -101,7 +108,7 @@ struct HostNorms {
 }
 
 /// An evaluated f32 array's values, row-major.
-fn host_vec(a: &Array) -> Result<Vec<f32>> {
+pub(crate) fn host_vec(a: &Array) -> Result<Vec<f32>> {
     let a = a
         .as_dtype(mlx_rs::Dtype::Float32)
         .ctx("casting for the host")?
@@ -179,41 +186,36 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let mut take = |s: &str, shape: &[i64]| -> Result<RawTensor> {
+            let take = |w: &mut TensorMap, s: &str, shape: &[i64]| -> Result<RawTensor> {
                 let name = p(s);
                 let t = w.take(&name)?;
                 w.check_shape(&name, &t, shape)?;
                 Ok(t)
             };
-            let q = take("attn_q.weight", &[nh * hd, hidden])?;
-            let k = take("attn_k.weight", &[nkv * hd, hidden])?;
-            let v = take("attn_v.weight", &[nkv * hd, hidden])?;
-            let o = take("attn_output.weight", &[hidden, nh * hd])?;
-            let gate = take("ffn_gate.weight", &[inter, hidden])?;
-            let up = take("ffn_up.weight", &[inter, hidden])?;
-            let down = take("ffn_down.weight", &[hidden, inter])?;
+            let q = take(&mut w, "attn_q.weight", &[nh * hd, hidden])?;
+            let k = take(&mut w, "attn_k.weight", &[nkv * hd, hidden])?;
+            let v = take(&mut w, "attn_v.weight", &[nkv * hd, hidden])?;
+            let o = take(&mut w, "attn_output.weight", &[hidden, nh * hd])?;
             // q/k/v biases are required when the config says so (Qwen2); any other bias
             // present in the file (Llama with `attention_bias`/`mlp_bias`) is used too.
-            let mut bias = |s: &str, n: i64, required: bool| -> Result<Option<RawTensor>> {
-                let name = p(s);
-                let t = if required {
-                    Some(w.take(&name)?)
-                } else {
-                    w.take_opt(&name)
+            let bias =
+                |w: &mut TensorMap, s: &str, n: i64, required: bool| -> Result<Option<RawTensor>> {
+                    let name = p(s);
+                    let t = if required {
+                        Some(w.take(&name)?)
+                    } else {
+                        w.take_opt(&name)
+                    };
+                    if let Some(t) = &t {
+                        w.check_shape(&name, t, &[n])?;
+                    }
+                    Ok(t)
                 };
-                if let Some(t) = &t {
-                    w.check_shape(&name, t, &[n])?;
-                }
-                Ok(t)
-            };
             let req = c.attention_bias;
-            let qb = bias("attn_q.bias", nh * hd, req)?;
-            let kb = bias("attn_k.bias", nkv * hd, req)?;
-            let vb = bias("attn_v.bias", nkv * hd, req)?;
-            let ob = bias("attn_output.bias", hidden, false)?;
-            let gb = bias("ffn_gate.bias", inter, false)?;
-            let ub = bias("ffn_up.bias", inter, false)?;
-            let db = bias("ffn_down.bias", hidden, false)?;
+            let qb = bias(&mut w, "attn_q.bias", nh * hd, req)?;
+            let kb = bias(&mut w, "attn_k.bias", nkv * hd, req)?;
+            let vb = bias(&mut w, "attn_v.bias", nkv * hd, req)?;
+            let ob = bias(&mut w, "attn_output.bias", hidden, false)?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
                     Some(norm_weight(&mut w, &p("attn_q_norm.weight"), c.head_dim)?),
@@ -231,12 +233,26 @@ impl LlamaModel {
                     v: Linear::fused(vec![v], vec![vb], fmt, host)?,
                 }
             };
-            let gate_up = if options.fuse_projections {
-                GateUp::Fused(Linear::fused(vec![gate, up], vec![gb, ub], fmt, host)?)
+            let ffn = if c.experts.as_ref().is_some_and(|e| e.layers[i]) {
+                Ffn::Experts(Box::new(MoeMlp::load(&mut w, i, c, fmt, host)?))
             } else {
-                GateUp::Split {
-                    gate: Linear::fused(vec![gate], vec![gb], fmt, host)?,
-                    up: Linear::fused(vec![up], vec![ub], fmt, host)?,
+                let gate = take(&mut w, "ffn_gate.weight", &[inter, hidden])?;
+                let up = take(&mut w, "ffn_up.weight", &[inter, hidden])?;
+                let down = take(&mut w, "ffn_down.weight", &[hidden, inter])?;
+                let gb = bias(&mut w, "ffn_gate.bias", inter, false)?;
+                let ub = bias(&mut w, "ffn_up.bias", inter, false)?;
+                let db = bias(&mut w, "ffn_down.bias", hidden, false)?;
+                let gate_up = if options.fuse_projections {
+                    GateUp::Fused(Linear::fused(vec![gate, up], vec![gb, ub], fmt, host)?)
+                } else {
+                    GateUp::Split {
+                        gate: Linear::fused(vec![gate], vec![gb], fmt, host)?,
+                        up: Linear::fused(vec![up], vec![ub], fmt, host)?,
+                    }
+                };
+                Ffn::Dense {
+                    gate_up,
+                    down: Linear::fused(vec![down], vec![db], fmt, host)?,
                 }
             };
             let (post_attn_norm, post_ffn_norm) = if c.post_norms {
@@ -265,8 +281,7 @@ impl LlamaModel {
                 q_norm,
                 k_norm,
                 o: Linear::fused(vec![o], vec![ob], fmt, host)?,
-                gate_up,
-                down: Linear::fused(vec![down], vec![db], fmt, host)?,
+                ffn,
             };
             // Materialize layer by layer: the dequantized, unfused copies are freed at once,
             // which keeps the load's peak memory near the final size.
@@ -318,11 +333,20 @@ impl LlamaModel {
                     Qkv::Fused(x) => on_host(x),
                     Qkv::Split { q, k, v } => on_host(q) && on_host(k) && on_host(v),
                 };
-                let gate_up = match &l.gate_up {
-                    GateUp::Fused(x) => on_host(x),
-                    GateUp::Split { gate, up } => on_host(gate) && on_host(up),
+                // An MoE layer routes per token: its steps run the MLX path between the
+                // (host) linears.
+                let ffn = match &l.ffn {
+                    Ffn::Dense {
+                        gate_up: GateUp::Fused(x),
+                        down,
+                    } => on_host(x) && on_host(down),
+                    Ffn::Dense {
+                        gate_up: GateUp::Split { gate, up },
+                        down,
+                    } => on_host(gate) && on_host(up) && on_host(down),
+                    Ffn::Experts(_) => false,
                 };
-                qkv && gate_up && on_host(&l.o) && on_host(&l.down)
+                qkv && ffn && on_host(&l.o)
             }) {
             let mut norms = Vec::with_capacity(layers.len());
             for l in &layers {
@@ -433,7 +457,7 @@ fn slice_error(e: mlx_rs::error::AsSliceError) -> crate::error::Error {
     crate::error::Error::Request(format!("reading an evaluated array: {e}"))
 }
 
-fn rows_of(n: usize) -> Result<i32> {
+pub(crate) fn rows_of(n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| crate::error::Error::Request("too many tokens".into()))
 }
 
@@ -750,19 +774,26 @@ impl LlamaModel {
     /// `x + down(act(gate(h)) · up(h))` with `h = norm(x)` (and the post-MLP norm before
     /// the add, where the model has one); `decode`: a decode step.
     fn mlp(&self, layer: &Layer, x: &Array, decode: bool) -> Result<Array> {
+        let c = &self.config;
+        let h = fast::rms_norm(x, Some(&layer.ffn_norm), c.rms_norm_eps).ctx("rms_norm")?;
+        let (gate_up, down_proj) = match &layer.ffn {
+            Ffn::Dense { gate_up, down } => (gate_up, down),
+            Ffn::Experts(moe) => {
+                let y = moe.forward(&h, c.activation, decode)?;
+                return self.residual(x, &y, layer.post_ffn_norm.as_ref());
+            }
+        };
         let down = |a: &Array| -> Result<Array> {
             match &layer.post_ffn_norm {
                 Some(post) => {
-                    let y = layer.down.apply(a, None, decode)?;
+                    let y = down_proj.apply(a, None, decode)?;
                     self.residual(x, &y, Some(post))
                 }
-                None => layer.down.apply(a, Some(x), decode),
+                None => down_proj.apply(a, Some(x), decode),
             }
         };
-        let c = &self.config;
         let inter = c.intermediate_size as i32;
-        let h = fast::rms_norm(x, Some(&layer.ffn_norm), c.rms_norm_eps).ctx("rms_norm")?;
-        let (g, u) = match &layer.gate_up {
+        let (g, u) = match gate_up {
             GateUp::Fused(lin) if self.attention_kind == AttentionKind::Host => {
                 // On the CPU backend, `act(gate) · up` on the host: MLX's compiled kernel
                 // calls libm's `fmaf` per element, through the PLT.
@@ -994,13 +1025,22 @@ impl LlamaModel {
                 eps,
             )?;
             host_decode::rms_norm(&x, &norms.ffn, eps, &mut h);
-            match &layer.gate_up {
+            let Ffn::Dense {
+                gate_up,
+                down: down_proj,
+            } = &layer.ffn
+            else {
+                return Err(crate::error::Error::HostKernel(
+                    "an MoE layer in a host decode step".into(),
+                ));
+            };
+            match gate_up {
                 GateUp::Fused(lin) => host_of(lin)?.forward_host(&h, b, None, &mut gu)?,
                 GateUp::Split { gate, up } => host_split(&[gate, up], &h, b, &mut gu)?,
             }
             host_decode::gated(&gu, inter, c.activation, &mut act);
             post_residual(
-                host_of(&layer.down)?,
+                host_of(down_proj)?,
                 &act,
                 b,
                 &mut x,
@@ -1145,13 +1185,18 @@ fn layer_arrays(l: &Layer) -> Vec<&Array> {
         }
     }
     v.extend(l.o.arrays());
-    match &l.gate_up {
-        GateUp::Fused(x) => v.extend(x.arrays()),
-        GateUp::Split { gate, up } => {
-            v.extend(gate.arrays());
-            v.extend(up.arrays());
+    match &l.ffn {
+        Ffn::Dense { gate_up, down } => {
+            match gate_up {
+                GateUp::Fused(x) => v.extend(x.arrays()),
+                GateUp::Split { gate, up } => {
+                    v.extend(gate.arrays());
+                    v.extend(up.arrays());
+                }
+            }
+            v.extend(down.arrays());
         }
+        Ffn::Experts(moe) => v.extend(moe.arrays()),
     }
-    v.extend(l.down.arrays());
     v
 }

@@ -4,6 +4,7 @@
 
 pub mod gemma3;
 pub mod llama;
+pub mod moe;
 
 use crate::config::{Family, ModelConfig};
 use crate::error::Result;
@@ -129,8 +130,15 @@ pub fn build(
     options: BuildOptions,
 ) -> Result<Box<dyn CausalLm>> {
     match config.family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => Ok(Box::new(
-            llama::LlamaModel::new(config.clone(), weights, options)?,
-        )),
+        Family::Llama
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Gemma3
+        | Family::Mixtral
+        | Family::Qwen3Moe => Ok(Box::new(llama::LlamaModel::new(
+            config.clone(),
+            weights,
+            options,
+        )?)),
     }
 }
