@@ -24,6 +24,9 @@ pub enum Family {
     /// Qwen3-MoE: Qwen3 attention, experts on the layers `decoder_sparse_step` and
     /// `mlp_only_layers` say (softmax over all, top-k, optionally renormalised).
     Qwen3Moe,
+    /// DeepSeek-V2 / V2-Lite / Coder-V2: multi-head latent attention with a latent KV cache,
+    /// YaRN RoPE, routed + shared experts (see [`crate::arch::deepseek2`]).
+    DeepSeek2,
 }
 
 /// Architecture names accepted, as GGUF `general.architecture` or HF `model_type`.
@@ -37,6 +40,8 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "mixtral",
     "qwen3_moe",
     "qwen3moe",
+    "deepseek2",
+    "deepseek_v2",
 ];
 
 impl Family {
@@ -49,6 +54,7 @@ impl Family {
             "gemma3" | "gemma3_text" => Some(Family::Gemma3),
             "mixtral" => Some(Family::Mixtral),
             "qwen3_moe" | "qwen3moe" => Some(Family::Qwen3Moe),
+            "deepseek2" | "deepseek_v2" => Some(Family::DeepSeek2),
             _ => None,
         }
     }
@@ -78,6 +84,24 @@ pub enum RopeScaling {
     /// Per-frequency divisors stored in the GGUF (`rope_freqs.weight`, llama.cpp's form of
     /// Llama 3 scaling); read with the weights.
     FreqFactors,
+    /// YaRN (`rope_scaling.type == "yarn"`, DeepSeek-V2): frequencies interpolated by
+    /// `factor` below a ramp between the `beta_fast` and `beta_slow` rotations, kept above it;
+    /// `mscale` / `mscale_all_dim` scale the rotated inputs and the softmax
+    /// ([`crate::arch::deepseek2`]).
+    Yarn {
+        /// Context extension factor.
+        factor: f32,
+        /// Context length the model was trained with.
+        original_max_position_embeddings: f32,
+        /// Rotations above which frequencies are kept.
+        beta_fast: f32,
+        /// Rotations below which frequencies are interpolated.
+        beta_slow: f32,
+        /// Attention-magnitude factor of the rotated inputs.
+        mscale: f32,
+        /// Attention-magnitude factor over all dimensions.
+        mscale_all_dim: f32,
+    },
 }
 
 /// The activation of the gated MLP, `act(gate) · up`.
@@ -109,6 +133,27 @@ pub struct Experts {
     pub shared_intermediate: Option<usize>,
     /// Per layer, whether it is an MoE layer (else a dense MLP of `intermediate_size`).
     pub layers: Vec<bool>,
+    /// Group-limited routing (DeepSeek's `group_limited_greedy`): the experts split into
+    /// `groups` equal groups, only the `keep` groups with the highest best probability are
+    /// eligible. `None`: plain top-k.
+    pub groups: Option<(usize, usize)>,
+}
+
+/// Multi-head latent attention (DeepSeek-V2): keys and values of every head come from one
+/// compressed latent per token, so the cache holds the latent and the shared RoPE key only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentAttention {
+    /// Width of the compressed KV latent (`kv_lora_rank`).
+    pub kv_lora_rank: usize,
+    /// Width of the query's low-rank bottleneck (`q_lora_rank`), if any.
+    pub q_lora_rank: Option<usize>,
+    /// Per-head query/key dims without RoPE (`qk_nope_head_dim`).
+    pub nope_dim: usize,
+    /// Per-head query/key dims with RoPE, shared by all heads on the key side
+    /// (`qk_rope_head_dim`).
+    pub rope_dim: usize,
+    /// Per-head value dims (`v_head_dim`).
+    pub v_head_dim: usize,
 }
 
 /// Everything the forward pass needs to know about the model's shape.
@@ -172,6 +217,10 @@ pub struct ModelConfig {
     pub norm_weight_offset: f32,
     /// Mixture of experts, for the layers it names; `None`: every MLP is dense.
     pub experts: Option<Experts>,
+    /// Multi-head latent attention; `None`: standard (grouped-query) attention. With it the
+    /// model attends as one KV head of `head_dim = kv_lora_rank + rope_dim` (see
+    /// [`crate::arch::deepseek2`]).
+    pub latent_attention: Option<LatentAttention>,
 }
 
 impl ModelConfig {
@@ -387,6 +436,7 @@ impl ModelConfig {
             attention_scale: None,
             norm_weight_offset: 0.0,
             experts: None,
+            latent_attention: None,
         }
     }
 
@@ -470,12 +520,23 @@ impl ModelConfig {
                     "linear" => RopeScaling::Linear {
                         factor: f("factor", 1.0),
                     },
+                    "yarn" => RopeScaling::Yarn {
+                        factor: f("factor", 1.0),
+                        original_max_position_embeddings: f(
+                            "original_max_position_embeddings",
+                            4096.0,
+                        ),
+                        beta_fast: f("beta_fast", 32.0),
+                        beta_slow: f("beta_slow", 1.0),
+                        mscale: f("mscale", 1.0),
+                        mscale_all_dim: f("mscale_all_dim", 0.0),
+                    },
                     "default" => RopeScaling::None,
                     other => {
                         return Err(invalid(
                             path,
                             "rope_scaling.rope_type",
-                            format!("`{other}` is not supported (supported: llama3, linear)"),
+                            format!("`{other}` is not supported (supported: llama3, linear, yarn)"),
                         ))
                     }
                 }
@@ -509,6 +570,10 @@ impl ModelConfig {
         let cfg = match family {
             Family::Gemma3 => crate::arch::gemma3::from_hf(cfg, path, v)?,
             Family::Mixtral | Family::Qwen3Moe => crate::arch::moe::from_hf(cfg, path, v)?,
+            Family::DeepSeek2 => {
+                let cfg = crate::arch::deepseek2::from_hf(cfg, path, v)?;
+                crate::arch::moe::from_hf(cfg, path, v)?
+            }
             _ => cfg,
         };
         cfg.validate(path)?;

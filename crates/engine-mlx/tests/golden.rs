@@ -122,3 +122,19 @@ fn golden_qwen3_moe() {
     check("qwen3_moe", WeightFormat::F32);
     check("qwen3_moe", WeightFormat::Host);
 }
+
+/// DeepSeek-V2 (V2-Lite shape): latent attention, YaRN, a dense first layer, routed and
+/// shared experts, greedy top 2 of the softmax.
+#[test]
+fn golden_deepseek_v2() {
+    check("deepseek_v2", WeightFormat::F32);
+    check("deepseek_v2", WeightFormat::Host);
+}
+
+/// DeepSeek-V2 (full shape): query low rank, group-limited routing, 2 shared experts,
+/// routed scale 16, YaRN's input factor on the RoPE parts.
+#[test]
+fn golden_deepseek_v2_q_lora() {
+    check("deepseek_v2_q_lora", WeightFormat::F32);
+    check("deepseek_v2_q_lora", WeightFormat::Host);
+}

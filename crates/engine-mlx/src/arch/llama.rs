@@ -24,11 +24,30 @@ use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{nn, Array};
 
-/// Projections of one attention block, fused or not.
+/// Projections of one attention block, fused or not, or latent ([`super::deepseek2`]).
 #[derive(Debug)]
 enum Qkv {
     Fused(Linear),
-    Split { q: Linear, k: Linear, v: Linear },
+    Split {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// Multi-head latent attention with absorbed projections: the query as one linear or
+    /// through a normed low-rank bottleneck, and the cached `[k_pe ; norm(c)]` vector, which
+    /// is both key and value.
+    Latent {
+        q: LatentQuery,
+        kv_a: Linear,
+        kv_norm: Array,
+    },
+}
+
+/// The query projection of latent attention.
+#[derive(Debug)]
+enum LatentQuery {
+    Direct(Linear),
+    LowRank { a: Linear, norm: Array, b: Linear },
 }
 
 /// The MLP of a layer: dense, or a mixture of experts.
@@ -192,9 +211,6 @@ impl LlamaModel {
                 w.check_shape(&name, &t, shape)?;
                 Ok(t)
             };
-            let q = take(&mut w, "attn_q.weight", &[nh * hd, hidden])?;
-            let k = take(&mut w, "attn_k.weight", &[nkv * hd, hidden])?;
-            let v = take(&mut w, "attn_v.weight", &[nkv * hd, hidden])?;
             let o = take(&mut w, "attn_output.weight", &[hidden, nh * hd])?;
             // q/k/v biases are required when the config says so (Qwen2); any other bias
             // present in the file (Llama with `attention_bias`/`mlp_bias`) is used too.
@@ -211,10 +227,6 @@ impl LlamaModel {
                     }
                     Ok(t)
                 };
-            let req = c.attention_bias;
-            let qb = bias(&mut w, "attn_q.bias", nh * hd, req)?;
-            let kb = bias(&mut w, "attn_k.bias", nkv * hd, req)?;
-            let vb = bias(&mut w, "attn_v.bias", nkv * hd, req)?;
             let ob = bias(&mut w, "attn_output.bias", hidden, false)?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
@@ -224,13 +236,56 @@ impl LlamaModel {
             } else {
                 (None, None)
             };
-            let qkv = if options.fuse_projections {
-                Qkv::Fused(Linear::fused(vec![q, k, v], vec![qb, kb, vb], fmt, host)?)
+            let qkv = if let Some(la) = c.latent_attention {
+                let q = match la.q_lora_rank {
+                    None => LatentQuery::Direct(Linear::fused(
+                        vec![take(&mut w, "attn_q.weight", &[nh * hd, hidden])?],
+                        vec![None],
+                        fmt,
+                        host,
+                    )?),
+                    Some(rq) => LatentQuery::LowRank {
+                        a: Linear::fused(
+                            vec![take(&mut w, "attn_q_a.weight", &[rq as i64, hidden])?],
+                            vec![None],
+                            fmt,
+                            host,
+                        )?,
+                        norm: norm_weight(&mut w, &p("attn_q_a_norm.weight"), rq)?,
+                        b: Linear::fused(
+                            vec![take(&mut w, "attn_q_b.weight", &[nh * hd, rq as i64])?],
+                            vec![None],
+                            fmt,
+                            host,
+                        )?,
+                    },
+                };
+                Qkv::Latent {
+                    q,
+                    kv_a: Linear::fused(
+                        vec![take(&mut w, "attn_kv_a_mqa.weight", &[hd, hidden])?],
+                        vec![None],
+                        fmt,
+                        host,
+                    )?,
+                    kv_norm: norm_weight(&mut w, &p("attn_kv_a_norm.weight"), la.kv_lora_rank)?,
+                }
             } else {
-                Qkv::Split {
-                    q: Linear::fused(vec![q], vec![qb], fmt, host)?,
-                    k: Linear::fused(vec![k], vec![kb], fmt, host)?,
-                    v: Linear::fused(vec![v], vec![vb], fmt, host)?,
+                let q = take(&mut w, "attn_q.weight", &[nh * hd, hidden])?;
+                let k = take(&mut w, "attn_k.weight", &[nkv * hd, hidden])?;
+                let v = take(&mut w, "attn_v.weight", &[nkv * hd, hidden])?;
+                let req = c.attention_bias;
+                let qb = bias(&mut w, "attn_q.bias", nh * hd, req)?;
+                let kb = bias(&mut w, "attn_k.bias", nkv * hd, req)?;
+                let vb = bias(&mut w, "attn_v.bias", nkv * hd, req)?;
+                if options.fuse_projections {
+                    Qkv::Fused(Linear::fused(vec![q, k, v], vec![qb, kb, vb], fmt, host)?)
+                } else {
+                    Qkv::Split {
+                        q: Linear::fused(vec![q], vec![qb], fmt, host)?,
+                        k: Linear::fused(vec![k], vec![kb], fmt, host)?,
+                        v: Linear::fused(vec![v], vec![vb], fmt, host)?,
+                    }
                 }
             };
             let ffn = if c.experts.as_ref().is_some_and(|e| e.layers[i]) {
@@ -312,6 +367,24 @@ impl LlamaModel {
                 host_periods.clone_from(&f);
                 (Some(Array::from_slice(&f, &[half as i32])), 1.0)
             }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                ..
+            } => {
+                let f = super::deepseek2::yarn_periods(
+                    c.rope_theta,
+                    c.rope_dims,
+                    *factor,
+                    *original_max_position_embeddings,
+                    *beta_fast,
+                    *beta_slow,
+                );
+                host_periods.clone_from(&f);
+                (Some(Array::from_slice(&f, &[half as i32])), 1.0)
+            }
             RopeScaling::FreqFactors => {
                 let t = w.take("rope_freqs.weight")?;
                 w.check_shape("rope_freqs.weight", &t, &[half as i64])?;
@@ -332,6 +405,8 @@ impl LlamaModel {
                 let qkv = match &l.qkv {
                     Qkv::Fused(x) => on_host(x),
                     Qkv::Split { q, k, v } => on_host(q) && on_host(k) && on_host(v),
+                    // Latent attention's steps run the MLX path between the host linears.
+                    Qkv::Latent { .. } => false,
                 };
                 // An MoE layer routes per token: its steps run the MLX path between the
                 // (host) linears.
@@ -484,6 +559,24 @@ impl LlamaModel {
                 k.apply(h, None, decode)?,
                 v.apply(h, None, decode)?,
             )),
+            Qkv::Latent { q, kv_a, kv_norm } => {
+                let eps = super::deepseek2::LATENT_NORM_EPS;
+                let q = match q {
+                    LatentQuery::Direct(lin) => lin.apply(h, None, decode)?,
+                    LatentQuery::LowRank { a, norm, b } => {
+                        let t = a.apply(h, None, decode)?;
+                        let t = fast::rms_norm(&t, Some(norm), eps).ctx("query norm")?;
+                        b.apply(&t, None, decode)?
+                    }
+                };
+                let kv = kv_a.apply(h, None, decode)?;
+                let rope = c.rope_dims as i32;
+                let pe = kv.try_index((.., ..rope)).ctx("rope key")?;
+                let latent = kv.try_index((.., rope..)).ctx("latent")?;
+                let latent = fast::rms_norm(&latent, Some(kv_norm), eps).ctx("latent norm")?;
+                let k = mlx_rs::ops::concatenate(&[pe, latent], 1).ctx("latent key")?;
+                Ok((q, k.clone(), k))
+            }
         }
     }
 
@@ -977,6 +1070,11 @@ impl LlamaModel {
             match &layer.qkv {
                 Qkv::Fused(lin) => host_of(lin)?.forward_host(&h, b, None, &mut qkv)?,
                 Qkv::Split { q, k, v } => host_split(&[q, k, v], &h, b, &mut qkv)?,
+                Qkv::Latent { .. } => {
+                    return Err(crate::error::Error::HostKernel(
+                        "latent attention in a host decode step".into(),
+                    ))
+                }
             }
             for (r, ((row, out), kv)) in qkv
                 .chunks_exact_mut(qkv_w)
@@ -1182,6 +1280,18 @@ fn layer_arrays(l: &Layer) -> Vec<&Array> {
             v.extend(q.arrays());
             v.extend(k.arrays());
             v.extend(vv.arrays());
+        }
+        Qkv::Latent { q, kv_a, kv_norm } => {
+            match q {
+                LatentQuery::Direct(lin) => v.extend(lin.arrays()),
+                LatentQuery::LowRank { a, norm, b } => {
+                    v.extend(a.arrays());
+                    v.push(norm);
+                    v.extend(b.arrays());
+                }
+            }
+            v.extend(kv_a.arrays());
+            v.push(kv_norm);
         }
     }
     v.extend(l.o.arrays());

@@ -2,6 +2,7 @@
 //! (sliding-window + global layers) or DeepSeek-V2 (MLA + MoE) means adding a module and a
 //! line in [`build`], not changing the engine.
 
+pub mod deepseek2;
 pub mod gemma3;
 pub mod llama;
 pub mod moe;
@@ -126,16 +127,20 @@ pub trait CausalLm {
 /// Builds the model of `config` from its weights.
 pub fn build(
     config: &ModelConfig,
-    weights: TensorMap,
+    mut weights: TensorMap,
     options: BuildOptions,
 ) -> Result<Box<dyn CausalLm>> {
+    if config.latent_attention.is_some() {
+        deepseek2::absorb_latent_projections(&mut weights, config)?;
+    }
     match config.family {
         Family::Llama
         | Family::Qwen2
         | Family::Qwen3
         | Family::Gemma3
         | Family::Mixtral
-        | Family::Qwen3Moe => Ok(Box::new(llama::LlamaModel::new(
+        | Family::Qwen3Moe
+        | Family::DeepSeek2 => Ok(Box::new(llama::LlamaModel::new(
             config.clone(),
             weights,
             options,

@@ -32,7 +32,48 @@ pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConf
             routed_scale: 1.0,
             shared_intermediate: None,
             layers: vec![true; layers],
+            groups: None,
         },
+        Family::DeepSeek2 => {
+            let first_dense = uint("first_k_dense_replace").unwrap_or(0) as usize;
+            let freq = uint("moe_layer_freq").unwrap_or(1).max(1) as usize;
+            let expert_intermediate =
+                count(path, "moe_intermediate_size", uint("moe_intermediate_size"))?;
+            let shared = uint("n_shared_experts").unwrap_or(0) as usize;
+            let groups = match v.get("topk_method").and_then(Value::as_str) {
+                Some("group_limited_greedy") => {
+                    let n = count(path, "n_group", uint("n_group"))?;
+                    let keep = count(path, "topk_group", uint("topk_group"))?;
+                    Some((n, keep))
+                }
+                _ => None,
+            };
+            if let Some(method) = v.get("scoring_func").and_then(Value::as_str) {
+                if method != "softmax" {
+                    return Err(invalid(
+                        path,
+                        "scoring_func",
+                        format!("`{method}` is not supported (supported: softmax)"),
+                    ));
+                }
+            }
+            Experts {
+                count: count(path, "n_routed_experts", uint("n_routed_experts"))?,
+                top_k: count(path, "num_experts_per_tok", uint("num_experts_per_tok"))?,
+                expert_intermediate,
+                // DeepSeek-V2 weights the chosen experts by their full-softmax probability.
+                normalize_top_k: false,
+                routed_scale: v
+                    .get("routed_scaling_factor")
+                    .and_then(Value::as_f64)
+                    .map_or(1.0, |f| f as f32),
+                shared_intermediate: (shared > 0).then_some(shared * expert_intermediate),
+                layers: (0..layers)
+                    .map(|i| i >= first_dense && i % freq == 0)
+                    .collect(),
+                groups,
+            }
+        }
         _ => {
             let step = uint("decoder_sparse_step").unwrap_or(1).max(1) as usize;
             let dense: Vec<u64> = v
@@ -57,9 +98,25 @@ pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConf
                 layers: (0..layers)
                     .map(|i| !dense.contains(&(i as u64)) && (i + 1) % step == 0)
                     .collect(),
+                groups: None,
             }
         }
     };
+    if let Some((n, keep)) = experts.groups {
+        if !experts.count.is_multiple_of(n)
+            || keep > n
+            || experts.top_k > keep * (experts.count / n)
+        {
+            return Err(invalid(
+                path,
+                "n_group",
+                format!(
+                    "{} experts in {n} groups, {keep} kept, {} per token",
+                    experts.count, experts.top_k
+                ),
+            ));
+        }
+    }
     if experts.top_k > experts.count {
         return Err(invalid(
             path,
@@ -78,6 +135,21 @@ pub fn route(logits: &[f32], spec: &Experts) -> Vec<(usize, f32)> {
     let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
     let total: f32 = exps.iter().sum();
     let mut order: Vec<usize> = (0..logits.len()).collect();
+    if let Some((groups, keep)) = spec.groups {
+        // Only the experts of the `keep` groups whose best expert is most probable (ties to
+        // the lower group) are eligible.
+        let size = (logits.len() / groups.max(1)).max(1);
+        let best = |g: usize| {
+            exps[g * size..((g + 1) * size).min(exps.len())]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max)
+        };
+        let mut ranked: Vec<usize> = (0..groups).collect();
+        ranked.sort_by(|&a, &b| best(b).total_cmp(&best(a)));
+        ranked.truncate(keep);
+        order.retain(|e| ranked.contains(&(e / size)));
+    }
     // Most probable first; equal probabilities keep the lower id first (a stable sort).
     order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]));
     order.truncate(spec.top_k.min(logits.len()));
@@ -265,6 +337,7 @@ mod tests {
             routed_scale: scale,
             shared_intermediate: None,
             layers: vec![true],
+            groups: None,
         }
     }
 
@@ -288,6 +361,21 @@ mod tests {
         assert!((got[1].1 - 1f32.exp() / z).abs() < 1e-6);
         let scaled = route(&logits, &spec(2, true, 16.0));
         assert!((scaled[0].1 - 16.0 * got[0].1).abs() < 1e-5);
+    }
+
+    #[test]
+    fn group_limited_routing_picks_within_the_best_groups() {
+        // Groups {0,1}, {2,3}, {4,5} with best members 3.0, 2.9, 0.2: keeping one group
+        // leaves expert 2 (2.9, the plain second choice) out.
+        let logits = [3.0, 0.0, 2.9, 0.5, 0.1, 0.2];
+        let mut s = spec(2, false, 1.0);
+        s.count = 6;
+        s.groups = Some((3, 1));
+        let picked: Vec<usize> = route(&logits, &s).iter().map(|p| p.0).collect();
+        assert_eq!(picked, vec![0, 1]);
+        s.groups = None;
+        let plain: Vec<usize> = route(&logits, &s).iter().map(|p| p.0).collect();
+        assert_eq!(plain, vec![0, 2]);
     }
 
     #[test]
