@@ -79,6 +79,7 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     futures::executor::block_on(f)
 }
 
+pub mod batch;
 pub mod tiny;
 pub mod warm;
 

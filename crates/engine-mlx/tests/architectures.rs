@@ -1,0 +1,117 @@
+//! The engine's invariants on every architecture of the golden fixtures (tiny random-weight
+//! models of `scripts/golden.py`), with the Linux default weight format (host kernels):
+//! a batched decode step gives each sequence the bits it gets alone, and restoring KV
+//! blocks then prefilling the rest gives a cold prefill's logits bit for bit.
+
+mod common;
+
+use agent_session::InferenceEngine;
+use common::batch::{prompts, run};
+use common::block_on;
+use common::warm::{blocks_of, prefill_aligned, same_bits};
+use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
+use std::path::PathBuf;
+
+const BLOCK: usize = 64;
+
+/// Every fixture, one per architecture variant.
+const FIXTURES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "mixtral",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v2_q_lora",
+];
+
+fn load(name: &str) -> MlxEngine {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(name);
+    let config = EngineConfig {
+        block_tokens: BLOCK as u32,
+        weight_format: WeightFormat::Host,
+        ..EngineConfig::default()
+    };
+    MlxEngine::load(dir.to_str().expect("utf-8"), config)
+        .unwrap_or_else(|e| panic!("{name} loads: {e}"))
+        .0
+}
+
+#[test]
+fn batched_decode_equals_solo_on_every_architecture() {
+    for name in FIXTURES {
+        let engine = load(name);
+        let vocab = engine.model().vocab_size as u32;
+        let prompts: Vec<_> = prompts(vocab)
+            .into_iter()
+            .map(|p| p[..p.len().min(30)].to_vec())
+            .collect();
+        block_on(async {
+            let mut solo = Vec::new();
+            for p in &prompts {
+                let s = engine.open_sequence().await.expect("open");
+                engine.prefill(s, p.clone()).await.expect("prefill");
+                solo.push(run(&engine, &[s], 6).await.remove(0));
+                engine.release(s).await.expect("release");
+            }
+            let mut seqs = Vec::new();
+            for p in &prompts {
+                let s = engine.open_sequence().await.expect("open");
+                engine.prefill(s, p.clone()).await.expect("prefill");
+                seqs.push(s);
+            }
+            let together = run(&engine, &seqs, 6).await;
+            for (j, (alone, batched)) in solo.iter().zip(&together).enumerate() {
+                assert!(!batched.is_empty());
+                for (k, ((ta, la), (tb, lb))) in alone.iter().zip(batched).enumerate() {
+                    assert_eq!(ta, tb, "{name}: sequence {j}, token {k}");
+                    assert!(
+                        same_bits(la, lb),
+                        "{name}: sequence {j}, step {k}: batched logits differ from solo"
+                    );
+                }
+            }
+            for s in seqs {
+                engine.release(s).await.expect("release");
+            }
+        });
+    }
+}
+
+#[test]
+fn restore_then_prefill_equals_cold_on_every_architecture() {
+    for name in FIXTURES {
+        let engine = load(name);
+        let vocab = engine.model().vocab_size as u32;
+        // 4 blocks and a partial one, far past gemma3's window of 8.
+        let tokens: Vec<u32> = (0..4 * BLOCK as u32 + 5)
+            .map(|i| (i * 37 + 11) % vocab)
+            .collect();
+        block_on(async {
+            let cold = engine.open_sequence().await.expect("open");
+            prefill_aligned(&engine, cold, &tokens, 0, BLOCK).await;
+            let cold_logits = engine.debug_logits(cold).await.expect("logits");
+            let cold_next = common::greedy_continue(&engine, cold, 4).await;
+            let exported = engine.export_blocks(cold, 0, 4).await.expect("export");
+            engine.release(cold).await.expect("release");
+            for k in 1..=4 {
+                let warm = engine.open_sequence().await.expect("open");
+                let blocks = blocks_of(&engine, &tokens, exported[..k].to_vec(), BLOCK);
+                engine.import_blocks(warm, blocks).await.expect("import");
+                prefill_aligned(&engine, warm, &tokens, k * BLOCK, BLOCK).await;
+                let logits = engine.debug_logits(warm).await.expect("logits");
+                assert!(
+                    same_bits(&logits, &cold_logits),
+                    "{name}, {k} restored blocks: logits differ from the cold run"
+                );
+                let next = common::greedy_continue(&engine, warm, 4).await;
+                assert_eq!(next, cold_next, "{name}, {k} restored blocks: continuation");
+                engine.release(warm).await.expect("release");
+            }
+        });
+    }
+}
