@@ -183,16 +183,15 @@ impl ModelCacheSpec {
     ///
     /// # Multi-head latent attention (DeepSeek-V2/V3, detected by `kv_lora_rank`)
     ///
-    /// The spec counts the **expanded** per-head K and V, not the compressed latent: K has
-    /// `num_attention_heads` heads of `qk_nope_head_dim + qk_rope_head_dim`, V has
-    /// `num_attention_heads` heads of `v_head_dim`. That is what mlx-lm's DeepSeek-V2 attention
-    /// writes into its KV cache (it decompresses the latent before caching), so it is what the
-    /// engine's blocks hold and what RAM and disk budgets must be divided by. The latent
-    /// (`kv_lora_rank + qk_rope_head_dim` per token per layer, 576 for DeepSeek-Coder-V2-Lite)
-    /// would be about 9× smaller in fp16, but only an engine that caches the latent and absorbs
-    /// the up-projections could use that figure. DeepSeek-Coder-V2-Lite (27 layers, 16 heads,
-    /// K 128 + 64, V 128) costs 256 × 16 × (192 + 128) × 2 = 2,621,440 bytes per block per
-    /// layer in fp16, 70,778,880 bytes per 256-token block.
+    /// The spec counts the **latent** cache that the engine keeps: per token and layer one
+    /// vector of `kv_lora_rank + qk_rope_head_dim` values (the compressed latent and the RoPE
+    /// key shared by all heads), as one KV head whose K and V are that vector (the engine
+    /// absorbs the per-head up-projections into the query and output projections and attends
+    /// to the latent directly). DeepSeek-Coder-V2-Lite (27 layers, rank 512, RoPE 64):
+    /// 256 × (576 + 576) × 2 = 589,824 bytes per block per layer in fp16, 15,925,248 per
+    /// 256-token block, against 70,778,880 for the expanded 16 heads × (192 + 128) that a
+    /// cache of decompressed heads holds (4.4× more tokens in the same memory; storing the
+    /// vector once instead of as K and V would make it 8.9×).
     pub fn from_config(config: &Value, block_tokens: u32) -> Result<Self, SpecError> {
         let cfg = Cfg::new(config)?;
         let defaults = type_defaults(cfg.model_type());
@@ -202,18 +201,18 @@ impl ModelCacheSpec {
         let num_layers = check_layer_count(layers_key, cfg.req_u32(LAYER_KEYS)?)?;
 
         let (num_kv_heads, k_head_dim, v_head_dim) = if let Some(rank) = cfg.get("kv_lora_rank") {
-            // Validate the latent rank even though the expanded form is what is counted.
-            positive_u32("kv_lora_rank", rank)?;
-            let heads = cfg.req_u32(HEAD_KEYS)?;
-            let nope = cfg.req_u32(&["qk_nope_head_dim"])?;
+            let rank = positive_u32("kv_lora_rank", rank)?;
+            // The expanded dims are still required: a config without them is not MLA.
+            cfg.req_u32(HEAD_KEYS)?;
+            cfg.req_u32(&["qk_nope_head_dim"])?;
             let rope = cfg.req_u32(&["qk_rope_head_dim"])?;
-            let v = cfg.req_u32(&["v_head_dim"])?;
-            let k = nope.checked_add(rope).ok_or_else(|| SpecError::TooLarge {
-                field: "qk_nope_head_dim + qk_rope_head_dim".to_owned(),
-                value: u64::from(nope) + u64::from(rope),
+            cfg.req_u32(&["v_head_dim"])?;
+            let latent = rank.checked_add(rope).ok_or_else(|| SpecError::TooLarge {
+                field: "kv_lora_rank + qk_rope_head_dim".to_owned(),
+                value: u64::from(rank) + u64::from(rope),
                 max: u64::from(u32::MAX),
             })?;
-            (heads, k, v)
+            (1, latent, latent)
         } else {
             let heads = cfg.opt_u32(HEAD_KEYS)?;
             let kv_heads = match cfg.opt_u32(KV_HEAD_KEYS)? {

@@ -87,11 +87,11 @@ impl ModelCacheSpec {
     /// `<arch>.embedding_length / head_count`). Per-layer head-count arrays are accepted when
     /// uniform. GGUF integers, strings, booleans and arrays map to the JSON equivalents.
     ///
-    /// MLA (DeepSeek-V2/V3): when `<arch>.attention.key_length_mla` is present (newer llama.cpp
-    /// conversions, whose `key_length`/`value_length` describe the latent), the spec counts the
-    /// expanded heads as [`ModelCacheSpec::from_config`] does: `head_count` heads of
-    /// `key_length_mla` (K) and `value_length_mla` (V). Older conversions already store the
-    /// expanded sizes in `key_length`/`value_length`.
+    /// MLA (DeepSeek-V2/V3, `<arch>.attention.kv_lora_rank` present): the latent cache, as
+    /// [`ModelCacheSpec::from_config`] counts it: one KV head of `kv_lora_rank +
+    /// rope.dimension_count` for K and for V, whichever way the file describes the heads
+    /// (older conversions: expanded `key_length`/`value_length`; newer: latent ones plus
+    /// `*_mla`).
     ///
     /// Sliding windows: `<arch>.attention.sliding_window` with
     /// `<arch>.attention.sliding_window_pattern` as a per-layer boolean array (`true` = sliding)
@@ -130,9 +130,10 @@ impl ModelCacheSpec {
         let heads = g.req_u32("attention.head_count")?;
 
         let (num_kv_heads, k_head_dim, v_head_dim) =
-            if let Some(k_mla) = g.opt_u32("attention.key_length_mla")? {
-                let v_mla = g.req_u32("attention.value_length_mla")?;
-                (heads, k_mla, v_mla)
+            if let Some(rank) = g.opt_u32("attention.kv_lora_rank")? {
+                let rope = g.req_u32("rope.dimension_count")?;
+                let latent = rank.checked_add(rope).ok_or(SpecError::Overflow)?;
+                (1, latent, latent)
             } else {
                 let kv_heads = g.opt_u32("attention.head_count_kv")?.unwrap_or(heads);
                 let k = g.head_dim("attention.key_length", heads)?;

@@ -356,7 +356,7 @@ impl ModelCacheSpec {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    /// KV heads per layer (for MLA models, the expanded attention heads; see `from_config`).
+    /// KV heads per layer (for MLA models 1: the latent; see `from_config`).
     #[must_use]
     pub fn num_kv_heads(&self) -> u32 {
         self.num_kv_heads

@@ -271,6 +271,7 @@ fn gguf_deepseek2_both_conversions_match_config() -> Result<(), SpecError> {
         ("deepseek2.attention.head_count", json!(16)),
         ("deepseek2.embedding_length", json!(2048)),
         ("deepseek2.attention.kv_lora_rank", json!(512)),
+        ("deepseek2.rope.dimension_count", json!(64)),
     ];
     // Older llama.cpp: key/value lengths are the expanded per-head sizes.
     let mut old = gguf(&common);

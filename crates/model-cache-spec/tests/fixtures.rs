@@ -114,17 +114,17 @@ fn gemma_3_12b_google_config_uses_class_defaults() -> TestResult {
 }
 
 #[test]
-fn deepseek_coder_v2_lite_counts_expanded_mla_heads() -> TestResult {
+fn deepseek_coder_v2_lite_counts_the_latent_cache() -> TestResult {
     let s = spec(include_str!("fixtures/deepseek-coder-v2-lite.json"))?;
-    // K: 16 heads × (128 nope + 64 rope); V: 16 heads × 128, as mlx-lm's cache stores them.
-    // 256 × 16 × (192 + 128) × 2 = 2,621,440 bytes per layer; × 27 = 70,778,880 per block.
-    check_shape(&s, (27, 16, 192, 128), 2_621_440, 70_778_880);
-    assert_eq!(s.bytes_per_token(), 276_480);
-    // The compressed latent would be 256 × (512 + 64) × 2 = 294,912 bytes per layer.
-    assert!(s.bytes_per_block_per_layer() > 256 * (512 + 64) * 2);
-    // 8-bit with group 64 (divides 192 and 128): (256·16·192 + 256·16·128) bytes + 4 B/group.
+    // One KV head of 512 latent + 64 RoPE dims, as key and as value:
+    // 256 × (576 + 576) × 2 = 589,824 bytes per layer; × 27 = 15,925,248 per block.
+    check_shape(&s, (27, 1, 576, 576), 589_824, 15_925_248);
+    assert_eq!(s.bytes_per_token(), 62_208);
+    // Expanded heads would be 256 × 16 × (192 + 128) × 2 = 2,621,440 bytes per layer.
+    assert_eq!(2_621_440 * 100 / s.bytes_per_block_per_layer(), 444);
+    // 8-bit with group 64 (divides 576): 2 × 256 × 576 bytes + 2 × 256 × 9 groups × 4 B.
     let q8 = s.with_kv_storage(KvStorage::Q8)?;
-    assert_eq!(q8.bytes_per_block_per_layer(), 1_310_720 + 20_480 * 4);
+    assert_eq!(q8.bytes_per_block_per_layer(), 294_912 + 18_432);
     Ok(())
 }
 
