@@ -19,9 +19,20 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-/// Pre-tokenizers (`tokenizer.ggml.pre`) this crate can rebuild from GGUF metadata.
-pub const SUPPORTED_PRE_TOKENIZERS: &[&str] =
-    &["default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2"];
+/// Pre-tokenizers (`tokenizer.ggml.pre`) this crate can rebuild from GGUF metadata, for
+/// byte-level BPE vocabularies (`tokenizer.ggml.model` `gpt2`): `default` / `gpt2` (GPT-2's
+/// byte level), `smollm` (digits apart), `llama-bpe` / `llama3` (Llama 3's split),
+/// `qwen2` and `deepseek-r1-qwen` (Qwen2's split: DeepSeek-R1-Distill-Qwen keeps Qwen's
+/// vocabulary and regex). SentencePiece vocabularies (`llama`) need no pre-tokenizer.
+pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
+    "default",
+    "gpt2",
+    "smollm",
+    "llama-bpe",
+    "llama3",
+    "qwen2",
+    "deepseek-r1-qwen",
+];
 
 /// Llama 3's split regex.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -160,7 +171,7 @@ pub fn tokenizer_from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
                 ByteLevel::new(false, true, false).into(),
             ])));
         }
-        "qwen2" => {
+        "qwen2" | "deepseek-r1-qwen" => {
             tok.with_pre_tokenizer(Some(Sequence::new(vec![
                 split(QWEN2_SPLIT)?.into(),
                 ByteLevel::new(false, true, false).into(),
