@@ -400,8 +400,11 @@ impl ModelConfig {
         };
         let cfg = match family {
             Family::Gemma3 => crate::arch::gemma3::from_gguf(cfg, h)?,
+            Family::DeepSeek2 => crate::arch::deepseek2::from_gguf(cfg, h)?,
             _ => cfg,
         };
+        // Experts in any family (`llama` with experts is Mixtral).
+        let cfg = crate::arch::moe::from_gguf(cfg, h)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -21,7 +21,13 @@ pub fn resident_weight_bytes(header: &GgufHeader, format: WeightFormat) -> u64 {
         .iter()
         .map(|t| {
             let elems: u64 = t.shape.iter().product();
-            match (format, t.shape.len()) {
+            // Stacked experts stay as blocks like matrices (one matrix per expert).
+            let dims = if t.shape.len() == 3 && t.name.ends_with("_exps.weight") {
+                2
+            } else {
+                t.shape.len()
+            };
+            match (format, dims) {
                 (WeightFormat::Host, 2) => t.n_bytes,
                 (WeightFormat::Quantized, 2) => {
                     let four_bit = matches!(t.ggml_type.name(), "Q4_0" | "Q4_1");

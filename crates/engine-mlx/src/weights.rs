@@ -187,6 +187,23 @@ pub fn load_gguf(header: &GgufHeader) -> Result<TensorMap> {
             field: info.name.clone(),
             reason: e.to_string(),
         };
+        // Stacked experts (`blk.N.ffn_{gate,up,down}_exps.weight`, `[experts, rows, cols]`):
+        // one matrix of the file's blocks per expert, `blk.N.ffn_*_exps.E.weight`.
+        if let (&[experts, rows, cols], Some(stem)) = (
+            info.shape.as_slice(),
+            info.name
+                .strip_suffix(".weight")
+                .filter(|s| s.ends_with("_exps")),
+        ) {
+            let per = data.len() / (experts as usize).max(1);
+            for (e, chunk) in data.chunks_exact(per.max(1)).enumerate() {
+                let m =
+                    QuantMatrix::new(info.ggml_type, rows as usize, cols as usize, chunk.to_vec())
+                        .map_err(bad)?;
+                tensors.insert(format!("{stem}.{e}.weight"), RawTensor::Matrix(Arc::new(m)));
+            }
+            continue;
+        }
         let t = match info.shape.as_slice() {
             &[rows, cols] => RawTensor::Matrix(Arc::new(
                 QuantMatrix::new(info.ggml_type, rows as usize, cols as usize, data)

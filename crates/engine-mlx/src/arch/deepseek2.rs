@@ -95,7 +95,7 @@ fn yarn_factors(c: &ModelConfig) -> (f32, f32) {
 
 /// DeepSeek-V2 attention options from a Hugging Face `config.json` (`model_type`
 /// `deepseek_v2`); the experts are read by [`super::moe::from_hf`].
-pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConfig> {
+pub fn from_hf(cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConfig> {
     let uint = |k: &str| v.get(k).and_then(Value::as_u64);
     let la = LatentAttention {
         kv_lora_rank: count(path, "kv_lora_rank", uint("kv_lora_rank"))?,
@@ -110,6 +110,73 @@ pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConf
     if !la.rope_dim.is_multiple_of(2) {
         return Err(invalid(path, "qk_rope_head_dim", "must be even"));
     }
+    Ok(latent(cfg, la))
+}
+
+/// DeepSeek-V2 attention options from GGUF metadata (`deepseek2.*`, llama.cpp's
+/// conversion with `attn_kv_b`): `attention.kv_lora_rank`, `attention.q_lora_rank`,
+/// `rope.dimension_count`, the per-head `key_length` / `value_length` (or their `_mla` forms
+/// in newer conversions) and YaRN from `rope.scaling.*`: `factor`, `original_context_length`,
+/// `yarn_log_multiplier` (= 0.1 · `mscale_all_dim`; `mscale` is taken equal to it, as in
+/// every DeepSeek-V2 release, and the correction betas are llama.cpp's 32 and 1).
+pub fn from_gguf(mut cfg: ModelConfig, h: &crate::gguf::GgufHeader) -> Result<ModelConfig> {
+    let path = h.path.as_path();
+    let arch = cfg.architecture.clone();
+    let key = |s: &str| format!("{arch}.{s}");
+    let uint = |s: &str| h.get(&key(s)).and_then(|v| v.as_u64());
+    let float = |s: &str| h.get(&key(s)).and_then(|v| v.as_f64()).map(|x| x as f32);
+    let rope_dim = count(
+        path,
+        &key("rope.dimension_count"),
+        uint("rope.dimension_count"),
+    )?;
+    let (k_len, v_len) = match uint("attention.key_length_mla") {
+        Some(_) => ("attention.key_length_mla", "attention.value_length_mla"),
+        None => ("attention.key_length", "attention.value_length"),
+    };
+    let k = count(path, &key(k_len), uint(k_len))?;
+    if k <= rope_dim {
+        return Err(invalid(path, &key(k_len), "not larger than the RoPE dims"));
+    }
+    let la = LatentAttention {
+        kv_lora_rank: count(
+            path,
+            &key("attention.kv_lora_rank"),
+            uint("attention.kv_lora_rank"),
+        )?,
+        q_lora_rank: match uint("attention.q_lora_rank") {
+            Some(0) | None => None,
+            Some(r) => Some(r as usize),
+        },
+        nope_dim: k - rope_dim,
+        rope_dim,
+        v_head_dim: count(path, &key(v_len), uint(v_len))?,
+    };
+    if h.tensor_map().contains_key("blk.0.attn_k_b.weight") {
+        return Err(invalid(
+            path,
+            "blk.0.attn_k_b.weight",
+            "GGUFs with split attn_k_b / attn_v_b are not supported yet (convert with attn_kv_b)",
+        ));
+    }
+    if h.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) == Some("yarn") {
+        let mscale = float("rope.scaling.yarn_log_multiplier").unwrap_or(0.0) / 0.1;
+        cfg.rope_scaling = RopeScaling::Yarn {
+            factor: float("rope.scaling.factor").unwrap_or(1.0),
+            original_max_position_embeddings: float("rope.scaling.original_context_length")
+                .unwrap_or(4096.0),
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale,
+            mscale_all_dim: mscale,
+        };
+    }
+    Ok(latent(cfg, la))
+}
+
+/// The shape the decoder attends with: one KV head of `rope_dim + kv_lora_rank`,
+/// interleaved RoPE over the first `rope_dim` dims, the YaRN-scaled softmax scale.
+fn latent(mut cfg: ModelConfig, la: LatentAttention) -> ModelConfig {
     cfg.num_kv_heads = 1;
     cfg.head_dim = la.rope_dim + la.kv_lora_rank;
     cfg.rope_dims = la.rope_dim;
@@ -119,7 +186,7 @@ pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConf
     cfg.latent_attention = Some(la);
     let (_, softmax) = yarn_factors(&cfg);
     cfg.attention_scale = Some(((la.nope_dim + la.rope_dim) as f32).powf(-0.5) * softmax);
-    Ok(cfg)
+    cfg
 }
 
 fn dense(w: &mut TensorMap, name: &str, shape: &[i64]) -> Result<Array> {

@@ -128,6 +128,75 @@ pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConf
     Ok(cfg)
 }
 
+/// Mixture-of-experts options from GGUF metadata (`<arch>.expert_count` > 0: Mixtral as
+/// `llama`, `qwen3moe`, `deepseek2`), following llama.cpp's reading of the same keys: the
+/// chosen weights are renormalised for `llama` and `qwen3moe` and, for `deepseek2`, as
+/// `expert_weights_norm` says (default no) and scaled by `expert_weights_scale`; the first
+/// `leading_dense_block_count` layers are dense; `expert_shared_count` shared experts of
+/// `expert_feed_forward_length` each form one MLP; `expert_group_count` /
+/// `expert_group_used_count` make the routing group-limited. The cfg is returned unchanged
+/// when the file has no experts.
+pub fn from_gguf(mut cfg: ModelConfig, h: &crate::gguf::GgufHeader) -> Result<ModelConfig> {
+    let path = h.path.as_path();
+    let arch = cfg.architecture.clone();
+    let key = |s: &str| format!("{arch}.{s}");
+    let uint = |s: &str| h.get(&key(s)).and_then(|v| v.as_u64());
+    let Some(n) = uint("expert_count").filter(|&n| n > 0) else {
+        return Ok(cfg);
+    };
+    let count_of = |s: &str| count(path, &key(s), uint(s));
+    let top_k = count_of("expert_used_count")?;
+    let expert_intermediate = match uint("expert_feed_forward_length") {
+        Some(_) => count_of("expert_feed_forward_length")?,
+        None => cfg.intermediate_size,
+    };
+    let deepseek = cfg.family == Family::DeepSeek2;
+    let first_dense = uint("leading_dense_block_count").unwrap_or(0) as usize;
+    let shared = uint("expert_shared_count").unwrap_or(0) as usize;
+    let groups = match (uint("expert_group_count"), uint("expert_group_used_count")) {
+        (Some(g), Some(k)) if g > 1 => Some((g as usize, k as usize)),
+        _ => None,
+    };
+    if let Some(func) = uint("expert_gating_func") {
+        // llama.cpp: 1 softmax, 2 sigmoid.
+        if func != 1 {
+            return Err(invalid(
+                path,
+                &key("expert_gating_func"),
+                format!("gating function {func} is not supported (supported: 1, softmax)"),
+            ));
+        }
+    }
+    let experts = Experts {
+        count: n as usize,
+        top_k,
+        expert_intermediate,
+        normalize_top_k: if deepseek {
+            h.get(&key("expert_weights_norm"))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        } else {
+            true
+        },
+        routed_scale: h
+            .get(&key("expert_weights_scale"))
+            .and_then(|v| v.as_f64())
+            .map_or(1.0, |f| f as f32),
+        shared_intermediate: (shared > 0).then_some(shared * expert_intermediate),
+        layers: (0..cfg.num_layers).map(|i| i >= first_dense).collect(),
+        groups,
+    };
+    if experts.top_k > experts.count {
+        return Err(invalid(
+            path,
+            &key("expert_used_count"),
+            format!("{} of {} experts", experts.top_k, experts.count),
+        ));
+    }
+    cfg.experts = Some(experts);
+    Ok(cfg)
+}
+
 /// The experts a token uses, ascending by id, with their weights: see the module docs.
 /// `logits` are the router's outputs for one token (one per expert).
 pub fn route(logits: &[f32], spec: &Experts) -> Vec<(usize, f32)> {
