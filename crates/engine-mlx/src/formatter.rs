@@ -563,8 +563,16 @@ impl MlxChatFormatter {
         let supports_tools = template_source.contains("tools");
 
         let mut stop_ids = special.eos_ids.clone();
+        // Only where the vocabulary makes them special tokens: Gemma's `</s>` (id 212) is
+        // an ordinary piece of HTML, not an end of turn.
+        let specials: std::collections::HashSet<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
         for t in END_TOKENS {
-            if let Some(id) = tokenizer.token_to_id(t) {
+            if let Some(id) = tokenizer.token_to_id(t).filter(|id| specials.contains(id)) {
                 stop_ids.push(id);
             }
         }

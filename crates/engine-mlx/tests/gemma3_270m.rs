@@ -198,6 +198,10 @@ fn chat_without_a_template_uses_the_plain_fallback() {
     );
     let ids = fmt.encode(&text).expect("encode");
     assert_eq!(ids[0], BOS, "BOS is a control token matched in the text");
+    // `<eos>` and `<end_of_turn>` stop; `</s>` (212) is an ordinary HTML piece here.
+    let stops = fmt.stop_token_ids();
+    assert!(stops.contains(&1) && stops.contains(&106), "{stops:?}");
+    assert!(!stops.contains(&212), "{stops:?}");
     let out = greedy(engine, &ids, 6);
     let answer = fmt.decode(&out).expect("decode");
     eprintln!("answer: {answer:?}");

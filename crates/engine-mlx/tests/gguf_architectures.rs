@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 
 const TOLERANCE: f32 = 1e-3;
 
+/// A tensor's logical shape and f32 values.
+type Tensor = (Vec<u64>, Vec<f32>);
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/golden")
@@ -167,9 +170,9 @@ fn write_fixture_gguf(name: &str, arch: &str, dir: &Path) -> PathBuf {
         .unwrap_or(heads as u64) as usize;
     let gemma = arch == "gemma3";
     let weights = Array::load_safetensors(src.join("model.safetensors")).expect("weights");
-    let mut plain: BTreeMap<String, (Vec<u64>, Vec<f32>)> = BTreeMap::new();
+    let mut plain: BTreeMap<String, Tensor> = BTreeMap::new();
     // Per stacked expert tensor, its experts in order.
-    let mut stacked: BTreeMap<String, BTreeMap<usize, (Vec<u64>, Vec<f32>)>> = BTreeMap::new();
+    let mut stacked: BTreeMap<String, BTreeMap<usize, Tensor>> = BTreeMap::new();
     for (hf, a) in &weights {
         let Some(name) = canonical_hf_name(hf, gemma) else {
             continue;
