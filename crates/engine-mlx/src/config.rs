@@ -18,6 +18,9 @@ pub enum Family {
     /// norms before and after each block, q/k norms, a scaled embedding (see
     /// [`crate::arch::gemma3`]).
     Gemma3,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini: Llama with fused q/k/v and gate/up projections (split at
+    /// load), partial rotary and LongRoPE (see [`crate::arch::phi3`]).
+    Phi3,
 }
 
 /// Architecture names accepted, as GGUF `general.architecture` or HF `model_type`.
@@ -28,6 +31,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "qwen3",
     "gemma3",
     "gemma3_text",
+    "phi3",
 ];
 
 impl Family {
@@ -38,6 +42,7 @@ impl Family {
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
             "gemma3" | "gemma3_text" => Some(Family::Gemma3),
+            "phi3" => Some(Family::Phi3),
             _ => None,
         }
     }
@@ -67,6 +72,18 @@ pub enum RopeScaling {
     /// Per-frequency divisors stored in the GGUF (`rope_freqs.weight`, llama.cpp's form of
     /// Llama 3 scaling); read with the weights.
     FreqFactors,
+    /// LongRoPE (Phi-3's `longrope` / `su`), as mlx-lm's `SuScaledRoPE` applies it: the period
+    /// of pair `i` is `factors[i] · base^(2i / rope_dims)` (always the long factors, whatever
+    /// the sequence length), and the rotated dims of q and k are multiplied by
+    /// `attention_factor`.
+    LongRope {
+        /// `long_factor`, one per rotated pair; `None`: the GGUF tensor
+        /// `rope_factors_long.weight`, read with the weights.
+        factors: Option<Vec<f32>>,
+        /// `sqrt(1 + ln(max_pos / original) / ln(original))` (1 when the context is not
+        /// extended).
+        attention_factor: f32,
+    },
 }
 
 /// The activation of the gated MLP, `act(gate) · up`.
@@ -317,6 +334,7 @@ impl ModelConfig {
         };
         let cfg = match family {
             Family::Gemma3 => crate::arch::gemma3::from_gguf(cfg, h)?,
+            Family::Phi3 => crate::arch::phi3::from_gguf(cfg, h)?,
             _ => cfg,
         };
         cfg.validate(path)?;
@@ -325,7 +343,7 @@ impl ModelConfig {
 
     /// Defaults of the options only some architectures set (SwiGLU, global layers, plain
     /// norms and scales) around placeholder shape fields that every reader overwrites.
-    fn plain() -> Self {
+    pub(crate) fn plain() -> Self {
         ModelConfig {
             architecture: String::new(),
             family: Family::Llama,
@@ -435,12 +453,15 @@ impl ModelConfig {
                     "linear" => RopeScaling::Linear {
                         factor: f("factor", 1.0),
                     },
+                    "longrope" | "su" => crate::arch::phi3::longrope_from_hf(path, v, rs)?,
                     "default" => RopeScaling::None,
                     other => {
                         return Err(invalid(
                             path,
                             "rope_scaling.rope_type",
-                            format!("`{other}` is not supported (supported: llama3, linear)"),
+                            format!(
+                                "`{other}` is not supported (supported: llama3, linear, longrope)"
+                            ),
                         ))
                     }
                 }
@@ -473,6 +494,7 @@ impl ModelConfig {
         };
         let cfg = match family {
             Family::Gemma3 => crate::arch::gemma3::from_hf(cfg, path, v)?,
+            Family::Phi3 => crate::arch::phi3::from_hf(cfg, path, v)?,
             _ => cfg,
         };
         cfg.validate(path)?;
@@ -503,6 +525,22 @@ impl ModelConfig {
         }
         if self.layer_windows.contains(&Some(0)) {
             return Err(invalid(path, "sliding_window", "a window of 0 tokens"));
+        }
+        if let RopeScaling::LongRope {
+            factors: Some(f), ..
+        } = &self.rope_scaling
+        {
+            if f.len() != self.rope_dims / 2 {
+                return Err(invalid(
+                    path,
+                    "rope_scaling.long_factor",
+                    format!(
+                        "{} factors for {} rotated pairs",
+                        f.len(),
+                        self.rope_dims / 2
+                    ),
+                ));
+            }
         }
         if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return Err(invalid(

@@ -4,6 +4,7 @@
 
 pub mod gemma3;
 pub mod llama;
+pub mod phi3;
 
 use crate::config::{Family, ModelConfig};
 use crate::error::Result;
@@ -129,6 +130,12 @@ pub fn build(
     options: BuildOptions,
 ) -> Result<Box<dyn CausalLm>> {
     match config.family {
+        // Fused q/k/v and gate/up cut into the canonical tensors, then the dense decoder.
+        Family::Phi3 => Ok(Box::new(llama::LlamaModel::new(
+            config.clone(),
+            phi3::split_fused(config, weights)?,
+            options,
+        )?)),
         Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => Ok(Box::new(
             llama::LlamaModel::new(config.clone(), weights, options)?,
         )),
