@@ -27,6 +27,9 @@ pub enum Family {
     /// DeepSeek-V2 / V2-Lite / Coder-V2: multi-head latent attention with a latent KV cache,
     /// YaRN RoPE, routed + shared experts (see [`crate::arch::deepseek2`]).
     DeepSeek2,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini: Llama with fused q/k/v and gate/up projections (split at
+    /// load), partial rotary and LongRoPE (see [`crate::arch::phi3`]).
+    Phi3,
 }
 
 /// Architecture names accepted, as GGUF `general.architecture` or HF `model_type`.
@@ -42,6 +45,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "qwen3moe",
     "deepseek2",
     "deepseek_v2",
+    "phi3",
 ];
 
 impl Family {
@@ -55,6 +59,7 @@ impl Family {
             "mixtral" => Some(Family::Mixtral),
             "qwen3_moe" | "qwen3moe" => Some(Family::Qwen3Moe),
             "deepseek2" | "deepseek_v2" => Some(Family::DeepSeek2),
+            "phi3" => Some(Family::Phi3),
             _ => None,
         }
     }
@@ -101,6 +106,18 @@ pub enum RopeScaling {
         mscale: f32,
         /// Attention-magnitude factor over all dimensions.
         mscale_all_dim: f32,
+    },
+    /// LongRoPE (Phi-3's `longrope` / `su`), as mlx-lm's `SuScaledRoPE` applies it: the period
+    /// of pair `i` is `factors[i] · base^(2i / rope_dims)` (always the long factors, whatever
+    /// the sequence length), and the rotated dims of q and k are multiplied by
+    /// `attention_factor`.
+    LongRope {
+        /// `long_factor`, one per rotated pair; `None`: the GGUF tensor
+        /// `rope_factors_long.weight`, read with the weights.
+        factors: Option<Vec<f32>>,
+        /// `sqrt(1 + ln(max_pos / original) / ln(original))` (1 when the context is not
+        /// extended).
+        attention_factor: f32,
     },
 }
 
@@ -401,6 +418,7 @@ impl ModelConfig {
         let cfg = match family {
             Family::Gemma3 => crate::arch::gemma3::from_gguf(cfg, h)?,
             Family::DeepSeek2 => crate::arch::deepseek2::from_gguf(cfg, h)?,
+            Family::Phi3 => crate::arch::phi3::from_gguf(cfg, h)?,
             _ => cfg,
         };
         // Experts in any family (`llama` with experts is Mixtral).
@@ -411,7 +429,7 @@ impl ModelConfig {
 
     /// Defaults of the options only some architectures set (SwiGLU, global layers, plain
     /// norms and scales) around placeholder shape fields that every reader overwrites.
-    fn plain() -> Self {
+    pub(crate) fn plain() -> Self {
         ModelConfig {
             architecture: String::new(),
             family: Family::Llama,
@@ -534,12 +552,15 @@ impl ModelConfig {
                         mscale: f("mscale", 1.0),
                         mscale_all_dim: f("mscale_all_dim", 0.0),
                     },
+                    "longrope" | "su" => crate::arch::phi3::longrope_from_hf(path, v, rs)?,
                     "default" => RopeScaling::None,
                     other => {
                         return Err(invalid(
                             path,
                             "rope_scaling.rope_type",
-                            format!("`{other}` is not supported (supported: llama3, linear, yarn)"),
+                            format!(
+                                "`{other}` is not supported (supported: llama3, linear, yarn, longrope)"
+                            ),
                         ))
                     }
                 }
@@ -577,6 +598,7 @@ impl ModelConfig {
                 let cfg = crate::arch::deepseek2::from_hf(cfg, path, v)?;
                 crate::arch::moe::from_hf(cfg, path, v)?
             }
+            Family::Phi3 => crate::arch::phi3::from_hf(cfg, path, v)?,
             _ => cfg,
         };
         cfg.validate(path)?;
@@ -626,6 +648,22 @@ impl ModelConfig {
         }
         if self.layer_windows.contains(&Some(0)) {
             return Err(invalid(path, "sliding_window", "a window of 0 tokens"));
+        }
+        if let RopeScaling::LongRope {
+            factors: Some(f), ..
+        } = &self.rope_scaling
+        {
+            if f.len() != self.rope_dims / 2 {
+                return Err(invalid(
+                    path,
+                    "rope_scaling.long_factor",
+                    format!(
+                        "{} factors for {} rotated pairs",
+                        f.len(),
+                        self.rope_dims / 2
+                    ),
+                ));
+            }
         }
         if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return Err(invalid(

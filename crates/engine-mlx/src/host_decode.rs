@@ -67,6 +67,9 @@ pub struct Rope {
     traditional: bool,
     /// Angle per position of each pair, `scale / period_i`.
     inv_freqs: Vec<f64>,
+    /// Factor on the rotated dims (LongRoPE's attention factor; 1 for plain RoPE), folded
+    /// into the cosines and sines of [`Rope::table`].
+    gain: f64,
 }
 
 impl Rope {
@@ -82,7 +85,14 @@ impl Rope {
             dims,
             traditional,
             inv_freqs,
+            gain: 1.0,
         }
+    }
+
+    /// The same rotation with the rotated dims also multiplied by `gain`.
+    pub fn with_gain(mut self, gain: f32) -> Self {
+        self.gain = f64::from(gain);
+        self
     }
 
     /// The periods `base^(2i / dims)` of plain RoPE.
@@ -99,7 +109,7 @@ impl Rope {
             .iter()
             .map(|&f| {
                 let t = pos as f64 * f;
-                (t.cos() as f32, t.sin() as f32)
+                ((t.cos() * self.gain) as f32, (t.sin() * self.gain) as f32)
             })
             .unzip()
     }
@@ -460,6 +470,30 @@ mod tests {
 
     /// A head size without a fused kernel (24), deep enough to split the KV heads over the
     /// pool: the same bits as each head alone.
+    /// LongRoPE's gain multiplies the rotated dims (12 of 16 here) and leaves the rest.
+    #[test]
+    fn rope_gain_scales_only_rotated_dims() {
+        let (hd, dims, gain) = (16, 12, 1.224_744_9f32);
+        let periods = Rope::periods(10_000.0, dims);
+        let x = data(hd * 2, 7);
+        for pos in [0, 1, 23, 4000] {
+            let plain = Rope::new(dims, false, &periods, 1.0);
+            let gained = Rope::new(dims, false, &periods, 1.0).with_gain(gain);
+            let (mut a, mut b) = (x.clone(), x.clone());
+            let (c, s) = plain.table(pos);
+            plain.apply(&mut a, hd, &c, &s);
+            let (c, s) = gained.table(pos);
+            gained.apply(&mut b, hd, &c, &s);
+            for (i, (&p, &g)) in a.iter().zip(&b).enumerate() {
+                let want = if i % hd < dims { p * gain } else { p };
+                assert!(
+                    (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{pos} {i}: {g} vs {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn split_attention_equals_serial_heads() {
         let (kv_heads, group, hd, capacity, pos) = (3, 3, 24, 1088, 1000);

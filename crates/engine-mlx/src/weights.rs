@@ -119,6 +119,60 @@ impl RawTensor {
     }
 }
 
+impl RawTensor {
+    /// The tensor cut along its first axis into consecutive pieces of `sizes` rows (which add
+    /// up to its rows). GGUF blocks are cut between rows, each a whole number of blocks, so
+    /// the pieces keep the file's bytes; MLX affine rows keep their scales and biases.
+    pub fn split_rows(&self, sizes: &[usize]) -> Result<Vec<RawTensor>> {
+        let rows = |a: &Array, r0: usize, r1: usize| -> Result<Array> {
+            let (r0, r1) = (
+                i32::try_from(r0).unwrap_or(i32::MAX),
+                i32::try_from(r1).unwrap_or(i32::MAX),
+            );
+            ops::indexing::TryIndexOp::try_index(a, r0..r1)
+                .ctx("splitting a fused tensor")?
+                .contiguous()
+                .ctx("splitting a fused tensor")
+        };
+        let total = self.logical_shape().first().copied().unwrap_or(0);
+        if sizes.iter().sum::<usize>() as i64 != total {
+            return Err(Error::HostKernel(format!(
+                "splitting {total} rows into {sizes:?}"
+            )));
+        }
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut r0 = 0;
+        for &n in sizes {
+            let r1 = r0 + n;
+            out.push(match self {
+                RawTensor::Dense(a) => RawTensor::Dense(rows(a, r0, r1)?),
+                RawTensor::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                } => RawTensor::Quantized {
+                    w: rows(w, r0, r1)?,
+                    scales: rows(scales, r0, r1)?,
+                    biases: rows(biases, r0, r1)?,
+                    group_size: *group_size,
+                    bits: *bits,
+                },
+                RawTensor::Matrix(m) => {
+                    let row_bytes = m.byte_len() / m.rows().max(1);
+                    let data = m.data()[r0 * row_bytes..r1 * row_bytes].to_vec();
+                    let piece = QuantMatrix::new(m.ty(), n, m.cols(), data)
+                        .map_err(|e| Error::HostKernel(e.to_string()))?;
+                    RawTensor::Matrix(Arc::new(piece))
+                }
+            });
+            r0 = r1;
+        }
+        Ok(out)
+    }
+}
+
 /// All tensors of a model under canonical (GGUF-style) names.
 #[derive(Debug, Default)]
 pub struct TensorMap {
@@ -147,6 +201,32 @@ impl TensorMap {
     /// Whether a tensor is present.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// Replaces tensor `name` by consecutive row ranges of it (its first axis: output
+    /// features of a weight, or a bias), `(new name, rows)` each; the rows must add up to
+    /// the tensor's. For fused projections stored as one tensor (Phi-3's `qkv_proj`).
+    pub fn split_rows(&mut self, name: &str, parts: &[(&str, usize)]) -> Result<()> {
+        let t = self.take(name)?;
+        let mut shape = t.logical_shape();
+        let total: usize = parts.iter().map(|(_, n)| n).sum();
+        if shape.first().copied() != Some(total as i64) {
+            let found = shape.clone();
+            if let Some(first) = shape.first_mut() {
+                *first = total as i64;
+            }
+            return Err(Error::TensorShape {
+                path: self.path.clone(),
+                tensor: name.to_owned(),
+                expected: shape,
+                found,
+            });
+        }
+        let sizes: Vec<usize> = parts.iter().map(|&(_, n)| n).collect();
+        for ((part, _), piece) in parts.iter().zip(t.split_rows(&sizes)?) {
+            self.tensors.insert((*part).to_owned(), piece);
+        }
+        Ok(())
     }
 
     /// Checks a tensor's logical shape.
@@ -291,6 +371,10 @@ pub fn canonical_hf_name(name: &str, post_norms: bool) -> Option<String> {
                 "self_attn.k_norm" => "attn_k_norm",
                 "mlp.gate_proj" => "ffn_gate",
                 "mlp.up_proj" => "ffn_up",
+                // Phi-3's fused projections, named as llama.cpp names them (split at load:
+                // `arch::phi3::split_fused`).
+                "self_attn.qkv_proj" => "attn_qkv",
+                "mlp.gate_up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
                 _ => return None,
             };
@@ -1622,6 +1706,47 @@ mod tests {
         a.try_as_slice::<f32>()
             .map(|s| s.iter().map(|v| v.to_bits()).collect())
             .unwrap_or_default()
+    }
+
+    fn values(t: &RawTensor) -> Result<Vec<u32>> {
+        Ok(bits_of(&t.to_f32()?.contiguous().ctx("contiguous")?))
+    }
+
+    /// The row pieces of a fused tensor hold exactly its rows, whatever its form: dense,
+    /// MLX affine, GGUF blocks (Q8_0: 34 bytes a block of 32).
+    #[test]
+    fn split_rows_keeps_every_row() -> Result<()> {
+        let data: Vec<f32> = (0..7 * 32).map(|x| (x as f32 * 0.37).sin()).collect();
+        let dense = RawTensor::Dense(Array::from_slice(&data, &[7, 32]));
+        let mut bytes = Vec::new();
+        for r in 0..7u8 {
+            bytes.extend_from_slice(&half::f16::from_f32(0.5 + f32::from(r)).to_le_bytes());
+            bytes.extend((0..32).map(|c| (c as i8 - 16 + r as i8) as u8));
+        }
+        let blocks = RawTensor::Matrix(Arc::new(
+            QuantMatrix::new(QuantType::Q8_0, 7, 32, bytes)
+                .map_err(|e| Error::HostKernel(e.to_string()))?,
+        ));
+        for t in [dense, blocks, quantized(7, 64, 4, 32, 9)] {
+            let all = values(&t)?;
+            let cols = all.len() / 7;
+            let pieces = t.split_rows(&[4, 2, 1])?;
+            let mut joined = Vec::new();
+            for (p, rows) in pieces.iter().zip([4i64, 2, 1]) {
+                assert_eq!(p.logical_shape(), vec![rows, cols as i64]);
+                joined.extend(values(p)?);
+            }
+            assert_eq!(joined, all);
+            assert!(t.split_rows(&[4, 2]).is_err());
+        }
+        // A bias: one axis.
+        let bias = RawTensor::Dense(Array::from_slice(&[1.0f32, 2.0, 3.0], &[3]));
+        let pieces = bias.split_rows(&[1, 2])?;
+        assert_eq!(
+            values(&pieces[1])?,
+            bits_of(&Array::from_slice(&[2.0f32, 3.0], &[2]))
+        );
+        Ok(())
     }
 
     #[test]

@@ -21,6 +21,8 @@ const FIXTURES: &[&str] = &[
     "qwen2",
     "qwen3",
     "gemma3",
+    "phi3",
+    "phi3_longrope",
     "mixtral",
     "qwen3_moe",
     "deepseek_v2",
@@ -87,6 +89,12 @@ fn restore_then_prefill_equals_cold_on_every_architecture() {
     for name in FIXTURES {
         let engine = load(name);
         let vocab = engine.model().vocab_size as u32;
+        if engine.model().context_length < 4 * BLOCK + 5 {
+            // phi3_longrope's context of 64 (small, so that LongRoPE matters) holds no
+            // whole block before its end.
+            eprintln!("{name}: context too short for restored blocks: skipped");
+            continue;
+        }
         // 4 blocks and a partial one, far past gemma3's window of 8.
         let tokens: Vec<u32> = (0..4 * BLOCK as u32 + 5)
             .map(|i| (i * 37 + 11) % vocab)

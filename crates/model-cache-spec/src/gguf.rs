@@ -96,7 +96,7 @@ impl ModelCacheSpec {
     /// Sliding windows: `<arch>.attention.sliding_window` with
     /// `<arch>.attention.sliding_window_pattern` as a per-layer boolean array (`true` = sliding)
     /// or an integer N (every Nth layer global); without a pattern, `gemma3` uses 6, `gemma2` 2,
-    /// `cohere2` 4, and other architectures slide on every layer.
+    /// `cohere2` 4, and other architectures slide on every layer. A window of 0 means none.
     pub fn from_gguf_metadata<S: BuildHasher>(
         metadata: &HashMap<String, Value, S>,
         block_tokens: u32,
@@ -141,7 +141,15 @@ impl ModelCacheSpec {
                 (kv_heads, k, v)
             };
 
-        let layers = match g.opt_u32("attention.sliding_window")? {
+        // A window of 0 is llama.cpp's "no sliding window" (its Phi-3 converter writes 0 for
+        // the models without one, Phi-4-mini among them).
+        let no_window = g.get("attention.sliding_window").1.and_then(Value::as_u64) == Some(0);
+        let window = if no_window {
+            None
+        } else {
+            g.opt_u32("attention.sliding_window")?
+        };
+        let layers = match window {
             None => vec![LayerKind::Global; num_layers as usize],
             Some(window) => sliding_layers(&g, num_layers, window)?,
         };

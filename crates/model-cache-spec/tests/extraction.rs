@@ -234,6 +234,24 @@ fn gguf_llama_derives_head_dim_from_embedding_length() -> Result<(), SpecError> 
     Ok(())
 }
 
+/// llama.cpp's Phi-3 converter writes `sliding_window` 0 for models without one (Phi-4-mini):
+/// every layer global, not an error.
+#[test]
+fn gguf_sliding_window_zero_means_none() -> Result<(), SpecError> {
+    let md = gguf(&[
+        ("general.architecture", json!("phi3")),
+        ("phi3.block_count", json!(32)),
+        ("phi3.attention.head_count", json!(24)),
+        ("phi3.attention.head_count_kv", json!(8)),
+        ("phi3.embedding_length", json!(3072)),
+        ("phi3.attention.sliding_window", json!(0)),
+    ]);
+    let s = ModelCacheSpec::from_gguf_metadata(&md, 256)?;
+    assert_eq!(s.num_sliding_layers(), 0);
+    assert_eq!(s.layers().len(), 32);
+    Ok(())
+}
+
 #[test]
 fn gguf_gemma3_default_pattern_and_explicit_lengths() -> Result<(), SpecError> {
     let md = gguf(&[

@@ -98,6 +98,9 @@ pub struct LlamaModel {
     local_rope_theta: Option<f32>,
     /// Factor of the embedding rows (Gemma), as an f32 scalar.
     embed_scale: Option<Array>,
+    /// LongRoPE's attention factor on the rotated dims of q and k (Phi-3): `[head_dim]`, the
+    /// factor on the first `rope_dims` entries and 1 after.
+    rope_gain: Option<Array>,
     attention_kind: AttentionKind,
     /// What a decode step needs to run wholly on the host ([`DecodeKernel::Host`] when every
     /// linear layer and the LM head have host weights); `None`: decode steps use MLX ops
@@ -397,6 +400,25 @@ impl LlamaModel {
                 host_periods = host_vec(&scaled)?;
                 (Some(scaled), 1.0)
             }
+            RopeScaling::LongRope { factors, .. } => {
+                let factors = match factors {
+                    Some(f) => f.clone(),
+                    None => {
+                        let t = w.take("rope_factors_long.weight")?;
+                        w.check_shape("rope_factors_long.weight", &t, &[half as i64])?;
+                        host_vec(&t.to_f32()?)?
+                    }
+                };
+                let f = super::phi3::longrope_periods(c.rope_theta, c.rope_dims, &factors);
+                host_periods.clone_from(&f);
+                (Some(Array::from_slice(&f, &[half as i32])), 1.0)
+            }
+        };
+        let rope_gain = match c.rope_scaling {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } if attention_factor != 1.0 => Some(attention_factor),
+            _ => None,
         };
 
         let host_step = if options.decode == DecodeKernel::Host
@@ -435,7 +457,8 @@ impl LlamaModel {
                 });
             }
             Some(HostStep {
-                rope: Rope::new(c.rope_dims, c.rope_traditional, &host_periods, rope_scale),
+                rope: Rope::new(c.rope_dims, c.rope_traditional, &host_periods, rope_scale)
+                    .with_gain(rope_gain.unwrap_or(1.0)),
                 local_rope: c.rope_local_theta.map(|base| {
                     let periods = Rope::periods(base, c.rope_dims);
                     Rope::new(c.rope_dims, c.rope_traditional, &periods, 1.0)
@@ -449,6 +472,12 @@ impl LlamaModel {
 
         let local_rope_theta = config.rope_local_theta;
         let embed_scale = config.embed_scale.map(Array::from_f32);
+        let rope_gain = rope_gain.map(|g| {
+            let v: Vec<f32> = (0..config.head_dim)
+                .map(|d| if d < config.rope_dims { g } else { 1.0 })
+                .collect();
+            Array::from_slice(&v, &[config.head_dim as i32])
+        });
         let model = LlamaModel {
             config,
             embed,
@@ -460,6 +489,7 @@ impl LlamaModel {
             rope_scale,
             local_rope_theta,
             embed_scale,
+            rope_gain,
             attention_kind: options.attention,
             host_step,
         };
@@ -611,6 +641,14 @@ impl LlamaModel {
                 fast::rms_norm(&k, Some(kn), eps).ctx("k norm")?,
             ),
             _ => (q, k),
+        };
+        // LongRoPE's attention factor, on the dims RoPE turns (as mlx-lm, before turning).
+        let (q, k) = match &self.rope_gain {
+            Some(g) => (
+                q.multiply(g).ctx("rope attention factor")?,
+                k.multiply(g).ctx("rope attention factor")?,
+            ),
+            None => (q, k),
         };
         let offsets: Vec<i32> = kvs
             .iter()
@@ -1261,6 +1299,7 @@ impl CausalLm for LlamaModel {
             v.push(f);
         }
         v.extend(self.embed_scale.iter());
+        v.extend(self.rope_gain.iter());
         for l in &self.layers {
             v.extend(layer_arrays(l));
         }

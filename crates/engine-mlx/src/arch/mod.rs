@@ -6,6 +6,7 @@ pub mod deepseek2;
 pub mod gemma3;
 pub mod llama;
 pub mod moe;
+pub mod phi3;
 
 use crate::config::{Family, ModelConfig};
 use crate::error::Result;
@@ -134,6 +135,12 @@ pub fn build(
         deepseek2::absorb_latent_projections(&mut weights, config)?;
     }
     match config.family {
+        // Fused q/k/v and gate/up cut into the canonical tensors, then the dense decoder.
+        Family::Phi3 => Ok(Box::new(llama::LlamaModel::new(
+            config.clone(),
+            phi3::split_fused(config, weights)?,
+            options,
+        )?)),
         Family::Llama
         | Family::Qwen2
         | Family::Qwen3
