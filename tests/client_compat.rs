@@ -235,6 +235,15 @@ fn claude_codes_recorded_first_request_is_served_by_the_default_model() {
 }
 
 /// `claude -p` itself, opt-in: `SEMANTIC_TEST_CLAUDE_CODE=<model with a 32K context>`.
+///
+/// Its first run prefills Claude Code's whole default prompt (about 11,800 tokens on Qwen2.5's
+/// tokenizer), which takes minutes on a small CPU; so the server gets no request time limit
+/// and Claude Code a long one (`API_TIMEOUT_MS`: its default of 600 s covers the whole
+/// streamed answer, and a cut stream is retried without streaming). Sampling is greedy
+/// (`SEMANTIC_MLX_DEFAULT_TEMPERATURE=0`; Claude Code sends no temperature) so that the
+/// answers do not depend on chance: one that reached the server's `max_tokens` cap would fail
+/// the run (Claude Code asks the model to resume, then reports `is_error`). The answer's
+/// text is not checked: a 0.5B model's is rarely useful.
 #[test]
 fn claude_code_print_mode_twice_reads_the_cached_prefix() {
     let Some(model) = std::env::var_os("SEMANTIC_TEST_CLAUDE_CODE").map(PathBuf::from) else {
@@ -248,13 +257,21 @@ fn claude_code_print_mode_twice_reads_the_cached_prefix() {
     npm_install(&dir, &[CLAUDE_CODE]);
     let claude = dir.join("node_modules/.bin/claude");
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&model, &tmp.path().join("cache"), &[]);
+    let server = Server::start(
+        &model,
+        &tmp.path().join("cache"),
+        &[
+            ("SEMANTIC_SERVER_REQUEST_TIMEOUT_SECS", "0"),
+            ("SEMANTIC_MLX_DEFAULT_TEMPERATURE", "0"),
+        ],
+    );
     let project = tmp.path().join("project");
     let home = tmp.path().join("home");
     std::fs::create_dir_all(&project).expect("project dir");
     std::fs::create_dir_all(&home).expect("home dir");
     let mut results = Vec::new();
     for prompt in ["Say hello in one word.", "Say goodbye in one word."] {
+        let start = std::time::Instant::now();
         let stdout = run_checked(
             Command::new(&claude)
                 .args(["-p", prompt, "--output-format", "json"])
@@ -262,16 +279,24 @@ fn claude_code_print_mode_twice_reads_the_cached_prefix() {
                 .env("HOME", &home)
                 .env("ANTHROPIC_BASE_URL", &server.base)
                 .env("ANTHROPIC_API_KEY", "sk-local")
-                .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+                .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+                .env("API_TIMEOUT_MS", "3600000"),
             "claude -p",
             &server,
         );
+        let wall = start.elapsed();
         let v: Value = serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("claude's output is not JSON ({e}): {stdout}"));
         assert_eq!(v["type"], "result", "{v}");
         assert_eq!(v["is_error"], false, "{v}\n{}", server.log_text());
         assert!(v["result"].is_string(), "{v}");
-        eprintln!("claude -p {prompt:?}: usage {}", v["usage"]);
+        eprintln!(
+            "claude -p {prompt:?}: {:.0} s, {} turn(s), usage {}, server peak RSS {} MiB",
+            wall.as_secs_f64(),
+            v["num_turns"],
+            v["usage"],
+            server.peak_rss_kib().unwrap_or(0) / 1024
+        );
         results.push(v);
     }
     let read = results[1]["usage"]["cache_read_input_tokens"]

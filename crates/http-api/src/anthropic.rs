@@ -106,18 +106,31 @@ struct InMetadata {
     user_id: Option<String>,
 }
 
+/// How Claude Code's billing line starts: a text block it puts first in `system`
+/// (`x-anthropic-billing-header: cc_version=2.1.332.573; cc_entrypoint=sdk-cli;`), whose
+/// `cc_version` suffix changes with the prompt. It is request metadata, not instructions:
+/// left in the prompt it would make the very first block of every run differ, so that no
+/// run would read the cached system prompt and tools of the one before. It is dropped from
+/// the top-level `system` (generation and `count_tokens` alike).
+const BILLING_HEADER_PREFIX: &str = "x-anthropic-billing-header:";
+
 fn system_text(system: Option<SystemField>) -> Result<Option<String>, ApiError> {
     match system {
         None => Ok(None),
         Some(SystemField::Text(t)) => Ok(Some(t).filter(|t| !t.is_empty())),
         Some(SystemField::Blocks(blocks)) => {
-            Ok(Some(system_blocks_text(blocks, "system")?).filter(|t| !t.is_empty()))
+            Ok(Some(system_blocks_text(blocks, "system", true)?).filter(|t| !t.is_empty()))
         }
     }
 }
 
-/// The text of system blocks (text blocks only; `cache_control` and the like ignored).
-fn system_blocks_text(blocks: Vec<Block>, param: &str) -> Result<String, ApiError> {
+/// The text of system blocks (text blocks only; `cache_control` and the like ignored),
+/// without billing-header blocks when `drop_billing`.
+fn system_blocks_text(
+    blocks: Vec<Block>,
+    param: &str,
+    drop_billing: bool,
+) -> Result<String, ApiError> {
     let mut texts = Vec::new();
     for (j, b) in blocks.into_iter().enumerate() {
         if b.kind != "text" {
@@ -126,7 +139,11 @@ fn system_blocks_text(blocks: Vec<Block>, param: &str) -> Result<String, ApiErro
                 format!("system blocks must be text, not '{}'", b.kind),
             ));
         }
-        texts.push(b.text.unwrap_or_default());
+        let text = b.text.unwrap_or_default();
+        if drop_billing && text.starts_with(BILLING_HEADER_PREFIX) {
+            continue;
+        }
+        texts.push(text);
     }
     Ok(texts.join("\n"))
 }
@@ -199,7 +216,7 @@ fn conversation_messages(
                 let text = match m.content {
                     BlocksOrText::Text(t) => t,
                     BlocksOrText::Blocks(b) => {
-                        system_blocks_text(b, &format!("messages[{i}].content"))?
+                        system_blocks_text(b, &format!("messages[{i}].content"), false)?
                     }
                 };
                 out.push(Message::text(Role::System, text));

@@ -11,12 +11,20 @@ pub struct Args {
     /// Set-up options.
     #[command(flatten)]
     pub setup: SetupArgs,
+    /// Also run the opt-in `claude -p` test (Claude Code from npm, twice, against the
+    /// server on Qwen2.5-Coder-0.5B-Instruct Q4_K_M: its 32K context fits Claude Code's
+    /// prompt). It sets SEMANTIC_TEST_CLAUDE_CODE to that model; minutes on a small CPU.
+    #[arg(long)]
+    pub claude_code: bool,
     /// Extra arguments for `cargo test` (after `--`); the doc-test run is then skipped.
     /// Package flags (`-p`) replace `--workspace`; target flags (`--lib`, `--test x`...)
     /// replace `--all-targets`.
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
 }
+
+/// The variable that turns the `claude -p` test on (`tests/client_compat.rs`).
+const CLAUDE_CODE_TEST_VAR: &str = "SEMANTIC_TEST_CLAUDE_CODE";
 
 /// Run the set-up, then `cargo test --workspace --all-targets` and the doc tests.
 pub fn run(args: &Args) -> Result<()> {
@@ -25,6 +33,10 @@ pub fn run(args: &Args) -> Result<()> {
     for model in setup::real_models::ALL {
         let path = model.ensure(&util::build_dir())?;
         prepared.real_models.push((model.test_var, path));
+    }
+    if args.claude_code {
+        let qwen = setup::real_models::QWEN_CODER_05B.path()?;
+        prepared.real_models.push((CLAUDE_CODE_TEST_VAR, qwen));
     }
     // The end-to-end tests start the `semantic` binary of this build; `cargo test` builds
     // other packages' binaries only as test harnesses, so build it first.

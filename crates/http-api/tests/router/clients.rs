@@ -121,6 +121,63 @@ async fn claude_codes_recorded_first_request_is_served() {
     assert_eq!(c.json()["input_tokens"].as_u64(), Some(prompt));
 }
 
+/// Claude Code's first `system` block is a billing line whose `cc_version` suffix changes
+/// with the prompt (`…332.1c9` for "Say hello", `…332.573` for "Say hello in one word."). It
+/// is not part of the prompt, so a second `claude -p` with another prompt (another session,
+/// so another agent) reads the first one's system prompt and tools from the cache.
+#[tokio::test]
+async fn claude_codes_billing_line_stays_out_of_the_prompt() {
+    let fixture = claude_code_request();
+    let mut first = fixture["body"].clone();
+    first["max_tokens"] = json!(4);
+    first["stream"] = json!(false);
+    let billing = first["system"][0]["text"]
+        .as_str()
+        .expect("system[0].text")
+        .to_string();
+    assert!(
+        billing.starts_with("x-anthropic-billing-header: cc_version="),
+        "{billing}"
+    );
+    assert_eq!(first["messages"][0]["content"][1]["text"], "Say hello");
+    let (app, _stack) = roomy_app();
+    let count = |body: &Value| {
+        let mut body = body.clone();
+        let o = body.as_object_mut().expect("object");
+        o.remove("max_tokens");
+        o.remove("stream");
+        post(&app, "/v1/messages/count_tokens", &[], body)
+    };
+
+    // The line adds nothing to the prompt.
+    let mut without = first.clone();
+    without["system"]
+        .as_array_mut()
+        .expect("system blocks")
+        .remove(0);
+    let with_line = count(&first).await.json()["input_tokens"].as_u64();
+    let without_line = count(&without).await.json()["input_tokens"].as_u64();
+    assert!(with_line > Some(2000), "{with_line:?}");
+    assert_eq!(with_line, without_line);
+
+    let r = post(&app, "/v1/messages?beta=true", &[], first.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The next run: another prompt, so another billing suffix, and another session.
+    let mut second = first;
+    second["system"][0]["text"] = json!(billing.replace(".1c9;", ".573;"));
+    assert_ne!(second["system"][0]["text"], json!(billing));
+    second["messages"][0]["content"][1]["text"] = json!("Say hello in one word.");
+    second["metadata"]["user_id"] = json!(r#"{"device_id":"d","session_id":"another"}"#);
+    let r = post(&app, "/v1/messages?beta=true", &[], second).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let u = &r.json()["usage"];
+    let prompt = input_total(u);
+    let read = u["cache_read_input_tokens"].as_u64().expect("read");
+    // Everything before the user's words (system prompt, tools, the reminder) is read.
+    assert!(read > prompt / 2, "{u}");
+}
+
 #[tokio::test]
 async fn a_system_message_inside_messages_renders_where_it_stands() {
     let (app, _stack) = fake_app();
