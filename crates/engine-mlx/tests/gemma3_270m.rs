@@ -12,7 +12,7 @@ mod common;
 use agent_session::{ChatFormatter, Conversation, InferenceEngine, Message, Role, TokenId};
 use common::block_on;
 use common::warm::{blocks_of, prefill_aligned, same_bits};
-use engine_mlx::{EngineConfig, MlxChatFormatter, MlxEngine, WeightFormat};
+use engine_mlx::{MlxChatFormatter, MlxEngine};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -22,33 +22,11 @@ const BLOCK: usize = 64;
 /// `<bos>`, which the file asks for (`tokenizer.ggml.add_bos_token`).
 const BOS: TokenId = 2;
 
-fn model_path() -> Option<PathBuf> {
-    common::real_model("SEMANTIC_TEST_GEMMA3", FILE)
-}
-
 fn shared() -> Option<&'static (MlxEngine, Arc<MlxChatFormatter>)> {
     static SHARED: OnceLock<Option<(MlxEngine, Arc<MlxChatFormatter>)>> = OnceLock::new();
     SHARED
-        .get_or_init(|| {
-            let path = model_path()?;
-            let config = EngineConfig {
-                block_tokens: BLOCK as u32,
-                weight_format: WeightFormat::Host,
-                ..EngineConfig::default()
-            };
-            Some(MlxEngine::load(path.to_str().expect("utf-8"), config).expect("Gemma 3 loads"))
-        })
+        .get_or_init(|| common::load_real("SEMANTIC_TEST_GEMMA3", FILE, BLOCK))
         .as_ref()
-}
-
-fn greedy(engine: &MlxEngine, ids: &[TokenId], n: usize) -> Vec<TokenId> {
-    block_on(async {
-        let seq = engine.open_sequence().await.expect("open");
-        engine.prefill(seq, ids.to_vec()).await.expect("prefill");
-        let out = common::greedy_continue(engine, seq, n).await;
-        engine.release(seq).await.expect("release");
-        out
-    })
 }
 
 /// `<bos>` and the text's ids.
@@ -68,7 +46,7 @@ fn completes_the_capital_of_france() {
         fmt,
         "Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of France?\nA:",
     );
-    let out = greedy(engine, &ids, 8);
+    let out = common::greedy(engine, &ids, 8);
     let text = fmt.decode(&out).expect("decode");
     eprintln!("ids {ids:?} -> {out:?} {text:?}");
     assert!(text.contains("Paris"), "completion: {text:?}");
@@ -131,7 +109,7 @@ fn greedy_matches_float_reference() {
         let ids = prompt_ids(fmt, case["text"].as_str().expect("text"));
         assert_eq!(ids, ids_of(&case["prompt_ids"]), "{name}: prompt ids");
         let want = ids_of(&case["greedy_ids"]);
-        let got = greedy(engine, &ids, want.len());
+        let got = common::greedy(engine, &ids, want.len());
         assert_eq!(
             got, want,
             "{name}: greedy ids differ from the float reference"
@@ -202,7 +180,7 @@ fn chat_without_a_template_uses_the_plain_fallback() {
     let stops = fmt.stop_token_ids();
     assert!(stops.contains(&1) && stops.contains(&106), "{stops:?}");
     assert!(!stops.contains(&212), "{stops:?}");
-    let out = greedy(engine, &ids, 6);
+    let out = common::greedy(engine, &ids, 6);
     let answer = fmt.decode(&out).expect("decode");
     eprintln!("answer: {answer:?}");
     assert!(!answer.trim().is_empty());

@@ -8,26 +8,17 @@
 
 mod common;
 
-use agent_session::InferenceEngine;
-use common::block_on;
+use common::golden::{check_model, fixture};
 use engine_mlx::gguf::{write_gguf, GgufValue};
 use engine_mlx::weights::canonical_hf_name;
-use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
+use engine_mlx::{AttentionKind, WeightFormat};
 use mlx_rs::Array;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const TOLERANCE: f32 = 1e-3;
-
 /// A tensor's logical shape and f32 values.
 type Tensor = (Vec<u64>, Vec<f32>);
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/golden")
-        .join(name)
-}
 
 fn values(a: &Array) -> Vec<f32> {
     a.as_dtype(mlx_rs::Dtype::Float32)
@@ -230,42 +221,7 @@ fn write_fixture_gguf(name: &str, arch: &str, dir: &Path) -> PathBuf {
 fn check(name: &str, arch: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_fixture_gguf(name, arch, dir.path());
-    let expected =
-        Array::load_safetensors(fixture(name).join("expected.safetensors")).expect("expected");
-    let ids: Vec<u32> = expected["input_ids"]
-        .to_vec_exact::<i32>()
-        .expect("ids")
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    let want_logits = values(&expected["logits"]);
-    let want_greedy: Vec<u32> = expected["greedy"]
-        .to_vec_exact::<i32>()
-        .expect("greedy")
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    let config = EngineConfig {
-        block_tokens: 64,
-        weight_format: WeightFormat::Host,
-        ..EngineConfig::default()
-    };
-    let (engine, _) = MlxEngine::load(path.to_str().expect("utf-8"), config)
-        .unwrap_or_else(|e| panic!("{name} as GGUF loads: {e}"));
-    assert_eq!(engine.model().architecture, arch);
-    block_on(async {
-        let got = engine
-            .debug_forward_all(ids.clone())
-            .await
-            .expect("forward");
-        let err = common::max_abs_diff(&got, &want_logits);
-        eprintln!("{name} as GGUF: max |logit - reference| = {err:e}");
-        assert!(err <= TOLERANCE, "{name} as GGUF: logits differ by {err}");
-        let seq = engine.open_sequence().await.expect("open");
-        engine.prefill(seq, ids).await.expect("prefill");
-        let out = common::greedy_continue(&engine, seq, want_greedy.len()).await;
-        assert_eq!(out, want_greedy, "{name} as GGUF: greedy ids");
-    });
+    check_model(name, &path, WeightFormat::Host, AttentionKind::Host);
 }
 
 #[test]

@@ -9,31 +9,16 @@ mod common;
 use agent_session::{ChatFormatter, Conversation, InferenceEngine, Message, Role, TokenId};
 use common::block_on;
 use common::warm::{blocks_of, prefill_aligned, same_bits};
-use engine_mlx::{EngineConfig, MlxChatFormatter, MlxEngine, WeightFormat};
-use std::path::PathBuf;
+use engine_mlx::{MlxChatFormatter, MlxEngine};
 use std::sync::{Arc, OnceLock};
 
 const FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const BLOCK: usize = 64;
 
-/// The file, from `SEMANTIC_TEST_QWEN_Q4KM` or the models folder (`cargo xtask test`
-/// installs it).
-fn model_path() -> Option<PathBuf> {
-    common::real_model("SEMANTIC_TEST_QWEN_Q4KM", FILE)
-}
-
 fn shared() -> Option<&'static (MlxEngine, Arc<MlxChatFormatter>)> {
     static SHARED: OnceLock<Option<(MlxEngine, Arc<MlxChatFormatter>)>> = OnceLock::new();
     SHARED
-        .get_or_init(|| {
-            let path = model_path()?;
-            let config = EngineConfig {
-                block_tokens: BLOCK as u32,
-                weight_format: WeightFormat::Host,
-                ..EngineConfig::default()
-            };
-            Some(MlxEngine::load(path.to_str().expect("utf-8"), config).expect("Qwen loads"))
-        })
+        .get_or_init(|| common::load_real("SEMANTIC_TEST_QWEN_Q4KM", FILE, BLOCK))
         .as_ref()
 }
 
@@ -42,16 +27,6 @@ fn prompt(user: &str) -> String {
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
          assistant.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
     )
-}
-
-fn greedy(engine: &MlxEngine, ids: &[TokenId], n: usize) -> Vec<TokenId> {
-    block_on(async {
-        let seq = engine.open_sequence().await.expect("open");
-        engine.prefill(seq, ids.to_vec()).await.expect("prefill");
-        let out = common::greedy_continue(engine, seq, n).await;
-        engine.release(seq).await.expect("release");
-        out
-    })
 }
 
 // Reference: crates/engine-mlx/scripts/qwen2_reference.py (gguf 0.19.0, numpy 2.4.6,
@@ -108,7 +83,7 @@ fn greedy_matches_float_reference() {
             ids, prompt_ids,
             "{name}: tokenizer differs from the reference"
         );
-        let out = greedy(engine, &ids, reference.len());
+        let out = common::greedy(engine, &ids, reference.len());
         assert_eq!(
             out, reference,
             "{name}: greedy ids differ from the float reference"
@@ -131,7 +106,7 @@ fn answers_the_capital_of_france() {
         "the file's template: {text}"
     );
     let ids = fmt.encode(&text).expect("encode");
-    let out = greedy(engine, &ids, 16);
+    let out = common::greedy(engine, &ids, 16);
     let answer = fmt.decode(&out).expect("decode");
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 }

@@ -59,6 +59,35 @@ pub fn real_model(var: &str, file: &str) -> Option<PathBuf> {
     found
 }
 
+/// A real checkpoint (see [`real_model`]) loaded with its weights kept as the file's blocks
+/// and blocks of `block` tokens; `None` when it is not installed.
+pub fn load_real(
+    var: &str,
+    file: &str,
+    block: usize,
+) -> Option<(MlxEngine, Arc<MlxChatFormatter>)> {
+    let path = real_model(var, file)?;
+    let config = EngineConfig {
+        block_tokens: block as u32,
+        weight_format: engine_mlx::WeightFormat::Host,
+        ..EngineConfig::default()
+    };
+    let loaded = MlxEngine::load(path.to_str().expect("utf-8"), config)
+        .unwrap_or_else(|e| panic!("{file} loads: {e}"));
+    Some(loaded)
+}
+
+/// Greedy ids after prefilling `ids` in a sequence of its own (released afterwards).
+pub fn greedy(engine: &MlxEngine, ids: &[TokenId], n: usize) -> Vec<TokenId> {
+    block_on(async {
+        let seq = engine.open_sequence().await.expect("open");
+        engine.prefill(seq, ids.to_vec()).await.expect("prefill");
+        let out = greedy_continue(engine, seq, n).await;
+        engine.release(seq).await.expect("release");
+        out
+    })
+}
+
 /// Loads the default model with `config`.
 pub fn load(config: EngineConfig) -> Option<(MlxEngine, Arc<MlxChatFormatter>)> {
     let path = model_path()?;
@@ -80,6 +109,7 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 pub mod batch;
+pub mod golden;
 pub mod tiny;
 pub mod warm;
 
