@@ -270,3 +270,44 @@ fn sigterm_with_four_long_streams_exits_within_the_grace() {
         assert_eq!(tier(&r), "warm", "{:?}", r.header("x-semantic-cache"));
     }
 }
+
+/// `semantic models inspect` on the tiny golden fixtures: Gemma 3's sliding-window layers and
+/// DeepSeek-V2's latent cache (one KV head of 16 latent + 8 RoPE dims) in the spec and the
+/// capacity table.
+#[test]
+fn models_inspect_shows_sliding_layers_and_the_latent_cache() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/engine-mlx/tests/fixtures/golden");
+    let inspect = |name: &str| -> String {
+        let out = std::process::Command::new(semantic_e2e::semantic_bin())
+            .args(["models", "inspect"])
+            .arg(golden.join(name))
+            .output()
+            .expect("run semantic models inspect");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let gemma = inspect("gemma3");
+    assert!(
+        gemma.contains("architecture:        gemma3_text"),
+        "{gemma}"
+    );
+    assert!(
+        gemma.contains("layers:              7 (6 sliding-window)"),
+        "{gemma}"
+    );
+    assert!(gemma.contains("fp16 "), "{gemma}");
+    let deepseek = inspect("deepseek_v2");
+    assert!(deepseek.contains("KV heads:            1\n"), "{deepseek}");
+    assert!(
+        deepseek.contains("K / V head dim:      24 / 24"),
+        "{deepseek}"
+    );
+    // 256 tokens × (24 + 24) values × 2 bytes = 24,576 bytes per block per layer in fp16.
+    assert!(deepseek.contains("24576"), "{deepseek}");
+}
