@@ -224,7 +224,8 @@ pub fn attend_one(
         .zip(values.chunks_exact_mut(per_kv))
         .zip(k.chunks_exact(hd.max(1)).zip(v.chunks_exact(hd.max(1))))
         .zip(q.chunks_exact(qg).zip(out.chunks_exact_mut(og)))
-        .take(kv_heads);
+        .take(kv_heads)
+        .map(|(((keys, values), (k, v)), (qs, os))| (HeadKv { keys, values, k, v }, qs, os));
     let pool = crate::host_linear::helper_pool();
     match pool {
         Some(pool) if kv_heads > 1 && heads * (pos + 1) * hd >= PARALLEL_MIN_MACS => {
@@ -234,35 +235,17 @@ pub fn attend_one(
                 let rest = all.split_off(kv_heads.div_ceil(2));
                 s.spawn(move |_| {
                     let mut scratch = Vec::new();
-                    for (((ks, vs), (kn, vn)), (qs, os)) in rest {
-                        let head = HeadKv {
-                            keys: ks,
-                            values: vs,
-                            k: kn,
-                            v: vn,
-                        };
+                    for (head, qs, os) in rest {
                         attend_head(hd, group, pos, start, qs, head, scale, os, &mut scratch);
                     }
                 });
-                for (((ks, vs), (kn, vn)), (qs, os)) in all {
-                    let head = HeadKv {
-                        keys: ks,
-                        values: vs,
-                        k: kn,
-                        v: vn,
-                    };
+                for (head, qs, os) in all {
                     attend_head(hd, group, pos, start, qs, head, scale, os, scores);
                 }
             });
         }
         _ => {
-            for (((ks, vs), (kn, vn)), (qs, os)) in heads_iter {
-                let head = HeadKv {
-                    keys: ks,
-                    values: vs,
-                    k: kn,
-                    v: vn,
-                };
+            for (head, qs, os) in heads_iter {
                 attend_head(hd, group, pos, start, qs, head, scale, os, scores);
             }
         }

@@ -8,7 +8,7 @@ mod common;
 use agent_session::InferenceEngine;
 use common::batch::{prompts, run};
 use common::block_on;
-use common::warm::{blocks_of, prefill_aligned, same_bits};
+use common::warm::{assert_restores_equal_cold, same_bits};
 use engine_mlx::{EngineConfig, MlxEngine, WeightFormat};
 use std::path::PathBuf;
 
@@ -99,27 +99,13 @@ fn restore_then_prefill_equals_cold_on_every_architecture() {
         let tokens: Vec<u32> = (0..4 * BLOCK as u32 + 5)
             .map(|i| (i * 37 + 11) % vocab)
             .collect();
-        block_on(async {
-            let cold = engine.open_sequence().await.expect("open");
-            prefill_aligned(&engine, cold, &tokens, 0, BLOCK).await;
-            let cold_logits = engine.debug_logits(cold).await.expect("logits");
-            let cold_next = common::greedy_continue(&engine, cold, 4).await;
-            let exported = engine.export_blocks(cold, 0, 4).await.expect("export");
-            engine.release(cold).await.expect("release");
-            for k in 1..=4 {
-                let warm = engine.open_sequence().await.expect("open");
-                let blocks = blocks_of(&engine, &tokens, exported[..k].to_vec(), BLOCK);
-                engine.import_blocks(warm, blocks).await.expect("import");
-                prefill_aligned(&engine, warm, &tokens, k * BLOCK, BLOCK).await;
-                let logits = engine.debug_logits(warm).await.expect("logits");
-                assert!(
-                    same_bits(&logits, &cold_logits),
-                    "{name}, {k} restored blocks: logits differ from the cold run"
-                );
-                let next = common::greedy_continue(&engine, warm, 4).await;
-                assert_eq!(next, cold_next, "{name}, {k} restored blocks: continuation");
-                engine.release(warm).await.expect("release");
-            }
-        });
+        block_on(assert_restores_equal_cold(
+            &engine,
+            &tokens,
+            &[1, 2, 3, 4],
+            BLOCK,
+            4,
+            name,
+        ));
     }
 }

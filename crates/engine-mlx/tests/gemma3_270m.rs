@@ -11,7 +11,6 @@ mod common;
 
 use agent_session::{ChatFormatter, Conversation, InferenceEngine, Message, Role, TokenId};
 use common::block_on;
-use common::warm::{blocks_of, prefill_aligned, same_bits};
 use engine_mlx::{MlxChatFormatter, MlxEngine};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -131,28 +130,14 @@ fn restore_past_the_window_then_prefill_equals_cold() {
         tokens.extend(fmt.encode(text).expect("encode"));
     }
     tokens.truncate(12 * BLOCK + 21);
-    block_on(async {
-        let cold = engine.open_sequence().await.expect("open");
-        prefill_aligned(engine, cold, &tokens, 0, BLOCK).await;
-        let cold_logits = engine.debug_logits(cold).await.expect("logits");
-        let cold_next = common::greedy_continue(engine, cold, 4).await;
-        let exported = engine.export_blocks(cold, 0, 10).await.expect("export");
-        engine.release(cold).await.expect("release");
-        for k in [4, 8, 10] {
-            let warm = engine.open_sequence().await.expect("open");
-            let blocks = blocks_of(engine, &tokens, exported[..k].to_vec(), BLOCK);
-            engine.import_blocks(warm, blocks).await.expect("import");
-            prefill_aligned(engine, warm, &tokens, k * BLOCK, BLOCK).await;
-            let logits = engine.debug_logits(warm).await.expect("logits");
-            assert!(
-                same_bits(&logits, &cold_logits),
-                "{k} restored blocks: logits differ from the cold run"
-            );
-            let next = common::greedy_continue(engine, warm, 4).await;
-            assert_eq!(next, cold_next, "{k} restored blocks: continuation");
-            engine.release(warm).await.expect("release");
-        }
-    });
+    block_on(common::warm::assert_restores_equal_cold(
+        engine,
+        &tokens,
+        &[4, 8, 10],
+        BLOCK,
+        4,
+        "Gemma 3",
+    ));
 }
 
 /// The file has no chat template: the plain fallback renders BOS and `User:` / `Assistant:`

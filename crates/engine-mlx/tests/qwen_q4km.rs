@@ -8,7 +8,6 @@ mod common;
 
 use agent_session::{ChatFormatter, Conversation, InferenceEngine, Message, Role, TokenId};
 use common::block_on;
-use common::warm::{blocks_of, prefill_aligned, same_bits};
 use engine_mlx::{MlxChatFormatter, MlxEngine};
 use std::sync::{Arc, OnceLock};
 
@@ -123,26 +122,12 @@ fn restore_then_prefill_equals_cold() {
         tokens.extend(fmt.encode(text).expect("encode"));
     }
     tokens.truncate(3 * BLOCK + 21);
-    block_on(async {
-        let cold = engine.open_sequence().await.expect("open");
-        prefill_aligned(engine, cold, &tokens, 0, BLOCK).await;
-        let cold_logits = engine.debug_logits(cold).await.expect("logits");
-        let cold_next = common::greedy_continue(engine, cold, 8).await;
-        let exported = engine.export_blocks(cold, 0, 3).await.expect("export");
-        engine.release(cold).await.expect("release");
-        for k in 1..=3 {
-            let warm = engine.open_sequence().await.expect("open");
-            let blocks = blocks_of(engine, &tokens, exported[..k].to_vec(), BLOCK);
-            engine.import_blocks(warm, blocks).await.expect("import");
-            prefill_aligned(engine, warm, &tokens, k * BLOCK, BLOCK).await;
-            let logits = engine.debug_logits(warm).await.expect("logits");
-            assert!(
-                same_bits(&logits, &cold_logits),
-                "{k} restored blocks: logits differ from the cold run"
-            );
-            let next = common::greedy_continue(engine, warm, 8).await;
-            assert_eq!(next, cold_next, "{k} restored blocks: continuation");
-            engine.release(warm).await.expect("release");
-        }
-    });
+    block_on(common::warm::assert_restores_equal_cold(
+        engine,
+        &tokens,
+        &[1, 2, 3],
+        BLOCK,
+        8,
+        "Qwen",
+    ));
 }

@@ -117,13 +117,6 @@ pub fn from_hf(mut cfg: ModelConfig, path: &Path, v: &Value) -> Result<ModelConf
             ));
         }
     }
-    if experts.top_k > experts.count {
-        return Err(invalid(
-            path,
-            "num_experts_per_tok",
-            format!("{} of {} experts", experts.top_k, experts.count),
-        ));
-    }
     cfg.experts = Some(experts);
     Ok(cfg)
 }
@@ -186,13 +179,6 @@ pub fn from_gguf(mut cfg: ModelConfig, h: &crate::gguf::GgufHeader) -> Result<Mo
         layers: (0..cfg.num_layers).map(|i| i >= first_dense).collect(),
         groups,
     };
-    if experts.top_k > experts.count {
-        return Err(invalid(
-            path,
-            &key("expert_used_count"),
-            format!("{} of {} experts", experts.top_k, experts.count),
-        ));
-    }
     cfg.experts = Some(experts);
     Ok(cfg)
 }

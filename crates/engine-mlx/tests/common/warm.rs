@@ -56,3 +56,37 @@ pub fn blocks_of(
 pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
+
+/// Prefills `tokens` cold in block-aligned chunks, then for each `k` of `restored`: a fresh
+/// sequence imports the cold run's first `k` blocks, prefills the rest the same way and must
+/// give the cold run's last logits bit for bit and its next `next` greedy ids.
+pub async fn assert_restores_equal_cold(
+    engine: &MlxEngine,
+    tokens: &[TokenId],
+    restored: &[usize],
+    block: usize,
+    next: usize,
+    label: &str,
+) {
+    let cold = engine.open_sequence().await.expect("open");
+    prefill_aligned(engine, cold, tokens, 0, block).await;
+    let cold_logits = engine.debug_logits(cold).await.expect("logits");
+    let cold_next = super::greedy_continue(engine, cold, next).await;
+    let most = restored.iter().copied().max().unwrap_or(0);
+    let exported = engine.export_blocks(cold, 0, most).await.expect("export");
+    engine.release(cold).await.expect("release");
+    for &k in restored {
+        let warm = engine.open_sequence().await.expect("open");
+        let blocks = blocks_of(engine, tokens, exported[..k].to_vec(), block);
+        engine.import_blocks(warm, blocks).await.expect("import");
+        prefill_aligned(engine, warm, tokens, k * block, block).await;
+        let logits = engine.debug_logits(warm).await.expect("logits");
+        assert!(
+            same_bits(&logits, &cold_logits),
+            "{label}, {k} restored blocks: logits differ from the cold run"
+        );
+        let got = super::greedy_continue(engine, warm, next).await;
+        assert_eq!(got, cold_next, "{label}, {k} restored blocks: continuation");
+        engine.release(warm).await.expect("release");
+    }
+}
