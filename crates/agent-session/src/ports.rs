@@ -44,6 +44,11 @@ pub enum EngineError {
     /// The request is inconsistent with the sequence's state (for example a misaligned import).
     #[error("invalid engine request: {0}")]
     Invalid(String),
+    /// The request needs KV that a sliding-window layer no longer holds (truncating a
+    /// sequence back past its window, exporting a block that left it). The caller restores
+    /// or recomputes instead.
+    #[error("KV left the sliding window: {0}")]
+    WindowPassed(String),
     /// Imported KV does not fit the model (shape, dtype, encoding).
     #[error("KV payload does not fit the model: {0}")]
     BadPayload(String),

@@ -653,7 +653,13 @@ impl AgentService {
 
         let b = self.block_tokens();
         let step = self.config.prefill_step;
-        let needed_blocks = (len + max_tokens).div_ceil(b);
+        // What the turn holds at most: sliding layers keep their window plus the chunk being
+        // prefilled or the answer being decoded, global layers everything.
+        let spec = &self.engine.model().spec;
+        let needed_blocks = usize::try_from(
+            spec.resident_blocks((len + max_tokens) as u64, (step + max_tokens) as u64),
+        )
+        .unwrap_or(usize::MAX);
         let owner = hot::Owner::new(key.clone());
         let evicted = lock(&self.hot).reserve(&owner, needed_blocks);
         let evicted = match evicted {
@@ -791,7 +797,15 @@ impl AgentService {
         // Keep whole prefill steps: what follows is prefilled in a cold run's chunks.
         let blocks = (kept_bytes.len() * b / step) * step / b;
         if blocks < kept_bytes.len() || kept_bytes.len() < usable {
-            self.engine.truncate(s, reused + blocks * b).await?;
+            match self.engine.truncate(s, reused + blocks * b).await {
+                Ok(()) => {}
+                // A restore cut short before a sliding layer's window: start over cold.
+                Err(EngineError::WindowPassed(_)) => {
+                    let _ = self.engine.release(s).await;
+                    return Ok((None, (0, 0)));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let bytes = kept_bytes.iter().take(blocks).sum();
         Ok((Some(s), (blocks * b, bytes)))
@@ -828,8 +842,17 @@ impl AgentService {
             if let Some(hot) = taken {
                 let r = reusable_len(common_prefix_len(&hot.tokens, tokens), len, step);
                 guard.set_seq(hot.seq);
-                if r > 0 {
-                    self.engine.truncate(hot.seq, r).await?;
+                // Cutting back further than a sliding window reaches is a miss of the hot
+                // tier (the store may still have the blocks).
+                let cut = match r {
+                    0 => false,
+                    r => match self.engine.truncate(hot.seq, r).await {
+                        Ok(()) => true,
+                        Err(EngineError::WindowPassed(_)) => false,
+                        Err(e) => return Err(e.into()),
+                    },
+                };
+                if cut {
                     seq = Some(hot.seq);
                     reused = r;
                     tier = CacheTier::Hot;
@@ -847,6 +870,11 @@ impl AgentService {
             let (s, restored) = self
                 .restore(guard, seq, reused, want, prev, b, step)
                 .await?;
+            if seq.is_some() && s.is_none() {
+                // The restore gave the sequence up, hot prefix included.
+                reused = 0;
+                tier = CacheTier::Miss;
+            }
             seq = s;
             restored
         } else {
@@ -865,12 +893,28 @@ impl AgentService {
         };
         guard.set_seq(seq);
 
-        // 3. Prefill the rest in aligned chunks.
+        // 3. Prefill the rest in aligned chunks. A model with sliding-window layers drops
+        // blocks from RAM at the next chunk, so each chunk's new whole blocks are stored
+        // right after it; otherwise all of them are stored at the commit.
+        let store_per_chunk =
+            self.config.persist && self.engine.model().spec.num_sliding_layers() > 0;
+        let mut saved = reused / b;
+        let mut save_failure: Option<String> = None;
         for chunk in prefill_chunks(reused, len, step) {
             let end = chunk.end;
             if let Err(e) = self.engine.prefill(seq, tokens[chunk].to_vec()).await {
                 let _ = self.engine.release(seq).await;
                 return Err(e.into());
+            }
+            let whole = end.min(persist_len) / b;
+            if store_per_chunk && whole > saved {
+                if let Some(f) = self
+                    .save_new_blocks(seq, tokens, &hashes, saved, whole - saved)
+                    .await
+                {
+                    save_failure.get_or_insert(f);
+                }
+                saved = whole;
             }
             let progress = GenerationEvent::Prefilling {
                 done: end - reused,
@@ -934,7 +978,15 @@ impl AgentService {
 
         // 5. Commit: drop decode-made KV, persist new whole chunks, keep the session hot.
         let persistence = self
-            .commit(key, guard, seq, tokens, &hashes, reused, persist_len)
+            .commit(
+                key,
+                guard,
+                seq,
+                tokens,
+                &hashes,
+                (saved, save_failure),
+                persist_len,
+            )
             .await?;
 
         if cancelled {
@@ -1036,6 +1088,46 @@ impl AgentService {
         Ok((text, generated, finish))
     }
 
+    /// Exports blocks `first..first + count` of `seq` and hands them to the store; the
+    /// failure, if any, for the turn's [`Persistence`]. Persistence failures degrade to
+    /// RAM-only: the turn itself succeeds, but the failure is reported (log, counter, the
+    /// turn, the agent).
+    async fn save_new_blocks(
+        &self,
+        seq: SequenceId,
+        tokens: &[TokenId],
+        hashes: &[BlockHash],
+        first: usize,
+        count: usize,
+    ) -> Option<String> {
+        let b = self.block_tokens();
+        let fp = self.engine.model().fingerprint.clone();
+        let payloads = match self.engine.export_blocks(seq, first, count).await {
+            Ok(p) => p,
+            Err(e) => return Some(format!("exporting the new blocks failed: {e}")),
+        };
+        let blocks: Vec<Arc<KvBlock>> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let idx = first + i;
+                Arc::new(KvBlock {
+                    meta: BlockMeta {
+                        hash: hashes[idx],
+                        parent: idx.checked_sub(1).map(|p| hashes[p]),
+                        token_ids: tokens[idx * b..(idx + 1) * b].to_vec(),
+                        model_fingerprint: fp.clone(),
+                    },
+                    payload,
+                })
+            })
+            .collect();
+        match self.store.save_blocks(blocks).await {
+            Ok(_) => None,
+            Err(e) => Some(format!("saving the new blocks failed: {e}")),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
@@ -1044,42 +1136,19 @@ impl AgentService {
         seq: SequenceId,
         tokens: &[TokenId],
         hashes: &[BlockHash],
-        reused: usize,
+        (first, mut failure): (usize, Option<String>),
         persist_len: usize,
     ) -> Result<Persistence, ServiceError> {
         let owner = &guard.owner;
-        let mut failure: Option<String> = None;
         let b = self.block_tokens();
         self.engine.truncate(seq, persist_len).await?;
-        let first = reused / b;
         let count = (persist_len / b).saturating_sub(first);
         if self.config.persist && count > 0 {
-            let fp = self.engine.model().fingerprint.clone();
-            match self.engine.export_blocks(seq, first, count).await {
-                Err(e) => failure = Some(format!("exporting the new blocks failed: {e}")),
-                Ok(payloads) => {
-                    let blocks: Vec<Arc<KvBlock>> = payloads
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, payload)| {
-                            let idx = first + i;
-                            Arc::new(KvBlock {
-                                meta: BlockMeta {
-                                    hash: hashes[idx],
-                                    parent: idx.checked_sub(1).map(|p| hashes[p]),
-                                    token_ids: tokens[idx * b..(idx + 1) * b].to_vec(),
-                                    model_fingerprint: fp.clone(),
-                                },
-                                payload,
-                            })
-                        })
-                        .collect();
-                    // Persistence failures degrade to RAM-only; the turn itself succeeded, but
-                    // the failure is reported (log, counter, the turn, the agent).
-                    if let Err(e) = self.store.save_blocks(blocks).await {
-                        failure = Some(format!("saving the new blocks failed: {e}"));
-                    }
-                }
+            if let Some(f) = self
+                .save_new_blocks(seq, tokens, hashes, first, count)
+                .await
+            {
+                failure.get_or_insert(f);
             }
         }
         let now = self.clock.now_ms();
@@ -1108,6 +1177,11 @@ impl AgentService {
                         });
                     }
                 }
+                let resident = self
+                    .engine
+                    .model()
+                    .spec
+                    .resident_blocks(persist_len as u64, 0);
                 let evicted = lock(&self.hot).commit(
                     owner,
                     HotSession {
@@ -1115,7 +1189,7 @@ impl AgentService {
                         tokens: tokens[..persist_len].to_vec(),
                         pinned: manifest.pinned,
                     },
-                    persist_len / b,
+                    usize::try_from(resident).unwrap_or(usize::MAX),
                 );
                 guard.mark_committed();
                 for s in evicted {

@@ -3,7 +3,7 @@
 
 use agent_session::{
     AgentId, CacheTier, Completion, Conversation, FinishReason, GenerateRequest, GenerationEvent,
-    Message, Namespace, Role, SamplingParams, ServiceConfig, ServiceError,
+    Message, Namespace, Persistence, Role, SamplingParams, ServiceConfig, ServiceError,
 };
 use futures::executor::block_on;
 use futures::FutureExt;
@@ -333,6 +333,64 @@ fn hot_tier_evicts_lru_and_the_evicted_agent_comes_back_warm() {
     assert_eq!(ca.token_ids, cold(&ra).token_ids);
 }
 
+/// A stack over the fake engine with a sliding first layer of `window` tokens (or none).
+fn stack_with_window(store: Arc<MemoryStore>, window: Option<u32>) -> FakeStack {
+    let engine = FakeEngine::new(FakeEngine::DEFAULT_BLOCK_TOKENS);
+    let engine = match window {
+        Some(w) => engine.with_window(w),
+        None => engine,
+    };
+    let config = ServiceConfig::for_block_tokens(FakeEngine::DEFAULT_BLOCK_TOKENS as usize);
+    FakeStack::build(Arc::new(engine), store, config)
+}
+
+#[test]
+fn sliding_window_models_store_every_block_and_recover_what_ram_dropped() {
+    let store = Arc::new(MemoryStore::new());
+    let stack = stack_with_window(store.clone(), Some(100));
+    let long = "Here is a long design note about the parser. ".repeat(14);
+    let r1 = request(Some("coder"), convo(&[], &long));
+    let c1 = run(&stack, r1.clone());
+    let prompt = c1.cache.prompt_tokens;
+    assert!(prompt > 600, "{prompt} tokens: many chunks past the window");
+    // Every whole block was stored although RAM dropped the sliding layer's old ones
+    // chunk after chunk (an export after the next chunk would have failed).
+    assert_eq!(c1.persistence, Persistence::Saved);
+    assert_eq!(store.block_count(), prompt / 64);
+    assert_eq!(c1.token_ids, cold(&r1).token_ids);
+
+    // The hot sequence keeps only the window: a new question after the shared start of the
+    // conversation cannot cut it back that far, so the blocks come from the store instead.
+    let r2 = request(
+        Some("coder"),
+        convo(&[], &format!("{} and what else?", &long[..140])),
+    );
+    stack.engine.reset_stats();
+    let c2 = run(&stack, r2.clone());
+    assert_eq!(c2.cache.tier, CacheTier::Warm);
+    assert_eq!(c2.cache.restored_tokens, c2.cache.reused_tokens);
+    assert!(c2.cache.reused_tokens >= 128);
+    assert_eq!(
+        stack.engine.stats().prefilled_tokens as usize,
+        c2.cache.prompt_tokens - c2.cache.reused_tokens
+    );
+    assert_eq!(c2.token_ids, cold(&r2).token_ids);
+
+    // The continuation of turn 1 reuses its hot window (no cut needed) ...
+    let r3 = request(Some("coder"), convo(&[(&long, &c1.text)], "Go on."));
+    let hot = stack_with_window(store.clone(), Some(100));
+    let c3 = run(&hot, request(Some("coder"), convo(&[], &long)));
+    assert_eq!(c3.cache.tier, CacheTier::Warm);
+    let c4 = run(&hot, r3.clone());
+    assert_eq!(c4.cache.tier, CacheTier::Hot);
+    assert_eq!(c4.token_ids, cold(&r3).token_ids);
+    // ... and after a restart it restores from the store.
+    let restarted = stack_with_window(store, Some(100));
+    let c5 = run(&restarted, r3.clone());
+    assert_eq!(c5.cache.tier, CacheTier::Warm);
+    assert_eq!(c5.token_ids, c4.token_ids);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     /// Whatever the history, an agent's warm turn (hot or after a restart) produces exactly
@@ -341,13 +399,14 @@ proptest! {
     fn warm_always_equals_cold(
         questions in proptest::collection::vec("[a-z ]{1,120}", 1..5),
         restart_at in 0usize..5,
+        window in proptest::option::of(1u32..200),
     ) {
         let store = Arc::new(MemoryStore::new());
-        let mut stack = FakeStack::with_store(store.clone());
+        let mut stack = stack_with_window(store.clone(), window);
         let mut history: Vec<(String, String)> = Vec::new();
         for (i, q) in questions.iter().enumerate() {
             if i == restart_at {
-                stack = FakeStack::with_store(store.clone());
+                stack = stack_with_window(store.clone(), window);
             }
             let turns: Vec<(&str, &str)> = history.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
             let r = request(Some("agent"), convo(&turns, q));

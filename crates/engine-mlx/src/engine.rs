@@ -845,7 +845,7 @@ impl Worker {
                                 s.kv.len()
                             )));
                         }
-                        s.kv.truncate(n);
+                        s.kv.truncate(n)?;
                         s.tokens.truncate(n);
                         s.logits = None;
                         Ok(())
@@ -973,7 +973,8 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
-                s.kv.truncate(current);
+                // Back to where the pass began (which the windows still reach).
+                let _ = s.kv.truncate(current);
                 s.logits = None;
                 Err(e)
             }
@@ -984,6 +985,9 @@ impl Worker {
         if tokens.is_empty() {
             return Err(Error::Request("prefill needs at least one token".into()));
         }
+        // Blocks no sliding window of this chunk reaches leave RAM first (the service has
+        // exported those it stores).
+        self.seq_mut(id)?.kv.retain_windows()?;
         self.run_forward(id, tokens)
     }
 
@@ -1091,7 +1095,7 @@ impl Worker {
             }
             other => {
                 for ((_, s), &len) in taken.iter_mut().zip(&lens) {
-                    s.kv.truncate(len);
+                    let _ = s.kv.truncate(len);
                     s.logits = None;
                 }
                 match other {

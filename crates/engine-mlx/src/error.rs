@@ -191,6 +191,9 @@ pub enum Error {
     /// A request is inconsistent with the sequence's state.
     #[error("invalid engine request: {0}")]
     Request(String),
+    /// A request needs KV that a sliding-window layer has already dropped.
+    #[error("KV left the sliding window: {0}")]
+    WindowPassed(String),
     /// An unknown sequence id.
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
@@ -235,6 +238,7 @@ impl From<Error> for agent_session::EngineError {
             Error::WorkerStopped => agent_session::EngineError::Stopped,
             Error::KvPayload(m) => agent_session::EngineError::BadPayload(m),
             Error::Request(m) => agent_session::EngineError::Invalid(m),
+            Error::WindowPassed(m) => agent_session::EngineError::WindowPassed(m),
             Error::UnknownSequence(id) => {
                 agent_session::EngineError::UnknownSequence(agent_session::SequenceId(id))
             }

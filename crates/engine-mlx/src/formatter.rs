@@ -911,6 +911,103 @@ mod tests {
         assert!(out.starts_with("<system>You can call tools."), "{out}");
     }
 
+    /// A template in the shape of Llama 3.1 / 3.2's (written here from their documented
+    /// prompt format, with the constructs their templates use: a date from `strftime_now`
+    /// unless `date_string` is given, the system message lifted out of `messages` and
+    /// trimmed, tools as indented JSON, one call per assistant turn or `raise_exception`,
+    /// tool results as `ipython` turns).
+    const LLAMA3_STYLE: &str = r#"{{- bos_token }}
+{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools %}{{- "Environment: ipython\n" }}{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools %}{%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\n\n" }}{%- endfor %}{%- endif %}
+{{- system_message }}{{- "<|eot_id|>" }}
+{%- for message in messages %}
+{%- if message.role in ['user', 'assistant'] and not message.tool_calls %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- elif message.tool_calls %}
+{%- if message.tool_calls|length != 1 %}{{- raise_exception("one tool call per turn") }}{%- endif %}
+{%- set call = message.tool_calls[0].function %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{{- '{"name": "' + call.name + '", "parameters": ' + call.arguments | tojson + '}' }}{{- "<|eom_id|>" }}
+{%- elif message.role == "tool" %}
+{{- "<|start_header_id|>ipython<|end_header_id|>\n\n" + message.content + "<|eot_id|>" }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"#;
+
+    fn llama3_formatter() -> MlxChatFormatter {
+        let mut tok = Tokenizer::new(BPE::default());
+        tok.add_special_tokens(&[
+            AddedToken::from("<|begin_of_text|>", true),
+            AddedToken::from("<|end_of_text|>", true),
+            AddedToken::from("<|eot_id|>", true),
+            AddedToken::from("<|eom_id|>", true),
+        ]);
+        MlxChatFormatter::new(
+            tok,
+            Some(LLAMA3_STYLE.to_owned()),
+            SpecialTokens {
+                bos_token: "<|begin_of_text|>".into(),
+                eos_token: "<|eot_id|>".into(),
+                eos_ids: vec![2],
+                add_bos: false,
+            },
+            Path::new("test"),
+        )
+        .expect("formatter")
+    }
+
+    #[test]
+    fn llama3_style_templates_render_the_documented_prompt_format() {
+        let f = llama3_formatter();
+        let today = strftime_utc("%d %b %Y");
+        let chat = Conversation {
+            messages: vec![
+                Message::text(Role::System, "  Be brief. "),
+                Message::text(Role::User, "Capital of France?"),
+            ],
+            tools: Vec::new(),
+        };
+        assert_eq!(
+            f.render(&chat, true).expect("render"),
+            format!(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
+                 Cutting Knowledge Date: December 2023\nToday Date: {today}\n\n\
+                 Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n\
+                 Capital of France?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+            )
+        );
+        // Tools: indented JSON in the system turn, the call as JSON ending in <|eom_id|>,
+        // the result as an ipython turn.
+        let out = f.render(&conversation(), true).expect("render");
+        assert!(out.contains("Environment: ipython\n"), "{out}");
+        assert!(out.contains("\n    \"function\": {\n"), "{out}");
+        assert!(
+            out.contains(
+                "<|start_header_id|>assistant<|end_header_id|>\n\n\
+                 {\"name\": \"get_weather\", \"parameters\": {\"city\":\"Paris\"}}<|eom_id|>\
+                 <|start_header_id|>ipython<|end_header_id|>\n\nsunny<|eot_id|>"
+            ),
+            "{out}"
+        );
+        // Two calls in one turn: the template's own error, as a format error.
+        let mut two = conversation();
+        let call = two.messages[2].tool_calls[0].clone();
+        two.messages[2].tool_calls.push(call);
+        let e = f.render(&two, true).expect_err("two calls");
+        assert!(e.to_string().contains("one tool call per turn"), "{e}");
+        // Both end-of-turn tokens stop generation (a tool call ends in <|eom_id|>).
+        let stops = f.stop_token_ids();
+        for t in ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"] {
+            let id = f.tokenizer.token_to_id(t).expect("special token");
+            assert!(stops.contains(&id), "{t} stops: {stops:?}");
+        }
+    }
+
     #[test]
     fn raise_exception_and_python_methods() {
         let f = formatter(

@@ -7,6 +7,7 @@ use agent_session::{KvEncoding, KvPayload, KvTensor, TensorDtype};
 use mlx_rs::ops::indexing::{TryIndexMutOp, TryIndexOp};
 use mlx_rs::ops::{self};
 use mlx_rs::{Array, Dtype};
+use std::sync::Arc;
 
 /// Quantization group size of exported quantized KV blocks.
 pub const KV_QUANT_GROUP: i32 = 64;
@@ -36,7 +37,7 @@ fn import_threads() -> usize {
 }
 
 /// Shape of a model's KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvLayout {
     /// Layers with a KV cache.
     pub num_layers: usize,
@@ -46,17 +47,72 @@ pub struct KvLayout {
     pub head_dim: usize,
     /// Tokens per block.
     pub block_tokens: usize,
+    /// The sliding window of each layer (`windows[i]`; empty or all `None` when no layer
+    /// slides). A sliding layer keeps in RAM only the blocks its window can still reach.
+    pub windows: Arc<[Option<usize>]>,
+    /// The values are the keys (latent attention's one cached vector per token): V is not
+    /// stored, exported or imported, and reads of V give K.
+    pub values_are_keys: bool,
+}
+
+impl KvLayout {
+    /// A layout of global layers with distinct K and V (most models).
+    pub fn dense(num_layers: usize, kv_heads: usize, head_dim: usize, block_tokens: usize) -> Self {
+        Self {
+            num_layers,
+            kv_heads,
+            head_dim,
+            block_tokens,
+            windows: Arc::from(Vec::new()),
+            values_are_keys: false,
+        }
+    }
+
+    /// The sliding window of `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.windows.get(layer).copied().flatten()
+    }
+
+    /// First position a sliding layer of window `w` must still hold when the next token
+    /// to attend is at position `len`: that token sees `len + 1 - w..=len`, rounded down to
+    /// a block (what a layer holds starts on a block boundary).
+    pub fn window_base(&self, w: usize, len: usize) -> usize {
+        let bt = self.block_tokens.max(1);
+        (len + 1).saturating_sub(w) / bt * bt
+    }
+}
+
+/// One layer's buffers: position `p` of the sequence is row `p - base`.
+#[derive(Debug)]
+struct LayerKv {
+    k: Array,
+    /// `None` when the values are the keys.
+    v: Option<Array>,
+    /// First position held (0 on global layers; a block boundary on sliding ones).
+    base: usize,
+    /// Rows allocated (a multiple of the block size).
+    rows: usize,
+}
+
+impl LayerKv {
+    /// The value buffer (the keys when the values are the keys).
+    fn values(&self) -> &Array {
+        self.v.as_ref().unwrap_or(&self.k)
+    }
+
+    fn buffers(&self) -> impl Iterator<Item = &Array> {
+        std::iter::once(&self.k).chain(self.v.as_ref())
+    }
 }
 
 /// The KV state of one sequence.
 #[derive(Debug)]
 pub struct SequenceKv {
     layout: KvLayout,
-    /// Per layer: (K, V), each `[1, kv_heads, capacity, head_dim]` f32; empty until the
-    /// first write.
-    layers: Vec<(Array, Array)>,
+    /// Per layer: K and V, each `[1, kv_heads, rows, head_dim]` f32; empty until the first
+    /// write.
+    layers: Vec<LayerKv>,
     len: usize,
-    capacity: usize,
     /// Whether every buffer is evaluated and row-contiguous with its own memory since the
     /// last change of `layers` ([`SequenceKv::prepare_host`]).
     host_ready: bool,
@@ -72,6 +128,16 @@ fn i32_of(n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| bad(format!("{n} exceeds the tensor size limit")))
 }
 
+fn zeros(layout: &KvLayout, rows: usize) -> Result<Array> {
+    let shape = [
+        1,
+        i32_of(layout.kv_heads)?,
+        i32_of(rows)?,
+        i32_of(layout.head_dim)?,
+    ];
+    Array::zeros::<f32>(&shape).ctx("allocating KV")
+}
+
 impl SequenceKv {
     /// An empty sequence.
     pub fn new(layout: KvLayout) -> Self {
@@ -79,7 +145,6 @@ impl SequenceKv {
             layout,
             layers: Vec::new(),
             len: 0,
-            capacity: 0,
             host_ready: false,
             import_plan: 0,
         }
@@ -95,75 +160,114 @@ impl SequenceKv {
         self.len == 0
     }
 
-    /// Allocated token capacity (a multiple of the block size).
+    /// Positions the buffers can hold without growing (0 before the first reservation).
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.layers
+            .iter()
+            .map(|l| l.base + l.rows)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Rows allocated on `layer` (its buffers are `[kv_heads, rows, head_dim]`).
+    pub fn layer_rows(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.rows)
+    }
+
+    /// First position `layer` holds: row 0 of its buffers (0 unless it slides).
+    pub fn layer_base(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.base)
+    }
+
+    /// Bytes of KV the buffers hold (allocated rows, every layer).
+    pub fn resident_bytes(&self) -> usize {
+        let per_row = self.layout.kv_heads * self.layout.head_dim * 4;
+        self.layers
+            .iter()
+            .map(|l| l.rows * per_row * (1 + usize::from(l.v.is_some())))
+            .sum()
     }
 
     /// The layout.
-    pub fn layout(&self) -> KvLayout {
-        self.layout
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
     }
 
-    /// Makes room for `total` tokens, growing by whole blocks.
+    /// Makes room for positions up to `total`, growing by whole blocks.
     pub fn reserve(&mut self, total: usize) -> Result<()> {
-        if total <= self.capacity {
+        let bt = self.layout.block_tokens.max(1);
+        if self.layers.is_empty() {
+            let rows = total.div_ceil(bt) * bt;
+            for _ in 0..self.layout.num_layers {
+                let k = zeros(&self.layout, rows)?;
+                let v = match self.layout.values_are_keys {
+                    true => None,
+                    false => Some(zeros(&self.layout, rows)?),
+                };
+                self.layers.push(LayerKv {
+                    k,
+                    v,
+                    base: 0,
+                    rows,
+                });
+            }
+            self.host_ready = false;
             return Ok(());
         }
-        let bt = self.layout.block_tokens.max(1);
-        let new_cap = total.div_ceil(bt) * bt;
-        let grow = i32_of(new_cap - self.capacity)?;
-        let shape = [
-            1,
-            i32_of(self.layout.kv_heads)?,
-            grow,
-            i32_of(self.layout.head_dim)?,
-        ];
-        if self.layers.is_empty() {
-            for _ in 0..self.layout.num_layers {
-                let k = Array::zeros::<f32>(&shape).ctx("allocating KV")?;
-                let v = Array::zeros::<f32>(&shape).ctx("allocating KV")?;
-                self.layers.push((k, v));
+        for l in &mut self.layers {
+            if l.base + l.rows >= total {
+                continue;
             }
-        } else {
-            let zeros = Array::zeros::<f32>(&shape).ctx("allocating KV")?;
-            for (k, v) in &mut self.layers {
-                *k = ops::concatenate(&[&*k, &zeros], 2).ctx("growing KV")?;
-                *v = ops::concatenate(&[&*v, &zeros], 2).ctx("growing KV")?;
+            let rows = (total - l.base).div_ceil(bt) * bt;
+            let more = zeros(&self.layout, rows - l.rows)?;
+            l.k = ops::concatenate(&[&l.k, &more], 2).ctx("growing KV")?;
+            if let Some(v) = &mut l.v {
+                *v = ops::concatenate(&[&*v, &more], 2).ctx("growing KV")?;
             }
+            l.rows = rows;
+            self.host_ready = false;
         }
-        self.capacity = new_cap;
-        self.host_ready = false;
         Ok(())
     }
 
     /// Writes `k_new`/`v_new` (`[1, kv_heads, n, head_dim]`) of `layer` at the current end
-    /// (after [`SequenceKv::reserve`]) and returns K and V over everything up to the new end.
-    /// The length advances only with [`SequenceKv::advance`], once all layers are written.
+    /// (after [`SequenceKv::reserve`]) and returns K and V over the positions the layer holds
+    /// up to the new end (from [`SequenceKv::layer_base`]). The length advances only with
+    /// [`SequenceKv::advance`], once all layers are written. When the values are the keys,
+    /// `v_new` is not stored (it must equal `k_new`).
     pub fn write(&mut self, layer: usize, k_new: &Array, v_new: &Array) -> Result<(Array, Array)> {
         let n = k_new.shape().get(2).copied().unwrap_or(0);
-        let start = i32_of(self.len)?;
-        let end = start + n;
-        let (k, v) = self
+        let len = self.len;
+        let l = self
             .layers
             .get_mut(layer)
             .ok_or_else(|| bad(format!("layer {layer} out of range")))?;
+        let start = len
+            .checked_sub(l.base)
+            .ok_or_else(|| bad(format!("layer {layer} holds no KV at position {len}")))?;
+        let start = i32_of(start)?;
+        let end = start + n;
         self.host_ready = false;
-        k.try_index_mut((.., .., start..end, ..), k_new)
+        l.k.try_index_mut((.., .., start..end, ..), k_new)
             .ctx("writing K")?;
-        v.try_index_mut((.., .., start..end, ..), v_new)
-            .ctx("writing V")?;
-        let keys = k.try_index((.., .., ..end, ..)).ctx("slicing K")?;
-        let values = v.try_index((.., .., ..end, ..)).ctx("slicing V")?;
+        if let Some(v) = &mut l.v {
+            v.try_index_mut((.., .., start..end, ..), v_new)
+                .ctx("writing V")?;
+        }
+        let keys = l.k.try_index((.., .., ..end, ..)).ctx("slicing K")?;
+        let values = match &l.v {
+            Some(v) => v.try_index((.., .., ..end, ..)).ctx("slicing V")?,
+            None => keys.clone(),
+        };
         Ok((keys, values))
     }
 
-    /// The K and V buffers of `layer`, `[1, kv_heads, capacity, head_dim]` (after the first
-    /// [`SequenceKv::reserve`]).
+    /// The K and V buffers of `layer`, `[1, kv_heads, rows, head_dim]` from
+    /// [`SequenceKv::layer_base`] (after the first [`SequenceKv::reserve`]).
     pub fn layer(&self, layer: usize) -> Result<(&Array, &Array)> {
         self.layers
             .get(layer)
-            .map(|(k, v)| (k, v))
+            .map(|l| (&l.k, l.values()))
             .ok_or_else(|| bad(format!("layer {layer} out of range")))
     }
 
@@ -176,9 +280,10 @@ impl SequenceKv {
             return Ok(());
         }
         mlx_rs::transforms::eval(self.arrays()).ctx("evaluating KV")?;
-        let expected = self.host_elements();
-        for (k, v) in &mut self.layers {
-            for buf in [k, v] {
+        let (kvh, hd) = (self.layout.kv_heads, self.layout.head_dim);
+        for l in &mut self.layers {
+            let expected = kvh * l.rows * hd;
+            for buf in std::iter::once(&mut l.k).chain(l.v.as_mut()) {
                 if !host_access::is_plain(buf, expected) {
                     *buf = buf.contiguous().ctx("materializing KV")?;
                     buf.eval().ctx("materializing KV")?;
@@ -192,25 +297,25 @@ impl SequenceKv {
         Ok(())
     }
 
-    fn host_elements(&self) -> usize {
-        self.layout.kv_heads * self.capacity * self.layout.head_dim
-    }
-
-    /// K and V of `layer` as mutable host memory, each `[kv_heads, capacity, head_dim]`
-    /// row-major: the decode step on the host reads the cached tokens and writes the new
-    /// token's K/V in place (position [`SequenceKv::len`], then
-    /// [`SequenceKv::advance`]). Needs [`SequenceKv::prepare_host`] since the buffers last
-    /// changed.
+    /// K and V of `layer` as mutable host memory, each `[kv_heads, rows, head_dim]`
+    /// row-major from [`SequenceKv::layer_base`]: the decode step on the host reads the
+    /// cached tokens and writes the new token's K/V in place (position
+    /// [`SequenceKv::len`], then [`SequenceKv::advance`]). Needs
+    /// [`SequenceKv::prepare_host`] since the buffers last changed, and distinct values.
     pub fn host_layer_mut(&mut self, layer: usize) -> Result<(&mut [f32], &mut [f32])> {
         if !self.host_ready {
             return Err(bad("KV buffers not prepared for host access"));
         }
-        let expected = self.host_elements();
-        let (k, v) = self
+        let (kvh, hd) = (self.layout.kv_heads, self.layout.head_dim);
+        let l = self
             .layers
             .get_mut(layer)
             .ok_or_else(|| bad(format!("layer {layer} out of range")))?;
-        host_access::pair_mut(k, v, expected)
+        let expected = kvh * l.rows * hd;
+        match &mut l.v {
+            Some(v) => host_access::pair_mut(&mut l.k, v, expected),
+            None => Err(bad("the values are the keys: no separate value buffer")),
+        }
     }
 
     /// Marks `n` more tokens as stored.
@@ -220,25 +325,102 @@ impl SequenceKv {
 
     /// Every buffer (to evaluate them together with the logits).
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
-        self.layers.iter().flat_map(|(k, v)| [k, v])
+        self.layers.iter().flat_map(LayerKv::buffers)
     }
 
-    /// Cuts the sequence back to `tokens` tokens (the buffers keep their capacity) and
-    /// forgets an announced import.
-    pub fn truncate(&mut self, tokens: usize) {
-        self.len = self.len.min(tokens);
+    /// Cuts the sequence back to `tokens` tokens and forgets an announced import; then
+    /// drops what no sliding window reaches any more ([`SequenceKv::retain_windows`]).
+    /// Global layers keep their capacity. Fails, changing nothing, when a sliding layer no
+    /// longer holds the window the shorter sequence needs ([`Error::WindowPassed`]).
+    pub fn truncate(&mut self, tokens: usize) -> Result<()> {
+        let len = self.len.min(tokens);
+        if len == 0 {
+            // Nothing held: every layer may start again from position 0.
+            for l in &mut self.layers {
+                l.base = 0;
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if let Some(w) = self.layout.window(i) {
+                if l.base > self.layout.window_base(w, len) {
+                    return Err(Error::WindowPassed(format!(
+                        "layer {i} keeps positions from {} on; {len} tokens need its window \
+                         from {}",
+                        l.base,
+                        self.layout.window_base(w, len)
+                    )));
+                }
+            }
+        }
+        self.len = len;
         self.import_plan = 0;
+        self.retain_windows()
+    }
+
+    /// Drops the blocks of each sliding layer that the next token (at position
+    /// [`SequenceKv::len`]) and every later one can no longer see, and shrinks its buffers
+    /// to the blocks left: a sliding layer keeps at most its window plus one block. The
+    /// caller exports what it still wants to store first. Each layer's base is a function
+    /// of the length alone, so the buffers a prefill chunk attends to are the same whatever
+    /// path (cold, restored, hot) led there.
+    pub fn retain_windows(&mut self) -> Result<()> {
+        let bt = self.layout.block_tokens.max(1);
+        let (kvh, hd) = (self.layout.kv_heads, self.layout.head_dim);
+        let len = self.len;
+        let targets: Vec<(usize, usize)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let target = self.layout.window_base(self.layout.window(i)?, len);
+                (target > l.base && l.base <= len).then_some((i, target))
+            })
+            .collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
+        self.prepare_host()?;
+        for (i, target) in targets {
+            let l = &mut self.layers[i];
+            let drop_rows = target - l.base;
+            let rows = (len - target).div_ceil(bt).max(1) * bt;
+            let shape = [1, i32_of(kvh)?, i32_of(rows)?, i32_of(hd)?];
+            let keep = |buf: &Array| -> Result<Array> {
+                // Copied on the host into memory of its own, so the old buffer is freed.
+                let data = buf
+                    .try_as_slice::<f32>()
+                    .map_err(|e| bad(format!("reading KV: {e}")))?;
+                let mut out = vec![0.0f32; kvh * rows * hd];
+                for (dst, src) in out
+                    .chunks_exact_mut(rows * hd)
+                    .zip(data.chunks_exact(l.rows * hd))
+                {
+                    let n = rows.min(l.rows - drop_rows) * hd;
+                    dst[..n].copy_from_slice(&src[drop_rows * hd..][..n]);
+                }
+                Ok(Array::from_slice(&out, &shape))
+            };
+            let k = keep(&l.k)?;
+            let v = l.v.as_ref().map(|v| keep(v)).transpose()?;
+            *l = LayerKv {
+                k,
+                v,
+                base: target,
+                rows,
+            };
+        }
+        self.host_ready = false;
+        Ok(())
     }
 
     /// Takes the buffers out, leaving the sequence empty with none; `None` when it has
     /// none. For the engine's [`KvPool`].
     pub fn take_buffers(&mut self) -> Option<KvBuffers> {
         let layers = std::mem::take(&mut self.layers);
-        let capacity = std::mem::replace(&mut self.capacity, 0);
         self.len = 0;
         self.import_plan = 0;
         self.host_ready = false;
-        (!layers.is_empty()).then_some(KvBuffers { layers, capacity })
+        (!layers.is_empty()).then(|| KvBuffers::from_layers(layers))
     }
 
     /// Gives an empty sequence `buffers` (from the engine's [`KvPool`]) in place of its own.
@@ -248,28 +430,67 @@ impl SequenceKv {
         if self.len != 0 {
             return Err(bad("buffers can only be given to an empty sequence"));
         }
+        if buffers.layers.len() != self.layout.num_layers
+            || buffers
+                .layers
+                .iter()
+                .any(|l| l.v.is_none() != self.layout.values_are_keys)
+        {
+            return Err(bad("the buffers are of another KV layout"));
+        }
         self.layers = buffers.layers;
-        self.capacity = buffers.capacity;
+        for l in &mut self.layers {
+            l.base = 0;
+        }
         self.import_plan = 0;
         self.host_ready = false;
         Ok(())
     }
 
+    /// Rows and base of each layer for `end` positions imported into an empty sequence:
+    /// global layers from 0, sliding ones from the window `end` needs; room for
+    /// [`IMPORT_SPARE_BLOCKS`] more blocks after `end` on each.
+    fn import_plans(&self, end: usize) -> Vec<LayerPlan> {
+        let capacity = import_capacity(self.layout.block_tokens, end);
+        (0..self.layout.num_layers)
+            .map(|i| {
+                let base = self
+                    .layout
+                    .window(i)
+                    .map_or(0, |w| self.layout.window_base(w, end));
+                LayerPlan {
+                    base,
+                    rows: capacity - base,
+                }
+            })
+            .collect()
+    }
+
     /// Announces that the next [`SequenceKv::import_blocks`] calls append `tokens` tokens
     /// in all, and sizes the buffers for them now, as one import of them all would: the
     /// caller reads the blocks meanwhile, and each part is then decoded straight into the
-    /// buffers.
+    /// buffers. Into an empty sequence, sliding layers are sized for their last window only
+    /// and skip the blocks before it.
     pub fn plan_import(&mut self, tokens: usize) -> Result<()> {
         self.import_plan = self.len + tokens;
         if tokens == 0 {
             return Ok(());
         }
         if self.len == 0 {
-            let capacity = import_capacity(self.layout.block_tokens, tokens);
-            if self.capacity < capacity {
+            let plans = self.import_plans(self.import_plan);
+            let fits = self.layers.len() == plans.len()
+                && self
+                    .layers
+                    .iter()
+                    .zip(&plans)
+                    .all(|(l, p)| l.rows >= p.rows && l.rows <= 2 * p.rows.max(1));
+            if fits {
+                for (l, p) in self.layers.iter_mut().zip(&plans) {
+                    l.base = p.base;
+                }
+            } else {
                 // Zeros built on several threads as host data (an import of no block).
-                self.layers = self.import_tensors(&[], capacity)?;
-                self.capacity = capacity;
+                self.layers = self.import_tensors(&[], &plans)?;
                 self.host_ready = false;
             }
         } else {
@@ -278,7 +499,8 @@ impl SequenceKv {
         self.prepare_host()
     }
 
-    fn block_range(&self, block: usize) -> Result<(i32, i32)> {
+    /// Rows `start..end` of every layer holding block `block`, checked.
+    fn block_range(&self, layer: &LayerKv, index: usize, block: usize) -> Result<(usize, usize)> {
         let bt = self.layout.block_tokens;
         let start = block * bt;
         if start + bt > self.len {
@@ -287,12 +509,20 @@ impl SequenceKv {
                 self.len
             )));
         }
-        Ok((i32_of(start)?, i32_of(start + bt)?))
+        if start < layer.base {
+            return Err(Error::WindowPassed(format!(
+                "block {block} has left the sliding window of layer {index} (it keeps \
+                 positions from {} on)",
+                layer.base
+            )));
+        }
+        Ok((start - layer.base, start - layer.base + bt))
     }
 
-    /// Copies blocks `first..first + count` out as bytes: `l{i}.k` / `l{i}.v`, `[kv_heads,
-    /// block_tokens, head_dim]` f32 (bit-exact), or with `kv_bits` MLX affine quantization
-    /// with group 64: `l{i}.k` (u32), `l{i}.k.scales`, `l{i}.k.biases` (f16).
+    /// Copies blocks `first..first + count` out as bytes: `l{i}.k` / `l{i}.v` (no `l{i}.v`
+    /// when the values are the keys), `[kv_heads, block_tokens, head_dim]` f32 (bit-exact),
+    /// or with `kv_bits` MLX affine quantization with group 64: `l{i}.k` (u32),
+    /// `l{i}.k.scales`, `l{i}.k.biases` (f16). A sliding layer must still hold the blocks.
     ///
     /// Float blocks are copied straight from each layer's evaluated buffer into the payload's
     /// bytes (one copy, no intermediate MLX array).
@@ -302,13 +532,22 @@ impl SequenceKv {
         count: usize,
         kv_bits: Option<u8>,
     ) -> Result<Vec<KvPayload>> {
-        for b in first..first + count {
-            self.block_range(b)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            for b in first..first + count {
+                self.block_range(l, i, b)?;
+            }
+        }
+        if count > 0 && self.layers.is_empty() {
+            return Err(bad("the sequence has no KV buffers"));
         }
         match kv_bits {
             None => self.export_float(first, count),
             Some(bits) => self.export_quantized(first, count, bits),
         }
+    }
+
+    fn kinds(l: &LayerKv) -> impl Iterator<Item = (&'static str, &Array)> {
+        std::iter::once(("k", &l.k)).chain(l.v.as_ref().map(|v| ("v", v)))
     }
 
     fn export_float(&self, first: usize, count: usize) -> Result<Vec<KvPayload>> {
@@ -322,8 +561,8 @@ impl SequenceKv {
         let mut out: Vec<Vec<KvTensor>> = (0..count)
             .map(|_| Vec::with_capacity(2 * self.layers.len()))
             .collect();
-        for (i, (k, v)) in self.layers.iter().enumerate() {
-            for (kind, buf) in [("k", k), ("v", v)] {
+        for (i, l) in self.layers.iter().enumerate() {
+            for (kind, buf) in Self::kinds(l) {
                 let owned;
                 let data: &[f32] = match buf.try_as_slice::<f32>() {
                     Ok(d) => d,
@@ -335,19 +574,20 @@ impl SequenceKv {
                             .map_err(|e| bad(format!("reading KV: {e}")))?
                     }
                 };
-                // `[1, kv_heads, capacity, head_dim]`: head h's rows of block b are
-                // `per_head` values at `(h * capacity + b * bt) * head_dim`.
-                if data.len() != kv_heads * self.capacity * head_dim {
+                // `[1, kv_heads, rows, head_dim]`: head h's rows of block b are `per_head`
+                // values at `(h * rows + b * bt - base) * head_dim`.
+                if data.len() != kv_heads * l.rows * head_dim {
                     return Err(bad(format!(
                         "KV buffer of layer {i} holds {} values, expected {}",
                         data.len(),
-                        kv_heads * self.capacity * head_dim
+                        kv_heads * l.rows * head_dim
                     )));
                 }
                 for (tensors, b) in out.iter_mut().zip(first..) {
+                    let (row, _) = self.block_range(l, i, b)?;
                     let mut bytes = vec![0u8; kv_heads * per_head * 4];
                     for (h, dst) in bytes.chunks_exact_mut(per_head * 4).enumerate() {
-                        let at = (h * self.capacity + b * bt) * head_dim;
+                        let at = (h * l.rows + row) * head_dim;
                         encode_f32(dst, &data[at..at + per_head]);
                     }
                     tensors.push(KvTensor {
@@ -373,11 +613,12 @@ impl SequenceKv {
     fn export_quantized(&self, first: usize, count: usize, bits: u8) -> Result<Vec<KvPayload>> {
         let mut out = Vec::with_capacity(count);
         for b in first..first + count {
-            let (s, e) = self.block_range(b)?;
             // Quantized slices of every layer, evaluated together.
             let mut named: Vec<(String, Array)> = Vec::new();
-            for (i, (k, v)) in self.layers.iter().enumerate() {
-                for (kind, buf) in [("k", k), ("v", v)] {
+            for (i, l) in self.layers.iter().enumerate() {
+                let (s, e) = self.block_range(l, i, b)?;
+                let (s, e) = (i32_of(s)?, i32_of(e)?);
+                for (kind, buf) in Self::kinds(l) {
                     let slice = buf.try_index((0, .., s..e, ..)).ctx("slicing a KV block")?;
                     let (w, sc, bi) = ops::quantize(&slice, KV_QUANT_GROUP, i32::from(bits))
                         .ctx("quantizing a KV block")?;
@@ -408,16 +649,22 @@ impl SequenceKv {
         Ok(out)
     }
 
+    /// The tensor names of layer `i` in a payload.
+    fn tensor_names(&self, i: usize) -> impl Iterator<Item = String> {
+        let v = (!self.layout.values_are_keys).then(|| format!("l{i}.v"));
+        std::iter::once(format!("l{i}.k")).chain(v)
+    }
+
     /// Appends whole blocks (the sequence length must be a multiple of the block size).
     ///
     /// Every payload is checked before the sequence changes, so a bad payload leaves it as
     /// it was. Into an empty sequence, float blocks are decoded on the host into one
-    /// `[1, kv_heads, capacity, head_dim]` array per layer and K/V (one copy into a reused
+    /// `[1, kv_heads, rows, head_dim]` array per layer and K/V (one copy into a reused
     /// scratch buffer, one into MLX) that become the buffers themselves, with room for the
     /// rest of an announced import ([`SequenceKv::plan_import`]) and
     /// [`IMPORT_SPARE_BLOCKS`] more blocks. When the buffers already have room, float
     /// blocks are decoded straight into them; otherwise the buffers grow and the blocks are
-    /// written after the current end.
+    /// written after the current end. Sliding layers keep only what their window reaches.
     pub fn import_blocks(&mut self, payloads: &[&KvPayload]) -> Result<()> {
         let bt = self.layout.block_tokens;
         if !self.len.is_multiple_of(bt) {
@@ -432,28 +679,36 @@ impl SequenceKv {
         let n = payloads.len() * bt;
         // The length the announced imports reach, this one included.
         let end = self.import_plan.max(self.len + n);
-        if self.len + n <= self.capacity && payloads.iter().all(|p| float_dtype(p).is_some()) {
+        let room = !self.layers.is_empty() && self.capacity() >= self.len + n;
+        if room && payloads.iter().all(|p| float_dtype(p).is_some()) {
             // Room already there (sized by an announced import, or left by a truncation):
             // decode straight into the buffers.
             self.import_in_place(payloads)?;
         } else if self.len == 0 {
             // The imported arrays become the buffers: give them the room of the whole
             // announced import and the next prefill needs anyway.
-            let capacity = import_capacity(bt, end);
-            let imported = self.import_tensors(payloads, capacity)?;
+            let plans = self.import_plans(end);
+            let imported = self.import_tensors(payloads, &plans)?;
             self.layers = imported;
-            self.capacity = capacity;
             self.host_ready = false;
         } else {
-            let imported = self.import_tensors(payloads, n)?;
+            let plans: Vec<LayerPlan> = (0..self.layout.num_layers)
+                .map(|_| LayerPlan { base: 0, rows: n })
+                .collect();
+            let imported = self.import_tensors(payloads, &plans)?;
             self.reserve(end)?;
-            let start = i32_of(self.len)?;
-            let stop = i32_of(self.len + n)?;
-            for ((k, v), (kn, vn)) in self.layers.iter_mut().zip(imported) {
-                k.try_index_mut((.., .., start..stop, ..), &kn)
+            let len = self.len;
+            for (l, new) in self.layers.iter_mut().zip(imported) {
+                let start = len
+                    .checked_sub(l.base)
+                    .ok_or_else(|| bad("a layer holds no KV at the import's start"))?;
+                let (start, stop) = (i32_of(start)?, i32_of(start + n)?);
+                l.k.try_index_mut((.., .., start..stop, ..), &new.k)
                     .ctx("writing imported K")?;
-                v.try_index_mut((.., .., start..stop, ..), &vn)
-                    .ctx("writing imported V")?;
+                if let (Some(v), Some(vn)) = (&mut l.v, &new.v) {
+                    v.try_index_mut((.., .., start..stop, ..), vn)
+                        .ctx("writing imported V")?;
+                }
             }
             self.host_ready = false;
         }
@@ -462,48 +717,67 @@ impl SequenceKv {
         if self.len >= self.import_plan {
             self.import_plan = 0;
         }
-        Ok(())
+        self.retain_windows()
     }
 
     /// Decodes float payloads on the host straight into the buffers after the current
     /// end (which must have room for them), layers split over up to [`IMPORT_THREADS`]
-    /// threads. Every tensor is checked first, so a bad payload writes nothing.
+    /// threads; a sliding layer skips the blocks before its base. Every tensor is checked
+    /// first, so a bad payload writes nothing.
     fn import_in_place(&mut self, payloads: &[&KvPayload]) -> Result<()> {
         let KvLayout {
             num_layers,
             kv_heads: kvh,
             head_dim: hd,
             block_tokens: bt,
+            ..
         } = self.layout;
         let mut sources = Vec::with_capacity(payloads.len());
         for p in payloads {
             let dtype = float_dtype(p).ok_or_else(|| bad("not a float block"))?;
             let mut layers = Vec::with_capacity(num_layers);
             for i in 0..num_layers {
-                let k = find(p, &format!("l{i}.k"), dtype, &[kvh, bt, hd])?;
-                let v = find(p, &format!("l{i}.v"), dtype, &[kvh, bt, hd])?;
-                layers.push([k, v]);
+                let mut pair = self
+                    .tensor_names(i)
+                    .map(|name| find(p, &name, dtype, &[kvh, bt, hd]));
+                let k = pair.next().ok_or_else(|| bad("no key tensor"))??;
+                let v = pair.next().transpose()?;
+                layers.push([Some(k), v]);
             }
             sources.push((dtype, layers));
         }
         self.prepare_host()?;
-        let (start, capacity) = (self.len, self.capacity);
-        let expected = self.host_elements();
+        let start = self.len;
         let mut buffers = Vec::with_capacity(num_layers);
-        for (k, v) in &mut self.layers {
-            let (k, v) = host_access::pair_mut(k, v, expected)?;
-            buffers.push([k, v]);
+        for l in &mut self.layers {
+            let expected = kvh * l.rows * hd;
+            let (base, rows) = (l.base, l.rows);
+            let pair = match &mut l.v {
+                Some(v) => {
+                    let (k, v) = host_access::pair_mut(&mut l.k, v, expected)?;
+                    [Some(k), Some(v)]
+                }
+                None => [Some(host_access::one_mut(&mut l.k, expected)?), None],
+            };
+            buffers.push((base, rows, pair));
         }
         let per_head = bt * hd;
-        let fill = |first: usize, part: &mut [[&mut [f32]; 2]]| -> Result<()> {
-            for (i, pair) in part.iter_mut().enumerate() {
+        type Part<'a, 'b> = &'a mut [(usize, usize, [Option<&'b mut [f32]>; 2])];
+        let fill = |first: usize, part: Part<'_, '_>| -> Result<()> {
+            for (i, (base, rows, pair)) in part.iter_mut().enumerate() {
                 for (which, buf) in pair.iter_mut().enumerate() {
+                    let Some(buf) = buf else { continue };
                     for (b, (dtype, layers)) in sources.iter().enumerate() {
-                        let tensor = layers[first + i][which];
-                        let row = (start + b * bt) * hd;
+                        let Some(tensor) = layers[first + i][which] else {
+                            continue;
+                        };
+                        let Some(row) = (start + b * bt).checked_sub(*base) else {
+                            // Before this sliding layer's window: not kept.
+                            continue;
+                        };
                         let heads = tensor.data.chunks_exact(per_head * dtype.size());
                         for (h, src) in heads.enumerate() {
-                            let at = h * capacity * hd + row;
+                            let at = (h * *rows + row) * hd;
                             decode_f32(&mut buf[at..at + per_head], src, *dtype)
                                 .map_err(|e| bad(format!("tensor `{}`: {e}", tensor.name)))?;
                         }
@@ -531,18 +805,14 @@ impl SequenceKv {
         })
     }
 
-    /// Every layer's K and V of the payloads, as [`SequenceKv::import_tensor`] builds them.
-    /// The tensors are split over up to [`IMPORT_THREADS`] threads: building them is host
-    /// work (decoding, and the copy into fresh MLX memory, whose page faults dominate), and
-    /// creating an MLX array from host data touches no stream, so it may run off the
-    /// engine thread. The split never changes a value.
-    fn import_tensors(
-        &self,
-        payloads: &[&KvPayload],
-        capacity: usize,
-    ) -> Result<Vec<(Array, Array)>> {
-        let names: Vec<String> = (0..self.layout.num_layers)
-            .flat_map(|i| [format!("l{i}.k"), format!("l{i}.v")])
+    /// Every layer's K and V of the payloads, as [`SequenceKv::import_tensor`] builds them,
+    /// each layer after its plan. The tensors are split over up to [`IMPORT_THREADS`]
+    /// threads: building them is host work (decoding, and the copy into fresh MLX memory,
+    /// whose page faults dominate), and creating an MLX array from host data touches no
+    /// stream, so it may run off the engine thread. The split never changes a value.
+    fn import_tensors(&self, payloads: &[&KvPayload], plans: &[LayerPlan]) -> Result<Vec<LayerKv>> {
+        let names: Vec<(usize, String)> = (0..self.layout.num_layers)
+            .flat_map(|i| self.tensor_names(i).map(move |n| (i, n)))
             .collect();
         // Only float blocks are decoded on the host alone; quantized ones go through MLX
         // operations, which stay on the engine thread.
@@ -552,14 +822,14 @@ impl SequenceKv {
         } else {
             1
         };
-        let layout = self.layout;
+        let layout = &self.layout;
         let build = |first: usize| -> Result<Vec<(usize, Array)>> {
             let mut scratch = Vec::new();
             let mut out = Vec::new();
-            for (at, name) in names.iter().enumerate().skip(first).step_by(threads) {
+            for (at, (layer, name)) in names.iter().enumerate().skip(first).step_by(threads) {
                 out.push((
                     at,
-                    Self::import_tensor(layout, payloads, name, capacity, &mut scratch)?,
+                    Self::import_tensor(layout, payloads, name, plans[*layer], &mut scratch)?,
                 ));
             }
             Ok(out)
@@ -593,23 +863,38 @@ impl SequenceKv {
         }
         let mut it = tensors.into_iter();
         let mut layers = Vec::with_capacity(self.layout.num_layers);
-        while let (Some(Some(k)), Some(Some(v))) = (it.next(), it.next()) {
-            layers.push((k, v));
-        }
-        if layers.len() != self.layout.num_layers {
-            return Err(bad("a KV import thread lost a tensor"));
+        for plan in plans {
+            let k = it.next().flatten();
+            let v = match self.layout.values_are_keys {
+                true => None,
+                false => Some(it.next().flatten()),
+            };
+            let (Some(k), v) = (k, v) else {
+                return Err(bad("a KV import thread lost a tensor"));
+            };
+            let v = match v {
+                Some(Some(v)) => Some(v),
+                Some(None) => return Err(bad("a KV import thread lost a tensor")),
+                None => None,
+            };
+            layers.push(LayerKv {
+                k,
+                v,
+                base: plan.base,
+                rows: plan.rows,
+            });
         }
         Ok(layers)
     }
 
-    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, capacity, head_dim]`
-    /// f32 array: the blocks' tokens first, zeros after them. `scratch` is reused between
-    /// calls.
+    /// Tensor `name` of every payload, in order, as one `[1, kv_heads, plan.rows, head_dim]`
+    /// f32 array from position `plan.base`: the blocks' tokens first (those before the base
+    /// skipped), zeros after them. `scratch` is reused between calls.
     fn import_tensor(
-        layout: KvLayout,
+        layout: &KvLayout,
         payloads: &[&KvPayload],
         name: &str,
-        capacity: usize,
+        plan: LayerPlan,
         scratch: &mut Vec<f32>,
     ) -> Result<Array> {
         let KvLayout {
@@ -617,7 +902,9 @@ impl SequenceKv {
             head_dim: hd,
             block_tokens: bt,
             ..
-        } = layout;
+        } = *layout;
+        let capacity = plan.rows;
+        let skip = plan.base / bt.max(1);
         let n = payloads.len() * bt;
         let shape = [1, i32_of(kvh)?, i32_of(capacity)?, i32_of(hd)?];
         // MLX sizes arrays with i32 element counts.
@@ -627,7 +914,7 @@ impl SequenceKv {
             .ok_or_else(|| bad(format!("{n} imported tokens exceed the tensor size limit")))?;
         i32_of(elements)?;
         if payloads.iter().all(|p| float_dtype(p).is_some()) {
-            // Head h of block b goes to rows `b * bt..(b + 1) * bt` of head h; the rows past
+            // Head h of block b goes to rows `(b - skip) * bt..` of head h; the rows past
             // the blocks stay zero (never written between calls).
             let per_head = bt * hd;
             if scratch.len() != elements {
@@ -636,19 +923,22 @@ impl SequenceKv {
             for (b, p) in payloads.iter().enumerate() {
                 let dtype = float_dtype(p).unwrap_or(TensorDtype::F32);
                 let t = find(p, name, dtype, &[kvh, bt, hd])?;
+                let Some(at) = b.checked_sub(skip) else {
+                    continue;
+                };
                 let src_head = per_head * dtype.size();
                 for (dst, src) in scratch
                     .chunks_exact_mut(capacity * hd)
                     .zip(t.data.chunks_exact(src_head))
                 {
-                    decode_f32(&mut dst[b * per_head..(b + 1) * per_head], src, dtype)
+                    decode_f32(&mut dst[at * per_head..(at + 1) * per_head], src, dtype)
                         .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
                 }
             }
             return Ok(Array::from_slice(scratch, &shape));
         }
         let mut blocks = Vec::with_capacity(payloads.len());
-        for p in payloads {
+        for p in payloads.iter().skip(skip) {
             blocks.push(match p.encoding {
                 KvEncoding::Float {
                     dtype: TensorDtype::U32,
@@ -664,9 +954,10 @@ impl SequenceKv {
                 }
             });
         }
-        if capacity > n {
+        let held = blocks.len() * bt;
+        if capacity > held {
             blocks.push(
-                Array::zeros::<f32>(&[i32_of(kvh)?, i32_of(capacity - n)?, i32_of(hd)?])
+                Array::zeros::<f32>(&[i32_of(kvh)?, i32_of(capacity - held)?, i32_of(hd)?])
                     .ctx("allocating KV")?,
             );
         }
@@ -675,24 +966,44 @@ impl SequenceKv {
     }
 }
 
+/// Where one layer's imported buffers start and how many rows they have.
+#[derive(Debug, Clone, Copy)]
+struct LayerPlan {
+    base: usize,
+    rows: usize,
+}
+
 /// One sequence's K and V buffers for every layer, with their capacity in tokens.
 #[derive(Debug)]
 pub struct KvBuffers {
-    layers: Vec<(Array, Array)>,
+    layers: Vec<LayerKv>,
     capacity: usize,
 }
 
 impl KvBuffers {
+    fn from_layers(layers: Vec<LayerKv>) -> Self {
+        let capacity = layers.iter().map(|l| l.rows).min().unwrap_or(0);
+        Self { layers, capacity }
+    }
+
     /// Fresh, evaluated zero buffers of at least `capacity` tokens (an import's capacity,
     /// [`import_capacity`]), built on several threads.
     pub fn allocate(layout: KvLayout, capacity: usize) -> Result<Self> {
+        let spare = IMPORT_SPARE_BLOCKS * layout.block_tokens;
         let mut kv = SequenceKv::new(layout);
-        kv.plan_import(capacity.saturating_sub(IMPORT_SPARE_BLOCKS * layout.block_tokens))?;
+        let plans: Vec<LayerPlan> = (0..kv.layout.num_layers)
+            .map(|_| LayerPlan {
+                base: 0,
+                rows: import_capacity(kv.layout.block_tokens, capacity.saturating_sub(spare)),
+            })
+            .collect();
+        kv.layers = kv.import_tensors(&[], &plans)?;
+        kv.prepare_host()?;
         kv.take_buffers()
             .ok_or_else(|| bad("no KV buffers were allocated"))
     }
 
-    /// Capacity in tokens.
+    /// Capacity in tokens (the smallest layer's).
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -970,12 +1281,8 @@ fn from_kv_tensor(t: &KvTensor) -> Result<Array> {
 mod tests {
     use super::*;
 
-    const LAYOUT: KvLayout = KvLayout {
-        num_layers: 2,
-        kv_heads: 2,
-        head_dim: 64,
-        block_tokens: 64,
-    };
+    static LAYOUT: std::sync::LazyLock<KvLayout> =
+        std::sync::LazyLock::new(|| KvLayout::dense(2, 2, 64, 64));
 
     /// A float block whose values encode (seed, layer, kind, index); with `extremes`, a few
     /// negative zeros, subnormals and huge values are mixed in (bit patterns must survive).
@@ -1021,7 +1328,7 @@ mod tests {
     fn float_blocks_round_trip_bit_exactly_fresh_and_appended() {
         let blocks: Vec<KvPayload> = (0..4).map(float_block).collect();
         let refs: Vec<&KvPayload> = blocks.iter().collect();
-        let mut kv = SequenceKv::new(LAYOUT);
+        let mut kv = SequenceKv::new(LAYOUT.clone());
         kv.import_blocks(&refs[..2])
             .expect("import into an empty sequence");
         assert_eq!(
@@ -1039,7 +1346,7 @@ mod tests {
         let tail = kv.export_blocks(2, 2, None).expect("export a range");
         assert!(tail == blocks[2..]);
         // Truncated to 0 and imported again: fresh buffers, same bytes.
-        kv.truncate(0);
+        kv.truncate(0).expect("truncate");
         kv.import_blocks(&refs[1..2])
             .expect("import after truncate");
         assert!(kv.export_blocks(0, 1, None).expect("export") == blocks[1..2]);
@@ -1050,11 +1357,11 @@ mod tests {
         let bt = LAYOUT.block_tokens;
         let blocks: Vec<KvPayload> = (0..5).map(float_block).collect();
         let refs: Vec<&KvPayload> = blocks.iter().collect();
-        let mut whole = SequenceKv::new(LAYOUT);
+        let mut whole = SequenceKv::new(LAYOUT.clone());
         whole.import_blocks(&refs).expect("one import");
 
         // Into an empty sequence: the plan sizes the buffers for all.
-        let mut parts = SequenceKv::new(LAYOUT);
+        let mut parts = SequenceKv::new(LAYOUT.clone());
         parts.plan_import(5 * bt).expect("plan");
         assert_eq!(parts.capacity(), whole.capacity(), "sized by the plan");
         for part in refs.chunks(2) {
@@ -1065,7 +1372,7 @@ mod tests {
         assert!(parts.export_blocks(0, 5, None).expect("export") == blocks);
 
         // After existing blocks: one growth for the whole announced import, then in place.
-        let mut grown = SequenceKv::new(LAYOUT);
+        let mut grown = SequenceKv::new(LAYOUT.clone());
         grown.import_blocks(&refs[..1]).expect("first block");
         grown.plan_import(4 * bt).expect("plan");
         assert_eq!(grown.capacity(), 5 * bt);
@@ -1076,19 +1383,212 @@ mod tests {
 
         // Planned but cut short by a truncation: what was imported stays exact, and a
         // later import past the buffers grows them.
-        let mut cut = SequenceKv::new(LAYOUT);
+        let mut cut = SequenceKv::new(LAYOUT.clone());
         cut.plan_import(3 * bt).expect("plan");
         cut.import_blocks(&refs[..1]).expect("import");
-        cut.truncate(bt);
+        cut.truncate(bt).expect("truncate");
         cut.import_blocks(&refs[1..]).expect("import past the plan");
         assert_eq!((cut.len(), cut.capacity()), (5 * bt, 5 * bt));
         assert!(cut.export_blocks(0, 5, None).expect("export") == blocks);
     }
 
+    /// A float block of `layout` (only `l{i}.k` when its values are its keys) whose values
+    /// encode (seed, layer, kind, index).
+    fn block_of(layout: &KvLayout, seed: u32) -> KvPayload {
+        let n = layout.kv_heads * layout.block_tokens * layout.head_dim;
+        let kinds: &[&str] = if layout.values_are_keys {
+            &["k"]
+        } else {
+            &["k", "v"]
+        };
+        let mut tensors = Vec::new();
+        for i in 0..layout.num_layers {
+            for (k, kind) in kinds.iter().enumerate() {
+                let values: Vec<f32> = (0..n)
+                    .map(|j| seed as f32 * 100.0 + (i * 2 + k) as f32 + j as f32 * 1e-3)
+                    .collect();
+                let mut data = vec![0u8; n * 4];
+                encode_f32(&mut data, &values);
+                tensors.push(KvTensor {
+                    name: format!("l{i}.{kind}"),
+                    dtype: TensorDtype::F32,
+                    shape: vec![layout.kv_heads, layout.block_tokens, layout.head_dim],
+                    data: data.into(),
+                });
+            }
+        }
+        KvPayload {
+            encoding: KvEncoding::Float {
+                dtype: TensorDtype::F32,
+            },
+            tensors,
+        }
+    }
+
+    /// Two layers, the first sliding over 100 tokens, blocks of 64.
+    fn sliding_layout() -> KvLayout {
+        KvLayout {
+            windows: Arc::from(vec![Some(100), None]),
+            ..KvLayout::dense(2, 2, 64, 64)
+        }
+    }
+
+    #[test]
+    fn a_sliding_layer_keeps_its_window_plus_one_block() {
+        let layout = sliding_layout();
+        let bt = layout.block_tokens;
+        let blocks: Vec<KvPayload> = (0..6).map(|i| block_of(&layout, i)).collect();
+        let refs: Vec<&KvPayload> = blocks.iter().collect();
+        // The next token (384) sees 285..=384: the sliding layer keeps blocks 4 and 5.
+        assert_eq!(layout.window_base(100, 6 * bt), 4 * bt);
+        for planned in [false, true] {
+            let mut kv = SequenceKv::new(layout.clone());
+            if planned {
+                kv.plan_import(6 * bt).expect("plan");
+            }
+            for part in refs.chunks(2) {
+                kv.import_blocks(part).expect("import");
+            }
+            assert_eq!((kv.layer_base(0), kv.layer_base(1)), (4 * bt, 0));
+            assert!(kv.layer_rows(0) <= 3 * bt, "window + one block (+ a spare)");
+            assert!(kv.layer_rows(1) >= 6 * bt);
+            // What is held exports exactly; what left the window cannot be exported.
+            assert!(kv.export_blocks(4, 2, None).expect("export") == blocks[4..]);
+            assert!(matches!(
+                kv.export_blocks(3, 1, None),
+                Err(Error::WindowPassed(_))
+            ));
+            // Cutting back past what the window holds fails and changes nothing ...
+            assert!(matches!(kv.truncate(5 * bt), Err(Error::WindowPassed(_))));
+            assert_eq!(kv.len(), 6 * bt);
+            // ... to the end of the held blocks works; to nothing always does.
+            kv.truncate(6 * bt).expect("no-op truncation");
+            assert!(kv.export_blocks(4, 2, None).expect("export") == blocks[4..]);
+            kv.truncate(0).expect("truncate to nothing");
+            assert_eq!((kv.len(), kv.layer_base(0)), (0, 0));
+        }
+        // Dense: 6 blocks × 2 layers; sliding: 3 + 7 blocks (the spare block included).
+        let dense = {
+            let mut kv = SequenceKv::new(LAYOUT.clone());
+            let d: Vec<KvPayload> = (0..6).map(|i| block_of(&LAYOUT, i)).collect();
+            kv.import_blocks(&d.iter().collect::<Vec<_>>())
+                .expect("import");
+            kv.resident_bytes()
+        };
+        let mut kv = SequenceKv::new(layout.clone());
+        kv.import_blocks(&refs).expect("import");
+        assert!(kv.resident_bytes() < dense * 3 / 4);
+    }
+
+    #[test]
+    fn an_import_cut_short_before_the_window_is_refused_at_the_truncation() {
+        let layout = sliding_layout();
+        let bt = layout.block_tokens;
+        let blocks: Vec<KvPayload> = (0..6).map(|i| block_of(&layout, i)).collect();
+        let refs: Vec<&KvPayload> = blocks.iter().collect();
+        let mut kv = SequenceKv::new(layout);
+        // Planned for 6 blocks: the sliding layer is sized for blocks 4.. only and skips the
+        // first ones; only 3 arrive, so 3 blocks' window (blocks 1-2) was never kept.
+        kv.plan_import(6 * bt).expect("plan");
+        assert_eq!(kv.layer_base(0), 4 * bt);
+        kv.import_blocks(&refs[..3]).expect("import");
+        assert!(matches!(kv.truncate(3 * bt), Err(Error::WindowPassed(_))));
+        kv.truncate(0).expect("start over");
+        kv.import_blocks(&refs[..3]).expect("import again");
+        assert_eq!(kv.layer_base(0), bt);
+        assert!(kv.export_blocks(1, 2, None).expect("export") == blocks[1..3]);
+    }
+
+    #[test]
+    fn a_prefix_reached_either_way_holds_the_same_rows() {
+        // Cold: written a chunk at a time, dropping at each chunk; warm: imported. The
+        // buffers the next chunk attends to start at the same position with the same rows.
+        let layout = sliding_layout();
+        let bt = layout.block_tokens;
+        let blocks: Vec<KvPayload> = (0..5).map(|i| block_of(&layout, i)).collect();
+        let mut cold = SequenceKv::new(layout.clone());
+        for (b, block) in blocks.iter().enumerate() {
+            cold.retain_windows().expect("retain");
+            cold.reserve((b + 1) * bt).expect("reserve");
+            for i in 0..2 {
+                let k = find(block, &format!("l{i}.k"), TensorDtype::F32, &[2, bt, 64])
+                    .and_then(from_kv_tensor)
+                    .and_then(|a| a.reshape(&[1, 2, bt as i32, 64]).ctx("reshape"))
+                    .expect("k");
+                let v = find(block, &format!("l{i}.v"), TensorDtype::F32, &[2, bt, 64])
+                    .and_then(from_kv_tensor)
+                    .and_then(|a| a.reshape(&[1, 2, bt as i32, 64]).ctx("reshape"))
+                    .expect("v");
+                cold.write(i, &k, &v).expect("write");
+            }
+            cold.advance(bt);
+        }
+        cold.retain_windows().expect("retain");
+        let mut warm = SequenceKv::new(layout);
+        warm.import_blocks(&blocks.iter().collect::<Vec<_>>())
+            .expect("import");
+        for i in 0..2 {
+            assert_eq!(cold.layer_base(i), warm.layer_base(i), "layer {i}");
+        }
+        assert!(
+            cold.export_blocks(3, 2, None).expect("cold")
+                == warm.export_blocks(3, 2, None).expect("warm")
+        );
+    }
+
+    #[test]
+    fn values_that_are_the_keys_are_stored_once() {
+        let layout = KvLayout {
+            values_are_keys: true,
+            ..KvLayout::dense(2, 1, 64, 64)
+        };
+        let bt = layout.block_tokens;
+        let blocks: Vec<KvPayload> = (0..3).map(|i| block_of(&layout, i)).collect();
+        let refs: Vec<&KvPayload> = blocks.iter().collect();
+        let mut kv = SequenceKv::new(layout.clone());
+        kv.plan_import(3 * bt).expect("plan");
+        kv.import_blocks(&refs[..1]).expect("import in place");
+        kv.import_blocks(&refs[1..]).expect("import in place");
+        let out = kv.export_blocks(0, 3, None).expect("export");
+        assert!(out == blocks, "keys only, bit-exact");
+        assert!(out[0].tensors.iter().all(|t| !t.name.ends_with(".v")));
+        let (k, v) = kv.layer(1).expect("layer");
+        let data = |a: &Array| a.try_as_slice::<f32>().map(|s| s.as_ptr()).ok();
+        assert!(
+            data(k).is_some() && data(k) == data(v),
+            "V reads K's memory"
+        );
+        let mut dense = SequenceKv::new(KvLayout::dense(2, 1, 64, 64));
+        dense.reserve(3 * bt).expect("reserve");
+        assert_eq!(
+            kv.resident_bytes() * 2,
+            dense.resident_bytes() + 2 * bt * 64 * 4 * 2
+        );
+        // A dense block (with V) does not fit, nor the reverse.
+        let with_v = block_of(&KvLayout::dense(2, 1, 64, 64), 9);
+        let mut fresh = SequenceKv::new(layout);
+        fresh
+            .import_blocks(&[&with_v])
+            .expect("extra tensors are ignored");
+        let mut dense = SequenceKv::new(KvLayout::dense(2, 1, 64, 64));
+        assert!(dense.import_blocks(&[&blocks[0]]).is_err(), "no V tensor");
+        // Writes store K once and hand it back as V.
+        let mut w = SequenceKv::new(KvLayout {
+            values_are_keys: true,
+            ..KvLayout::dense(1, 1, 64, 64)
+        });
+        w.reserve(1).expect("reserve");
+        let k = Array::from_slice(&[1.5f32; 64], &[1, 1, 1, 64]);
+        let (keys, values) = w.write(0, &k, &k).expect("write");
+        assert!(keys.try_as_slice::<f32>().ok() == values.try_as_slice::<f32>().ok());
+        assert!(w.host_layer_mut(0).is_err(), "no separate V to hand out");
+    }
+
     #[test]
     fn the_pool_hands_out_the_smallest_fitting_set_within_its_limit() {
         let bt = LAYOUT.block_tokens;
-        let set = |blocks: usize| KvBuffers::allocate(LAYOUT, blocks * bt).expect("allocate");
+        let set =
+            |blocks: usize| KvBuffers::allocate(LAYOUT.clone(), blocks * bt).expect("allocate");
         let mut pool = KvPool::new(10 * bt);
         pool.put(set(4));
         pool.put(set(3));
@@ -1109,7 +1609,7 @@ mod tests {
         // gives them back whole.
         let blocks: Vec<KvPayload> = (0..2).map(float_block).collect();
         let refs: Vec<&KvPayload> = blocks.iter().collect();
-        let mut kv = SequenceKv::new(LAYOUT);
+        let mut kv = SequenceKv::new(LAYOUT.clone());
         kv.adopt_buffers(pool.take(5 * bt).expect("the 5-block set"))
             .expect("adopt");
         kv.plan_import(2 * bt).expect("plan");
@@ -1149,7 +1649,7 @@ mod tests {
                 encoding: KvEncoding::Float { dtype },
                 tensors,
             };
-            let mut kv = SequenceKv::new(LAYOUT);
+            let mut kv = SequenceKv::new(LAYOUT.clone());
             kv.import_blocks(&[&p]).expect("import");
             let out = kv.export_blocks(0, 1, None).expect("export");
             let mut expected = vec![0u8; n * 4];
@@ -1164,13 +1664,13 @@ mod tests {
     #[test]
     fn quantized_blocks_import_within_the_quantization_step() {
         let float = float_block_with(0, false);
-        let mut kv = SequenceKv::new(LAYOUT);
+        let mut kv = SequenceKv::new(LAYOUT.clone());
         kv.import_blocks(&[&float]).expect("import");
         for bits in [8u8, 4] {
             let q = kv
                 .export_blocks(0, 1, Some(bits))
                 .expect("export quantized");
-            let mut back = SequenceKv::new(LAYOUT);
+            let mut back = SequenceKv::new(LAYOUT.clone());
             back.import_blocks(&[&q[0]]).expect("import quantized");
             let out = back.export_blocks(0, 1, None).expect("export");
             for (a, b) in out[0].tensors.iter().zip(&float.tensors) {
@@ -1203,7 +1703,7 @@ mod tests {
     #[test]
     fn bad_payloads_leave_the_sequence_unchanged() {
         let good = float_block(1);
-        let mut kv = SequenceKv::new(LAYOUT);
+        let mut kv = SequenceKv::new(LAYOUT.clone());
         kv.import_blocks(&[&good]).expect("import");
         let mut wrong_shape = float_block(2);
         wrong_shape.tensors[3].shape = vec![2, 64, 32];
@@ -1280,6 +1780,15 @@ mod host_access {
             return Err(bad("a KV buffer has no data"));
         }
         Ok(p)
+    }
+
+    /// `a` (`expected` elements) as a mutable slice.
+    pub(super) fn one_mut(a: &mut Array, expected: usize) -> Result<&mut [f32]> {
+        let p = data_ptr(a, expected)?;
+        // SAFETY: see the module comment: the pointer addresses `expected` f32 values of
+        // memory owned by `a` alone, and nothing else accesses it while `a` is mutably
+        // borrowed (the slice's lifetime).
+        unsafe { Ok(std::slice::from_raw_parts_mut(p, expected)) }
     }
 
     /// `k` and `v` (each `expected` elements) as mutable slices.

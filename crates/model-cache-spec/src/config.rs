@@ -185,13 +185,13 @@ impl ModelCacheSpec {
     ///
     /// The spec counts the **latent** cache that the engine keeps: per token and layer one
     /// vector of `kv_lora_rank + qk_rope_head_dim` values (the compressed latent and the RoPE
-    /// key shared by all heads), as one KV head whose K and V are that vector (the engine
-    /// absorbs the per-head up-projections into the query and output projections and attends
-    /// to the latent directly). DeepSeek-Coder-V2-Lite (27 layers, rank 512, RoPE 64):
-    /// 256 × (576 + 576) × 2 = 589,824 bytes per block per layer in fp16, 15,925,248 per
-    /// 256-token block, against 70,778,880 for the expanded 16 heads × (192 + 128) that a
-    /// cache of decompressed heads holds (4.4× more tokens in the same memory; storing the
-    /// vector once instead of as K and V would make it 8.9×).
+    /// key shared by all heads), as one KV head whose K and V are that vector, stored once
+    /// ([`ModelCacheSpec::values_are_keys`]; the engine absorbs the per-head up-projections
+    /// into the query and output projections and attends to the latent directly).
+    /// DeepSeek-Coder-V2-Lite (27 layers, rank 512, RoPE 64): 256 × 576 × 2 = 294,912 bytes
+    /// per block per layer in fp16, 7,962,624 per 256-token block, against 70,778,880 for the
+    /// expanded 16 heads × (192 + 128) that a cache of decompressed heads holds (8.9× more
+    /// tokens in the same memory).
     pub fn from_config(config: &Value, block_tokens: u32) -> Result<Self, SpecError> {
         let cfg = Cfg::new(config)?;
         let defaults = type_defaults(cfg.model_type());
@@ -249,14 +249,19 @@ impl ModelCacheSpec {
         };
 
         let layers = layer_kinds(&cfg, &defaults, num_layers)?;
-        Self::new(
+        let spec = Self::new(
             layers,
             num_kv_heads,
             k_head_dim,
             v_head_dim,
             block_tokens,
             KvStorage::FP16,
-        )
+        )?;
+        // The latent vector is both the key and the value: stored once.
+        match cfg.get("kv_lora_rank").is_some() {
+            true => spec.with_values_as_keys(),
+            false => Ok(spec),
+        }
     }
 }
 

@@ -83,6 +83,14 @@ pub enum SpecError {
         /// The V head dim it must divide.
         v_head_dim: u32,
     },
+    /// Fields that contradict each other.
+    #[error("field `{field}`: {reason}")]
+    Inconsistent {
+        /// The field at fault.
+        field: String,
+        /// Why.
+        reason: String,
+    },
     /// A per-layer list has a different length than the number of layers.
     #[error("field `{field}` has {found} entries but the model has {expected} layers")]
     LayerCount {
@@ -126,6 +134,7 @@ impl SpecError {
             | Self::HeadDimNotDerivable { field, .. }
             | Self::LayerCount { field, .. }
             | Self::UnsupportedLayerType { field, .. }
+            | Self::Inconsistent { field, .. }
             | Self::VariableHeads { field } => Some(field),
             Self::BlockTokens { .. } => Some("block_tokens"),
             Self::FloatBytes { .. } => Some("kv_storage.bytes"),

@@ -129,6 +129,7 @@ impl ModelCacheSpec {
         let num_layers = check_layer_count(&g.key("block_count"), g.req_u32("block_count")?)?;
         let heads = g.req_u32("attention.head_count")?;
 
+        let latent_attention = g.opt_u32("attention.kv_lora_rank")?.is_some();
         let (num_kv_heads, k_head_dim, v_head_dim) =
             if let Some(rank) = g.opt_u32("attention.kv_lora_rank")? {
                 let rope = g.req_u32("rope.dimension_count")?;
@@ -153,14 +154,19 @@ impl ModelCacheSpec {
             None => vec![LayerKind::Global; num_layers as usize],
             Some(window) => sliding_layers(&g, num_layers, window)?,
         };
-        Self::new(
+        let spec = Self::new(
             layers,
             num_kv_heads,
             k_head_dim,
             v_head_dim,
             block_tokens,
             KvStorage::FP16,
-        )
+        )?;
+        // The latent vector is both the key and the value: stored once.
+        match latent_attention {
+            true => spec.with_values_as_keys(),
+            false => Ok(spec),
+        }
     }
 }
 

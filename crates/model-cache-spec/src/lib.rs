@@ -19,10 +19,12 @@
 //! - quantized storage (MLX affine quantization): for each of K and V,
 //!   `bits × elements / 8` plus one 2-byte scale and one 2-byte bias per `group_size` elements.
 //!
-//! Sliding-window layers are charged a full block like global layers. Blocks are the unit of
-//! accounting, sharing and persistence, and a block restored from disk must carry every layer,
-//! so per-block accounting is the simple and safe choice. It is an upper bound: an engine that
-//! keeps only the last `window` tokens of a sliding layer in RAM uses less than this.
+//! A stored block carries every layer, sliding or not: blocks are the unit of sharing and
+//! persistence, and a restore to any block boundary needs each sliding layer's window there.
+//! In RAM a sliding-window layer keeps only its window plus one block (the engine drops older
+//! blocks once they are stored), so a sequence's resident cost
+//! ([`ModelCacheSpec::resident_bytes`], [`ModelCacheSpec::resident_blocks`]) grows with the
+//! global layers alone past the window.
 
 mod config;
 mod error;
@@ -191,6 +193,9 @@ pub struct ModelCacheSpec {
     v_head_dim: u32,
     block_tokens: u32,
     kv_storage: KvStorage,
+    /// The values are the keys (latent attention's one vector per token): V is not stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    values_are_keys: bool,
 }
 
 /// Unvalidated mirror of [`ModelCacheSpec`], the deserialization input.
@@ -202,20 +207,27 @@ struct RawSpec {
     v_head_dim: u32,
     block_tokens: u32,
     kv_storage: KvStorage,
+    #[serde(default)]
+    values_are_keys: bool,
 }
 
 impl TryFrom<RawSpec> for ModelCacheSpec {
     type Error = SpecError;
 
     fn try_from(raw: RawSpec) -> Result<Self, SpecError> {
-        Self::new(
+        let spec = Self::new(
             raw.layers,
             raw.num_kv_heads,
             raw.k_head_dim,
             raw.v_head_dim,
             raw.block_tokens,
             raw.kv_storage,
-        )
+        )?;
+        if raw.values_are_keys {
+            spec.with_values_as_keys()
+        } else {
+            Ok(spec)
+        }
     }
 }
 
@@ -278,6 +290,7 @@ impl ModelCacheSpec {
             v_head_dim,
             block_tokens,
             kv_storage,
+            values_are_keys: false,
         };
         // Every size accessor derives from this product; proving it fits here lets them be
         // infallible.
@@ -313,6 +326,7 @@ impl ModelCacheSpec {
 
     /// The same spec with another block size (validated: positive multiple of 64).
     pub fn with_block_tokens(self, block_tokens: u32) -> Result<Self, SpecError> {
+        let shared = self.values_are_keys;
         Self::new(
             self.layers,
             self.num_kv_heads,
@@ -321,10 +335,15 @@ impl ModelCacheSpec {
             block_tokens,
             self.kv_storage,
         )
+        .map(|s| Self {
+            values_are_keys: shared,
+            ..s
+        })
     }
 
     /// The same spec with another KV storage (validated against the head dims).
     pub fn with_kv_storage(self, kv_storage: KvStorage) -> Result<Self, SpecError> {
+        let shared = self.values_are_keys;
         Self::new(
             self.layers,
             self.num_kv_heads,
@@ -333,6 +352,36 @@ impl ModelCacheSpec {
             self.block_tokens,
             kv_storage,
         )
+        .map(|s| Self {
+            values_are_keys: shared,
+            ..s
+        })
+    }
+
+    /// The same spec whose values are its keys (multi-head latent attention: one cached
+    /// vector per token and layer serves as both), so V costs nothing. Errors when K and V
+    /// have different head dims.
+    pub fn with_values_as_keys(self) -> Result<Self, SpecError> {
+        if self.k_head_dim != self.v_head_dim {
+            return Err(SpecError::Inconsistent {
+                field: "v_head_dim".to_owned(),
+                reason: format!(
+                    "values that are the keys need equal head dims (k {}, v {})",
+                    self.k_head_dim, self.v_head_dim
+                ),
+            });
+        }
+        Ok(Self {
+            values_are_keys: true,
+            ..self
+        })
+    }
+
+    /// Whether the values are the keys (stored once; see
+    /// [`ModelCacheSpec::with_values_as_keys`]).
+    #[must_use]
+    pub fn values_are_keys(&self) -> bool {
+        self.values_are_keys
     }
 
     /// The attention kind of every layer, in order.
@@ -392,6 +441,9 @@ impl ModelCacheSpec {
         let k = self
             .kv_storage
             .tensor_bytes(per_token_heads.checked_mul(u64::from(self.k_head_dim))?)?;
+        if self.values_are_keys {
+            return Some(k);
+        }
         let v = self
             .kv_storage
             .tensor_bytes(per_token_heads.checked_mul(u64::from(self.v_head_dim))?)?;
@@ -443,6 +495,85 @@ impl ModelCacheSpec {
         tokens.div_ceil(u64::from(self.block_tokens))
     }
 
+    /// Blocks one layer keeps in RAM for a sequence of `tokens` tokens: all of them on a
+    /// global layer; on a sliding layer at most its window plus one block, plus `extra`
+    /// tokens appended since the layer last dropped blocks (a prefill chunk, a decode run).
+    #[must_use]
+    pub fn layer_resident_blocks(&self, layer: LayerKind, tokens: u64, extra: u64) -> u64 {
+        let all = self.blocks_for_tokens(tokens);
+        match layer.window() {
+            None => all,
+            Some(w) => all.min(
+                u64::from(w)
+                    .saturating_add(extra)
+                    .div_ceil(u64::from(self.block_tokens))
+                    .saturating_add(1),
+            ),
+        }
+    }
+
+    /// Bytes a sequence of `tokens` tokens keeps in RAM over all layers (see
+    /// [`ModelCacheSpec::layer_resident_blocks`] for `extra`); equal to
+    /// `blocks_for_tokens × bytes_per_block` when no layer slides.
+    #[must_use]
+    pub fn resident_bytes(&self, tokens: u64, extra: u64) -> u64 {
+        self.resident_layer_blocks(tokens, extra)
+            .saturating_mul(self.bytes_per_block_per_layer())
+    }
+
+    /// [`ModelCacheSpec::resident_bytes`] in whole blocks of [`ModelCacheSpec::bytes_per_block`]
+    /// (rounded up): what a sequence is charged in a block pool sized by
+    /// [`ModelCacheSpec::blocks_for_budget`].
+    #[must_use]
+    pub fn resident_blocks(&self, tokens: u64, extra: u64) -> u64 {
+        self.resident_layer_blocks(tokens, extra)
+            .div_ceil(u64::from(self.num_layers()).max(1))
+    }
+
+    fn resident_layer_blocks(&self, tokens: u64, extra: u64) -> u64 {
+        self.layers
+            .iter()
+            .map(|&l| self.layer_resident_blocks(l, tokens, extra))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// The longest single sequence whose resident KV ([`ModelCacheSpec::resident_bytes`], at
+    /// rest) fits in `bytes`, in whole blocks; `u64::MAX` when only sliding layers keep KV
+    /// and their windows fit (the sequence can grow without bound).
+    #[must_use]
+    pub fn max_sequence_tokens(&self, bytes: u64) -> u64 {
+        let per_layer = self.bytes_per_block_per_layer().max(1);
+        let bt = u64::from(self.block_tokens);
+        let globals = u64::from(self.num_layers() - self.num_sliding_layers());
+        // Blocks of every sliding layer once past its window (a fixed cost).
+        let window_cost: u64 = self
+            .layers
+            .iter()
+            .filter_map(|l| l.window())
+            .map(|w| u64::from(w).div_ceil(bt).saturating_add(1))
+            .fold(0, u64::saturating_add);
+        let layer_blocks = bytes / per_layer;
+        if globals == 0 {
+            return if layer_blocks >= window_cost {
+                u64::MAX
+            } else {
+                // Below every window: every layer holds every block.
+                (layer_blocks / u64::from(self.num_layers()).max(1)).saturating_mul(bt)
+            };
+        }
+        // Largest n with resident_layer_blocks(n) <= layer_blocks: search over blocks.
+        let (mut lo, mut hi) = (0u64, layer_blocks / globals);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.resident_layer_blocks(mid.saturating_mul(bt), 0) <= layer_blocks {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo.saturating_mul(bt)
+    }
+
     /// Stable text form of the spec, for hashing into a model fingerprint.
     ///
     /// Format (version `mcs1`, never changed in place; a new format gets a new version):
@@ -466,14 +597,21 @@ impl ModelCacheSpec {
                 LayerKind::SlidingWindow { window } => format!("s{window}*{count}"),
             })
             .collect();
+        // Values stored as the keys add `;values=keys` (absent otherwise, so the other
+        // specs' strings, and the fingerprints hashed from them, are unchanged).
         format!(
-            "mcs1;layers={};kv_heads={};k_head_dim={};v_head_dim={};block_tokens={};kv={}",
+            "mcs1;layers={};kv_heads={};k_head_dim={};v_head_dim={};block_tokens={};kv={}{}",
             runs.join(","),
             self.num_kv_heads,
             self.k_head_dim,
             self.v_head_dim,
             self.block_tokens,
-            self.kv_storage.canonical()
+            self.kv_storage.canonical(),
+            if self.values_are_keys {
+                ";values=keys"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -491,6 +629,58 @@ mod tests {
         assert_eq!(spec.blocks_for_budget(196_608 * 30 * 3 + 1), 3);
         assert_eq!(spec.tokens_for_budget(196_608 * 30 * 3 + 1), 768);
         assert_eq!(spec.blocks_for_tokens(257), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_layers_keep_window_plus_one_block_in_ram() -> Result<(), SpecError> {
+        // Gemma 3 270M: 18 layers, every 6th global, window 512, one KV head of 256.
+        let layers = (0..18)
+            .map(|i| {
+                if (i + 1) % 6 == 0 {
+                    LayerKind::Global
+                } else {
+                    LayerKind::SlidingWindow { window: 512 }
+                }
+            })
+            .collect();
+        let spec = ModelCacheSpec::new(layers, 1, 256, 256, 256, KvStorage::FP16)?;
+        let per_layer = spec.bytes_per_block_per_layer();
+        assert_eq!(per_layer, 262_144);
+        // Within the window every layer holds every block.
+        assert_eq!(spec.resident_bytes(512, 0), 2 * 18 * per_layer);
+        assert_eq!(spec.resident_blocks(512, 0), 2);
+        // 32K tokens: 128 blocks on 3 global layers, 3 (512 / 256 + 1) on 15 sliding ones.
+        assert_eq!(
+            spec.resident_bytes(32_768, 0),
+            (128 * 3 + 3 * 15) * per_layer
+        );
+        assert_eq!(
+            spec.resident_blocks(32_768, 0),
+            (128 * 3 + 45u64).div_ceil(18)
+        );
+        // A turn's prefill chunk and answer come on top of the window.
+        assert_eq!(
+            spec.layer_resident_blocks(spec.layers()[0], 32_768, 256 + 100),
+            (512u64 + 356).div_ceil(256) + 1
+        );
+        // The longest sequence 1 GiB holds: (4096 − 45) / 3 blocks, 5.9 × as many tokens as full blocks.
+        let budget = 1 << 30;
+        let longest = spec.max_sequence_tokens(budget);
+        assert!(spec.resident_bytes(longest, 0) <= budget);
+        assert!(spec.resident_bytes(longest + 256, 0) > budget);
+        assert_eq!(longest, 1350 * 256);
+        assert!(longest > 5 * spec.tokens_for_budget(budget));
+        // Only sliding layers: any length fits once the windows do.
+        let all_sliding = ModelCacheSpec::new(
+            vec![LayerKind::SlidingWindow { window: 4096 }; 4],
+            8,
+            128,
+            128,
+            256,
+            KvStorage::FP16,
+        )?;
+        assert_eq!(all_sliding.max_sequence_tokens(1 << 30), u64::MAX);
         Ok(())
     }
 

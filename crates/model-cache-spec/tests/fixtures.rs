@@ -116,15 +116,21 @@ fn gemma_3_12b_google_config_uses_class_defaults() -> TestResult {
 #[test]
 fn deepseek_coder_v2_lite_counts_the_latent_cache() -> TestResult {
     let s = spec(include_str!("fixtures/deepseek-coder-v2-lite.json"))?;
-    // One KV head of 512 latent + 64 RoPE dims, as key and as value:
-    // 256 × (576 + 576) × 2 = 589,824 bytes per layer; × 27 = 15,925,248 per block.
-    check_shape(&s, (27, 1, 576, 576), 589_824, 15_925_248);
-    assert_eq!(s.bytes_per_token(), 62_208);
+    // One KV head of 512 latent + 64 RoPE dims, the key and also the value (stored once):
+    // 256 × 576 × 2 = 294,912 bytes per layer; × 27 = 7,962,624 per block.
+    check_shape(&s, (27, 1, 576, 576), 294_912, 7_962_624);
+    assert!(s.values_are_keys());
+    assert_eq!(s.bytes_per_token(), 31_104);
     // Expanded heads would be 256 × 16 × (192 + 128) × 2 = 2,621,440 bytes per layer.
-    assert_eq!(2_621_440 * 100 / s.bytes_per_block_per_layer(), 444);
-    // 8-bit with group 64 (divides 576): 2 × 256 × 576 bytes + 2 × 256 × 9 groups × 4 B.
-    let q8 = s.with_kv_storage(KvStorage::Q8)?;
-    assert_eq!(q8.bytes_per_block_per_layer(), 294_912 + 18_432);
+    assert_eq!(2_621_440 * 100 / s.bytes_per_block_per_layer(), 888);
+    // 8-bit with group 64 (divides 576): 256 × 576 bytes + 256 × 9 groups × 4 B.
+    let q8 = s.clone().with_kv_storage(KvStorage::Q8)?;
+    assert_eq!(q8.bytes_per_block_per_layer(), 147_456 + 9_216);
+    assert!(q8.values_are_keys());
+    // The fingerprint text says so (a cache of K and V is another cache).
+    assert!(s.canonical_string().ends_with(";values=keys"));
+    let back: ModelCacheSpec = serde_json::from_value(serde_json::to_value(&s)?)?;
+    assert_eq!(back, s);
     Ok(())
 }
 

@@ -66,6 +66,38 @@ proptest! {
     }
 
     #[test]
+    fn resident_cost_is_monotonic_and_bounded(spec in any_spec(), a in 0u64..10_000_000, b in 0u64..10_000_000, extra in 0u64..100_000) {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        // Never more than full blocks on every layer, never less than the global layers' share.
+        let full = spec.blocks_for_tokens(hi);
+        prop_assert!(spec.resident_blocks(hi, extra) <= full);
+        prop_assert!(spec.resident_bytes(hi, extra) <= full * spec.bytes_per_block());
+        prop_assert!(spec.resident_bytes(lo, extra) <= spec.resident_bytes(hi, extra));
+        prop_assert!(spec.resident_bytes(hi, 0) <= spec.resident_bytes(hi, extra));
+        if spec.num_sliding_layers() == 0 {
+            prop_assert_eq!(spec.resident_blocks(hi, extra), full);
+            prop_assert_eq!(spec.resident_bytes(hi, extra), full * spec.bytes_per_block());
+        }
+        let globals = u64::from(spec.num_layers() - spec.num_sliding_layers());
+        prop_assert!(spec.resident_bytes(hi, extra) >= full * globals * spec.bytes_per_block_per_layer());
+    }
+
+    #[test]
+    fn max_sequence_fits_and_is_maximal(spec in any_spec(), budget in 0u64..(1u64 << 36)) {
+        let n = spec.max_sequence_tokens(budget);
+        if n == u64::MAX {
+            prop_assert_eq!(spec.num_sliding_layers(), spec.num_layers());
+        } else {
+            prop_assert!(spec.resident_bytes(n, 0) <= budget);
+            prop_assert!(n % u64::from(spec.block_tokens()) == 0);
+            prop_assert!(n >= spec.tokens_for_budget(budget));
+            if spec.num_sliding_layers() < spec.num_layers() {
+                prop_assert!(spec.resident_bytes(n + u64::from(spec.block_tokens()), 0) > budget);
+            }
+        }
+    }
+
+    #[test]
     fn per_token_and_per_layer_are_exact(spec in any_spec(), bits in prop_oneof![Just(4u8), Just(8)]) {
         for s in [Some(spec.clone()), with(&spec, KvStorage::Quantized { bits, group_size: 32 })].into_iter().flatten() {
             prop_assert_eq!(s.bytes_per_token() * u64::from(s.block_tokens()), s.bytes_per_block());

@@ -279,6 +279,12 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
         spec.v_head_dim(),
         spec.block_tokens(),
     );
+    if spec.values_are_keys() {
+        out.insert_str(
+            out.len() - 1,
+            "values:              the keys (latent attention: one vector per token, stored once)\n",
+        );
+    }
     if let Some(w) = &weights {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         out.push_str(&format!(
@@ -330,6 +336,25 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
                 s.tokens_for_budget(budget)
             )),
             Err(e) => out.push_str(&format!("{name:<15} not applicable: {e}\n")),
+        }
+    }
+    if spec.num_sliding_layers() > 0 {
+        // The live KV is f32; sliding layers keep their window plus one block in RAM.
+        let live = spec
+            .clone()
+            .with_kv_storage(model_cache_spec::KvStorage::FP32);
+        if let Ok(live) = live {
+            let longest = match live.max_sequence_tokens(budget) {
+                u64::MAX => "unbounded (every layer slides)".to_owned(),
+                n => format!("{n} tokens"),
+            };
+            out.push_str(&format!(
+                "\nsliding-window layers keep their window + one block in RAM:\n                 longest sequence in the budget (fp32 live): {longest}; blocks a sequence of \
+                 {ctx} tokens is charged: {} of {} full\n",
+                live.resident_blocks(ctx, 0),
+                live.blocks_for_tokens(ctx),
+                ctx = info.context_length as u64,
+            ));
         }
     }
     Ok(out)

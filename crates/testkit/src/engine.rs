@@ -3,7 +3,7 @@ use agent_session::{
     SequenceId, StepRequest, TensorDtype, TokenId,
 };
 use async_trait::async_trait;
-use model_cache_spec::{KvStorage, ModelCacheSpec};
+use model_cache_spec::{KvStorage, LayerKind, ModelCacheSpec};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,9 @@ struct Seq {
     /// Per position, a chained state: the fake "KV", a function of every token up to there.
     states: Vec<u64>,
     tokens: Vec<TokenId>,
+    /// With a sliding window ([`FakeEngine::with_window`]): the first position still held;
+    /// states before it count as dropped (reading them is an error).
+    base: usize,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +51,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct FakeEngine {
     model: ModelDescriptor,
+    /// The first layer's sliding window, if any ([`FakeEngine::with_window`]).
+    window: Option<usize>,
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     yielding: bool,
@@ -110,10 +115,45 @@ impl FakeEngine {
                 context_length: 8192,
                 vocab_size: 260,
             },
+            window: None,
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             yielding: false,
         }
+    }
+
+    /// The same fake with its first layer sliding over `window` tokens, kept in RAM as a
+    /// real engine keeps one: at each prefill and after each truncation or import, the
+    /// blocks the next token's window no longer reaches are dropped; exporting a dropped
+    /// block, or truncating back to where the window would need one, fails with
+    /// [`EngineError::WindowPassed`]. The output does not change (the state chain is the
+    /// model), so a service that lost blocks shows up as missing stores and cold prefills.
+    #[allow(clippy::expect_used)] // the spec differs from the valid default in one window
+    pub fn with_window(mut self, window: u32) -> Self {
+        let bt = self.model.spec.block_tokens();
+        self.model.spec = ModelCacheSpec::new(
+            vec![LayerKind::SlidingWindow { window }, LayerKind::Global],
+            1,
+            2,
+            2,
+            bt,
+            KvStorage::FP32,
+        )
+        .expect("a positive window is valid");
+        self.window = Some(window as usize);
+        self
+    }
+
+    /// First position a sequence of `len` tokens must hold (see
+    /// [`FakeEngine::with_window`]).
+    fn window_base(&self, len: usize) -> usize {
+        let b = self.model.spec.block_tokens() as usize;
+        self.window
+            .map_or(0, |w| (len + 1).saturating_sub(w) / b * b)
+    }
+
+    fn retain(&self, s: &mut Seq) {
+        s.base = s.base.max(self.window_base(s.states.len()));
     }
 
     /// The same fake, but every call yields to the executor once first, as a real engine
@@ -246,6 +286,7 @@ impl InferenceEngine for FakeEngine {
                     .push(block.meta.token_ids.get(i).copied().unwrap_or(0));
             }
         }
+        self.retain(s);
         g.stats.imported_blocks += n;
         Ok(())
     }
@@ -257,6 +298,7 @@ impl InferenceEngine for FakeEngine {
             .seqs
             .get_mut(&seq)
             .ok_or(EngineError::UnknownSequence(seq))?;
+        self.retain(s);
         let start = s.states.len();
         for &t in &tokens {
             append(s, t);
@@ -307,6 +349,12 @@ impl InferenceEngine for FakeEngine {
         if (first_block + count) * b > s.states.len() {
             return Err(EngineError::Invalid("export beyond the sequence".into()));
         }
+        if first_block * b < s.base {
+            return Err(EngineError::WindowPassed(format!(
+                "block {first_block} was dropped (the window holds from {} on)",
+                s.base
+            )));
+        }
         let mut out = Vec::with_capacity(count);
         for i in first_block..first_block + count {
             let data: Vec<u8> = s.states[i * b..(i + 1) * b]
@@ -340,8 +388,20 @@ impl InferenceEngine for FakeEngine {
             .seqs
             .get_mut(&seq)
             .ok_or(EngineError::UnknownSequence(seq))?;
+        let len = tokens.min(s.states.len());
+        if len > 0 && s.base > self.window_base(len) {
+            return Err(EngineError::WindowPassed(format!(
+                "{len} tokens need the window from {}; it holds from {} on",
+                self.window_base(len),
+                s.base
+            )));
+        }
         s.states.truncate(tokens);
         s.tokens.truncate(tokens);
+        if len == 0 {
+            s.base = 0;
+        }
+        self.retain(s);
         Ok(())
     }
 

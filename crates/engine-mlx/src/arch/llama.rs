@@ -695,6 +695,13 @@ impl LlamaModel {
                 return self.fused_attention(index, chunk, [&q, &k, &v], kvs, scale);
             }
         }
+        // The first position each sequence's buffers of this layer hold (a sliding layer
+        // drops what its window no longer reaches): masks and key slices are relative to it.
+        let bases: Vec<i32> = kvs
+            .iter()
+            .map(|kv| i32::try_from(kv.layer_base(index)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| crate::error::Error::Request("sequence too long".into()))?;
         let mut written = Vec::with_capacity(kvs.len());
         for (b, kv) in kvs.iter_mut().enumerate() {
             let b = b as i32;
@@ -705,10 +712,10 @@ impl LlamaModel {
                 let mut outs = Vec::with_capacity(kvs.len());
                 for (b, (keys, values)) in written.iter().enumerate() {
                     let qb = pick(&q, b as i32)?;
-                    let total = offsets[b] + rows;
+                    let (offset, total) = (offsets[b] - bases[b], offsets[b] + rows - bases[b]);
                     let o = if let Some(w) = windowed {
                         if rows > 1 {
-                            let mask = window_mask(offsets[b], rows, w)?;
+                            let mask = window_mask(offset, rows, w)?;
                             fast::scaled_dot_product_attention(
                                 &qb,
                                 keys,
@@ -744,7 +751,10 @@ impl LlamaModel {
                 outs
             }
             AttentionKind::Host => {
-                let offsets: Vec<usize> = kvs.iter().map(|kv| kv.len()).collect();
+                let offsets: Vec<usize> = kvs
+                    .iter()
+                    .map(|kv| kv.len() - kv.layer_base(index))
+                    .collect();
                 self.host_attention(&q, rows, &written, &offsets, scale, layer.window)?
             }
         };
@@ -794,8 +804,8 @@ impl LlamaModel {
         for (b, kv) in kvs.iter_mut().enumerate() {
             kv.prepare_host()?;
             let shape = fused_attention::Chunk {
-                offset: kv.len(),
-                capacity: kv.capacity(),
+                offset: kv.len() - kv.layer_base(index),
+                capacity: kv.layer_rows(index),
                 ..chunk
             };
             let (keys, values) = kv.host_layer_mut(index)?;
@@ -1133,10 +1143,11 @@ impl LlamaModel {
                     heads: nh,
                     kv_heads: nkv,
                     head_dim: hd,
-                    capacity: kv.capacity(),
+                    capacity: kv.layer_rows(i),
                     window: layer.window,
                 };
-                let pos = kv.len();
+                // Row of the new token in this layer's buffers.
+                let pos = kv.len() - kv.layer_base(i);
                 let (keys, values) = kv.host_layer_mut(i)?;
                 host_decode::attend_one(
                     shape,
@@ -1207,11 +1218,12 @@ impl CausalLm for LlamaModel {
     }
 
     fn kv_layout(&self, block_tokens: usize) -> KvLayout {
+        let c = &self.config;
         KvLayout {
-            num_layers: self.config.num_layers,
-            kv_heads: self.config.num_kv_heads,
-            head_dim: self.config.head_dim,
-            block_tokens,
+            windows: (0..c.num_layers).map(|i| c.layer_window(i)).collect(),
+            // Latent attention caches one vector per token: its keys are its values.
+            values_are_keys: c.latent_attention.is_some(),
+            ..KvLayout::dense(c.num_layers, c.num_kv_heads, c.head_dim, block_tokens)
         }
     }
 
