@@ -271,9 +271,9 @@ fn sigterm_with_four_long_streams_exits_within_the_grace() {
     }
 }
 
-/// `semantic models inspect` on the tiny golden fixtures: Gemma 3's sliding-window layers and
-/// DeepSeek-V2's latent cache (one KV head of 16 latent + 8 RoPE dims) in the spec and the
-/// capacity table.
+/// `semantic models inspect` on the tiny golden fixtures: Gemma 3's sliding-window layers
+/// (and what they keep in RAM), DeepSeek-V2's latent cache (one KV head of 16 latent + 8 RoPE
+/// dims, stored once), the MoE and Phi-3 shapes, in the spec and the capacity table.
 #[test]
 fn models_inspect_shows_sliding_layers_and_the_latent_cache() {
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -333,4 +333,27 @@ fn models_inspect_shows_sliding_layers_and_the_latent_cache() {
     // 256 tokens × 24 values × 2 bytes = 12,288 bytes per block per layer in fp16 (the
     // latent vector is the key and the value, stored once).
     assert!(deepseek.contains(" 12288 "), "{deepseek}");
+    // The MoE and Phi-3 fixtures: 2 global layers of one KV head of 16, K and V apart:
+    // 256 × (16 + 16) × 2 = 16,384 bytes per block per layer in fp16.
+    for (name, arch) in [
+        ("mixtral", "mixtral"),
+        ("qwen3_moe", "qwen3_moe"),
+        ("phi3", "phi3"),
+    ] {
+        let text = inspect(name);
+        for line in [
+            format!("architecture:        {arch}\n"),
+            "layers:              2 (0 sliding-window)\n".to_owned(),
+            "KV heads:            1\n".to_owned(),
+            "K / V head dim:      16 / 16\n".to_owned(),
+        ] {
+            assert!(text.contains(&line), "{name}: {line:?} in {text}");
+        }
+        let fp16 = text
+            .lines()
+            .find(|l| l.starts_with("fp16 "))
+            .unwrap_or_default();
+        assert!(fp16.contains(" 16384 "), "{name}: {fp16}");
+        assert!(!text.contains("values:"), "{name}: {text}");
+    }
 }

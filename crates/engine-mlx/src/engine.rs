@@ -101,6 +101,7 @@ enum Command {
     Len(u64, Reply<usize>),
     Release(u64, Reply<()>),
     Logits(u64, Reply<Vec<f32>>),
+    KvBytes(u64, Reply<usize>),
     ForwardAll(Vec<TokenId>, Reply<Vec<f32>>),
 }
 
@@ -241,6 +242,10 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                     });
                 let (config, formatter, spec) = match (config, formatter, spec) {
                     (Ok(c), Ok(f), Ok(s)) => {
+                        let s = applied_windows(s, &c).map_err(|source| Error::Spec {
+                            path: path.clone(),
+                            source,
+                        })?;
                         if cfg.check_memory {
                             note(memory_check(&header, cfg, &s));
                         }
@@ -313,6 +318,7 @@ fn prepare(model: &str, cfg: &EngineConfig) -> Result<Prepared> {
                 let formatter = MlxChatFormatter::from_dir(dir)?;
                 let spec = ModelCacheSpec::from_config(&v, cfg.block_tokens)
                     .and_then(|s| s.with_kv_storage(storage))
+                    .and_then(|s| applied_windows(s, &config))
                     .map_err(|source| Error::Spec {
                         path: cpath.clone(),
                         source,
@@ -546,6 +552,24 @@ pub fn inspect_report(
     Ok((prepared.descriptor, report))
 }
 
+/// The spec with the sliding windows the engine applies (some families ignore a config's
+/// `sliding_window`, as their references do: Mistral, Phi-3), so that the capacity maths and
+/// the fingerprint describe the KV the engine keeps.
+fn applied_windows(
+    spec: ModelCacheSpec,
+    config: &ModelConfig,
+) -> std::result::Result<ModelCacheSpec, model_cache_spec::SpecError> {
+    let layers = (0..spec.num_layers() as usize)
+        .map(|i| match config.layer_window(i) {
+            Some(w) => model_cache_spec::LayerKind::SlidingWindow {
+                window: u32::try_from(w).unwrap_or(u32::MAX),
+            },
+            None => model_cache_spec::LayerKind::Global,
+        })
+        .collect();
+    spec.with_layers(layers)
+}
+
 /// Describes a model (architecture, cache spec, context length, fingerprint) from its
 /// metadata and tokenizer, without loading the weights: `semantic models inspect`.
 pub fn inspect(model: &str, config: &EngineConfig) -> Result<ModelDescriptor> {
@@ -647,6 +671,12 @@ impl MlxEngine {
     #[doc(hidden)]
     pub async fn debug_logits(&self, seq: SequenceId) -> Result<Vec<f32>> {
         self.call(|r| Command::Logits(seq.0, r)).await
+    }
+
+    /// Bytes of KV buffers a sequence holds in RAM (every layer's allocated rows): what a
+    /// sliding window saves shows here.
+    pub async fn kv_bytes(&self, seq: SequenceId) -> Result<usize> {
+        self.call(|r| Command::KvBytes(seq.0, r)).await
     }
 
     /// Logits of every position of `tokens` run from an empty context, `[len × vocab]` row
@@ -874,6 +904,9 @@ impl Worker {
                             .ok_or_else(|| Error::Request("no pending logits".into()))
                     });
                     let _ = r.send(res);
+                }
+                Command::KvBytes(id, r) => {
+                    let _ = r.send(self.seq(id).map(|s| s.kv.resident_bytes()));
                 }
                 Command::ForwardAll(tokens, r) => {
                     let _ = r.send(self.forward_all(&tokens));

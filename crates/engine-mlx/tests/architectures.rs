@@ -109,3 +109,72 @@ fn restore_then_prefill_equals_cold_on_every_architecture() {
         ));
     }
 }
+
+/// Gemma 3's sliding layers (window 8 in the fixture) keep their window plus one block in
+/// RAM however long the sequence, cold or restored: the bytes held stay within what
+/// `ModelCacheSpec::resident_bytes` charges, far below every layer holding every block.
+#[test]
+fn sliding_layers_keep_only_their_window_in_ram() {
+    let engine = load("gemma3");
+    let vocab = engine.model().vocab_size as u32;
+    let live = engine
+        .model()
+        .spec
+        .clone()
+        .with_kv_storage(model_cache_spec::KvStorage::FP32)
+        .expect("f32 spec");
+    assert!(live.num_sliding_layers() > 0);
+    let tokens: Vec<u32> = (0..6 * BLOCK as u32 + 5)
+        .map(|i| (i * 29 + 3) % vocab)
+        .collect();
+    let len = tokens.len() as u64;
+    let every_block = live.blocks_for_tokens(len + 1) * live.bytes_per_block();
+    block_on(async {
+        let cold = engine.open_sequence().await.expect("open");
+        let mut exported = Vec::new();
+        let mut pos = 0;
+        while pos < tokens.len() {
+            let end = (((pos / BLOCK) + 1) * BLOCK).min(tokens.len());
+            engine
+                .prefill(cold, tokens[pos..end].to_vec())
+                .await
+                .expect("prefill");
+            let whole = end / BLOCK;
+            if whole > exported.len() {
+                let more = engine
+                    .export_blocks(cold, exported.len(), whole - exported.len())
+                    .await
+                    .expect("a chunk's blocks export right after it");
+                exported.extend(more);
+            }
+            pos = end;
+        }
+        let held = engine.kv_bytes(cold).await.expect("bytes") as u64;
+        // The chunk just prefilled comes on top of the window (extra = one chunk).
+        let charged = live.resident_bytes(len, BLOCK as u64);
+        assert!(held <= charged, "{held} B held, {charged} B charged");
+        assert!(
+            held * 2 < every_block,
+            "{held} B held vs {every_block} B for all blocks"
+        );
+        // The first block left every sliding window: it cannot be exported any more.
+        assert!(engine.export_blocks(cold, 0, 1).await.is_err());
+        engine.release(cold).await.expect("release");
+
+        // Restored: the same bound.
+        let warm = engine.open_sequence().await.expect("open");
+        let blocks = common::warm::blocks_of(&engine, &tokens, exported, BLOCK);
+        engine
+            .plan_import(warm, blocks.len() * BLOCK)
+            .await
+            .expect("plan");
+        engine.import_blocks(warm, blocks).await.expect("import");
+        let held = engine.kv_bytes(warm).await.expect("bytes") as u64;
+        let charged = live.resident_bytes(6 * BLOCK as u64, BLOCK as u64);
+        assert!(
+            held <= charged,
+            "restored: {held} B held, {charged} B charged"
+        );
+        engine.release(warm).await.expect("release");
+    });
+}

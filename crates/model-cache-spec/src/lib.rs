@@ -358,6 +358,25 @@ impl ModelCacheSpec {
         })
     }
 
+    /// The same spec with other layer kinds (an engine that applies other windows than the
+    /// config names, or none, says so here so the capacity maths match what it keeps).
+    /// Validated like [`ModelCacheSpec::new`].
+    pub fn with_layers(self, layers: Vec<LayerKind>) -> Result<Self, SpecError> {
+        let shared = self.values_are_keys;
+        Self::new(
+            layers,
+            self.num_kv_heads,
+            self.k_head_dim,
+            self.v_head_dim,
+            self.block_tokens,
+            self.kv_storage,
+        )
+        .map(|s| Self {
+            values_are_keys: shared,
+            ..s
+        })
+    }
+
     /// The same spec whose values are its keys (multi-head latent attention: one cached
     /// vector per token and layer serves as both), so V costs nothing. Errors when K and V
     /// have different head dims.

@@ -348,12 +348,13 @@ pub fn inspect(settings: &Settings) -> Result<String, AppError> {
                 u64::MAX => "unbounded (every layer slides)".to_owned(),
                 n => format!("{n} tokens"),
             };
+            let ctx = info.context_length as u64;
             out.push_str(&format!(
-                "\nsliding-window layers keep their window + one block in RAM:\n                 longest sequence in the budget (fp32 live): {longest}; blocks a sequence of \
+                "\nsliding-window layers keep their window + one block in RAM:\n\
+                 longest sequence in the budget (fp32 live): {longest}; blocks a sequence of \
                  {ctx} tokens is charged: {} of {} full\n",
                 live.resident_blocks(ctx, 0),
                 live.blocks_for_tokens(ctx),
-                ctx = info.context_length as u64,
             ));
         }
     }
