@@ -479,15 +479,21 @@ impl SequenceKv {
         if self.len == 0 {
             let plans = self.import_plans(self.import_plan);
             let fits = self.layers.len() == plans.len()
-                && self
-                    .layers
-                    .iter()
-                    .zip(&plans)
-                    .all(|(l, p)| l.rows >= p.rows && l.rows <= 2 * p.rows.max(1));
+                && self.layers.iter().zip(&plans).all(|(l, p)| l.rows >= p.rows);
             if fits {
-                for (l, p) in self.layers.iter_mut().zip(&plans) {
+                // Buffers from the pool: kept where they fit, but a sliding layer that needs
+                // far fewer rows than a pooled buffer has gets small ones of its own.
+                for (i, (l, p)) in self.layers.iter_mut().zip(&plans).enumerate() {
                     l.base = p.base;
+                    if self.layout.window(i).is_some() && l.rows > 2 * p.rows {
+                        l.k = zeros(&self.layout, p.rows)?;
+                        if l.v.is_some() {
+                            l.v = Some(zeros(&self.layout, p.rows)?);
+                        }
+                        l.rows = p.rows;
+                    }
                 }
+                self.host_ready = false;
             } else {
                 // Zeros built on several threads as host data (an import of no block).
                 self.layers = self.import_tensors(&[], &plans)?;
@@ -1441,10 +1447,18 @@ mod tests {
         let refs: Vec<&KvPayload> = blocks.iter().collect();
         // The next token (384) sees 285..=384: the sliding layer keeps blocks 4 and 5.
         assert_eq!(layout.window_base(100, 6 * bt), 4 * bt);
-        for planned in [false, true] {
+        for (planned, pooled) in [(false, false), (true, false), (true, true)] {
             let mut kv = SequenceKv::new(layout.clone());
+            if pooled {
+                // Spare buffers of a long sequence from the pool: full rows on every layer.
+                let spare = KvBuffers::allocate(layout.clone(), 12 * bt).expect("allocate");
+                kv.adopt_buffers(spare).expect("adopt");
+            }
             if planned {
                 kv.plan_import(6 * bt).expect("plan");
+            }
+            if pooled {
+                assert_eq!(kv.layer_rows(1), 12 * bt, "the global layer keeps the pooled rows");
             }
             for part in refs.chunks(2) {
                 kv.import_blocks(part).expect("import");
