@@ -401,7 +401,7 @@ impl SequenceKv {
                 Ok(Array::from_slice(&out, &shape))
             };
             let k = keep(&l.k)?;
-            let v = l.v.as_ref().map(|v| keep(v)).transpose()?;
+            let v = l.v.as_ref().map(keep).transpose()?;
             *l = LayerKv {
                 k,
                 v,
@@ -479,7 +479,11 @@ impl SequenceKv {
         if self.len == 0 {
             let plans = self.import_plans(self.import_plan);
             let fits = self.layers.len() == plans.len()
-                && self.layers.iter().zip(&plans).all(|(l, p)| l.rows >= p.rows);
+                && self
+                    .layers
+                    .iter()
+                    .zip(&plans)
+                    .all(|(l, p)| l.rows >= p.rows);
             if fits {
                 // Buffers from the pool: kept where they fit, but a sliding layer that needs
                 // far fewer rows than a pooled buffer has gets small ones of its own.
@@ -1458,7 +1462,11 @@ mod tests {
                 kv.plan_import(6 * bt).expect("plan");
             }
             if pooled {
-                assert_eq!(kv.layer_rows(1), 12 * bt, "the global layer keeps the pooled rows");
+                assert_eq!(
+                    kv.layer_rows(1),
+                    12 * bt,
+                    "the global layer keeps the pooled rows"
+                );
             }
             for part in refs.chunks(2) {
                 kv.import_blocks(part).expect("import");
