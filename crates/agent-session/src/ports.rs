@@ -190,6 +190,8 @@ pub struct RemoteTierStats {
     pub stale_manifests: u64,
     /// Downloaded blocks that failed verification (quarantined, deleted remotely).
     pub quarantined: u64,
+    /// The last failure (request and cause), if any since start.
+    pub last_error: Option<String>,
 }
 
 /// The cache store port: content-addressed KV blocks and per-agent manifests.

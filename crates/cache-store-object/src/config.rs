@@ -73,9 +73,7 @@ pub fn build_s3(
         .with_bucket_name(s.bucket.trim())
         .with_virtual_hosted_style_request(false);
     if let Some(endpoint) = &s.endpoint {
-        b = b
-            .with_endpoint(endpoint.trim_end_matches('/'))
-            .with_allow_http(endpoint.starts_with("http://"));
+        b = b.with_endpoint(endpoint.trim_end_matches('/'));
     }
     if let Some(region) = &s.region {
         b = b.with_region(region);
@@ -99,7 +97,13 @@ pub fn build_s3(
             base: 2.0,
         },
     };
+    // The client options replace the builder's, so plain HTTP is allowed here.
     let options = ClientOptions::new()
+        .with_allow_http(
+            s.endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://")),
+        )
         .with_connect_timeout(cfg.read_timeout.min(Duration::from_secs(2)))
         .with_timeout(cfg.upload_timeout);
     let store = b.with_retry(retry).with_client_options(options).build()?;

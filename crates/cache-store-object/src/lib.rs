@@ -22,6 +22,7 @@ mod error;
 pub mod generations;
 pub mod keys;
 mod port;
+pub mod test_server;
 mod tier;
 
 pub use config::{build_s3, ObjectTierConfig, S3Settings};

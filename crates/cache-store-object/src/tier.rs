@@ -47,7 +47,16 @@ impl std::fmt::Display for RemoteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RemoteError::Timeout(d) => write!(f, "no answer within {} ms", d.as_millis()),
-            RemoteError::Store(e) => write!(f, "{e}"),
+            RemoteError::Store(e) => {
+                write!(f, "{e}")?;
+                // The client's errors wrap the transport's: say the whole chain once.
+                let mut source = std::error::Error::source(e);
+                while let Some(cause) = source {
+                    write!(f, ": {cause}")?;
+                    source = cause.source();
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -108,6 +117,7 @@ pub(crate) struct Shared {
     wake: tokio::sync::Notify,
     stop: AtomicBool,
     counters: Counters,
+    last_error: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -133,6 +143,7 @@ impl Shared {
     /// Counts a failure; the first of an outage is logged as a warning, the others at debug.
     fn failed(&self, what: &str, e: &RemoteError) {
         bump(&self.counters.errors, 1);
+        *lock(&self.last_error) = Some(format!("{what}: {e}"));
         if self.up.swap(false, Ordering::Relaxed) {
             bump(&self.counters.outages, 1);
             warn!(
@@ -446,6 +457,7 @@ impl Shared {
             manifests_uploaded: get(&c.manifests_uploaded),
             stale_manifests: get(&c.stale_manifests),
             quarantined: get(&c.quarantined),
+            last_error: lock(&self.last_error).clone(),
         }
     }
 
@@ -667,6 +679,7 @@ impl ObjectTierStore {
             wake: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
+            last_error: Mutex::new(None),
         });
         shared.queue_unuploaded_turns();
         runtime.spawn(Arc::clone(&shared).run_uploader());
