@@ -3,7 +3,8 @@
 //! an agent's turns stay on its replica; when that replica is killed, the next turn goes to
 //! the other one, which restores the agent's blocks from the object store and answers
 //! exactly as a cold server; a second agent with the same system prompt reuses the blocks
-//! the first replica uploaded.
+//! the first replica uploaded; when the store goes down, the replica keeps answering and
+//! `/health` and `/metrics` say so.
 //!
 //! Needs the default model, the `semantic` binary, s3s-fs and nginx (`cargo xtask test`
 //! installs them; outside CI the test is skipped when s3s-fs or nginx is missing).
@@ -127,7 +128,8 @@ fn a_moved_agent_restores_from_the_object_store_and_answers_as_cold() {
     };
     let model = require_model();
     let dir = tempfile::tempdir().expect("tempdir");
-    let s3 = S3TestServer::start(&s3_bin, &dir.path().join("s3"), "semantic-kv").expect("s3s-fs");
+    let mut s3 =
+        S3TestServer::start(&s3_bin, &dir.path().join("s3"), "semantic-kv").expect("s3s-fs");
     let env_owned = s3.env("e2e");
     let env: Vec<(&str, &str)> = env_owned
         .iter()
@@ -224,6 +226,22 @@ fn a_moved_agent_restores_from_the_object_store_and_answers_as_cold() {
         tb.cache, t3.cache
     );
     drop(nginx);
+
+    // The object store goes down: the replica keeps answering from RAM and its disk, and
+    // says so in /health and /metrics.
+    s3.stop();
+    let bb2 = body(
+        &[(question("payroll"), tb.text.clone())],
+        "And in one word?",
+    );
+    turn(
+        other.post("/v1/messages", &[("x-agent-id", "agent-b")], &bb2),
+        "B while the store is down",
+    );
+    wait_until("the outage in /health", Duration::from_secs(30), || {
+        other.get("/health").json()["object_store"]["status"] == "down"
+    });
+    assert_eq!(metric(&other, "semantic_object_store_up"), 0.0);
 
     // Exactly as a cold server.
     assert_eq!(

@@ -700,6 +700,7 @@ mod tests {
                 "true or false",
             ),
             ("SEMANTIC_MLX_DEFAULT_TEMPERATURE", "9", "0 to 2"),
+            ("SEMANTIC_OBJECT_STORE_TIMEOUT_MS", "10", "50 to 60000"),
         ] {
             let err = Settings::load_with_env(&Layers::default(), &env(&[(var, value)]))
                 .expect_err("invalid");
@@ -732,6 +733,25 @@ mod max_tokens_cap_tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::load_with_env(&Layers::default(), &env)
+    }
+
+    #[test]
+    fn the_object_store_tier_is_off_unless_a_bucket_is_set() {
+        let s = load(&[]).expect("defaults");
+        assert_eq!(s.object_bucket, None);
+        assert_eq!(
+            (s.object_prefix.as_str(), s.object_timeout_ms),
+            ("semantic", 2000)
+        );
+        let s = load(&[
+            ("SEMANTIC_OBJECT_STORE_BUCKET", "semantic-kv"),
+            ("SEMANTIC_OBJECT_STORE_ENDPOINT", "http://127.0.0.1:3900"),
+            ("SEMANTIC_OBJECT_STORE_PREFIX", "prod"),
+        ])
+        .expect("valid");
+        assert_eq!(s.object_bucket.as_deref(), Some("semantic-kv"));
+        assert_eq!(s.object_endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(s.object_prefix, "prod");
     }
 
     #[test]

@@ -128,7 +128,11 @@ fn measure(ctx: &Ctx, run: usize, s3_bin: &Path, nginx_bin: &Path) -> Result<Run
         Server::start(ctx.ours(&caches[1], "replica-2", &env)?)?,
     ];
     let ports = [replicas[0].port(), replicas[1].port()];
-    let nginx = Proc::nginx(nginx_bin, &ctx.fresh_dir(&format!("replicas-nginx-{run}"))?, ports)?;
+    let nginx = Proc::nginx(
+        nginx_bin,
+        &ctx.fresh_dir(&format!("replicas-nginx-{run}"))?,
+        ports,
+    )?;
     let router = Client::new(nginx.port, "default");
     let direct = [replicas[0].client(), replicas[1].client()];
 
@@ -152,7 +156,10 @@ fn measure(ctx: &Ctx, run: usize, s3_bin: &Path, nginx_bin: &Path) -> Result<Run
             homes[agent] = usize::from(stats_requests(&direct[0])? == before);
             histories[agent].push(Message::assistant(s.content.clone()));
         }
-        log("bench", format_args!("replicas run {run} turn {turn}: agents on replicas {homes:?}"));
+        log(
+            "bench",
+            format_args!("replicas run {run} turn {turn}: agents on replicas {homes:?}"),
+        );
     }
     // Every block and manifest is in the bucket before the kill.
     for client in &direct {
@@ -165,7 +172,10 @@ fn measure(ctx: &Ctx, run: usize, s3_bin: &Path, nginx_bin: &Path) -> Result<Run
     replicas[victim].kill();
     log(
         "bench",
-        format_args!("replicas run {run}: killed replica {} (agents {moved:?} move)", victim + 1),
+        format_args!(
+            "replicas run {run}: killed replica {} (agents {moved:?} move)",
+            victim + 1
+        ),
     );
 
     let before = metrics_of(&direct[survivor])?;
@@ -189,7 +199,8 @@ fn measure(ctx: &Ctx, run: usize, s3_bin: &Path, nginx_bin: &Path) -> Result<Run
         });
     }
     let after = metrics_of(&direct[survivor])?;
-    let delta = |name: &str| metric(&after, name).unwrap_or(0.0) - metric(&before, name).unwrap_or(0.0);
+    let delta =
+        |name: &str| metric(&after, name).unwrap_or(0.0) - metric(&before, name).unwrap_or(0.0);
     let restored_bytes = delta("semantic_cache_restored_bytes_total");
     let downloaded_bytes = delta("semantic_object_store_downloaded_bytes_total");
     let restore_s = delta("semantic_restore_seconds_sum");
@@ -293,7 +304,9 @@ fn plain_gets(port: u16, keys: &[String]) -> Result<(u64, f64)> {
             .collect();
         let mut sum = 0;
         for h in handles {
-            sum += h.join().map_err(|_| anyhow::anyhow!("a GET thread panicked"))??;
+            sum += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("a GET thread panicked"))??;
         }
         Ok(sum)
     })?;
@@ -324,7 +337,9 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A GET of `<bucket>/<key>` signed with AWS Signature V4 (path style); returns its bytes.
 fn signed_get(port: u16, key: &str) -> Result<u64> {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let stamp = utc_stamps(secs).1; // YYYYMMDD-HHMMSS
     let amz_date = format!("{}Z", stamp.replace('-', "T"));
     let date = &stamp[..8];
@@ -406,7 +421,10 @@ impl Proc {
         let http = block
             .replace("127.0.0.1:8001", &format!("127.0.0.1:{}", replicas[0]))
             .replace("127.0.0.1:8002", &format!("127.0.0.1:{}", replicas[1]))
-            .replace("listen 127.0.0.1:8080;", &format!("listen 127.0.0.1:{port};"));
+            .replace(
+                "listen 127.0.0.1:8080;",
+                &format!("listen 127.0.0.1:{port};"),
+            );
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
@@ -450,12 +468,19 @@ fn render(runs: &[RunResult]) -> String {
     t.row([
         "moved agent's next turn, TTFT ms (restored from the object store)".to_owned(),
         fmt_summary(Summary::of(&moved), 0),
-        format!("cold prefill {} ms: {} faster", fmt_summary(Summary::of(&cold), 0), fmt_ratio(median(&cold), median(&moved))),
+        format!(
+            "cold prefill {} ms: {} faster",
+            fmt_summary(Summary::of(&cold), 0),
+            fmt_ratio(median(&cold), median(&moved))
+        ),
     ]);
     t.row([
         "restore MB/s (restored bytes / restore time, surviving replica)".to_owned(),
         fmt_summary(Summary::of(&restore), 0),
-        format!("plain GET of the same objects: {} MB/s", fmt_summary(Summary::of(&plain), 0)),
+        format!(
+            "plain GET of the same objects: {} MB/s",
+            fmt_summary(Summary::of(&plain), 0)
+        ),
     ]);
     let restored: Vec<f64> = all(|m| m.restored as f64);
     let prompt: Vec<f64> = all(|m| m.prompt as f64);
