@@ -241,7 +241,7 @@ fn a_moved_agent_restores_from_the_object_store_and_answers_as_cold() {
     wait_until("the outage in /health", Duration::from_secs(30), || {
         other.get("/health").json()["object_store"]["status"] == "down"
     });
-    assert_eq!(metric(&other, "semantic_object_store_up"), 0.0);
+    assert_eq!(other.metric(&[], "semantic_object_store_up"), Some(0.0));
 
     // Exactly as a cold server.
     assert_eq!(
