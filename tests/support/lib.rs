@@ -191,6 +191,14 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills the server at once (SIGKILL: no drain, no flush), as a crash would.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the server with SIGTERM and returns its exit code.
     pub fn stop(mut self) -> Option<i32> {
         self.terminate()
@@ -226,15 +234,7 @@ impl Server {
         body: &Value,
         timeout: Duration,
     ) -> ureq::Response {
-        let mut req = ureq::post(&format!("{}{path}", self.base)).timeout(timeout);
-        for (k, v) in headers {
-            req = req.set(k, v);
-        }
-        match req.send_json(body.clone()) {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {path}: {e}"),
-        }
+        send_post(&self.base, path, headers, body, timeout)
     }
 
     /// GETs a path.
@@ -274,6 +274,155 @@ impl Server {
         assert_eq!(r.status, 200, "{}", r.text);
         metric_value(&r.text, series)
     }
+}
+
+/// POSTs JSON to `base` + `path` (any server, a proxy too); any HTTP status is a response, a
+/// transport error panics.
+pub fn post_json(base: &str, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+    Response::read(send_post(
+        base,
+        path,
+        headers,
+        body,
+        Duration::from_secs(600),
+    ))
+}
+
+fn send_post(
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+    timeout: Duration,
+) -> ureq::Response {
+    let mut req = ureq::post(&format!("{base}{path}")).timeout(timeout);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    match req.send_json(body.clone()) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {base}{path}: {e}"),
+    }
+}
+
+/// The nginx binary for the routing tests: `$SEMANTIC_TEST_NGINX` (set by `cargo xtask
+/// test`), `nginx` on the PATH or `/usr/sbin/nginx`. `None` (said on stderr) when absent
+/// outside CI; in CI (`CI=true`) a missing nginx fails the test.
+pub fn require_nginx(test: &str) -> Option<PathBuf> {
+    let path_dirs = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::var_os("SEMANTIC_TEST_NGINX")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::split_paths(&path_dirs).map(|d| d.join("nginx")))
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(
+            !ci,
+            "{test}: nginx is missing; `cargo xtask test` installs it"
+        );
+        eprintln!("{test}: skipped: nginx is not installed (`cargo xtask test` installs it)");
+    }
+    found
+}
+
+/// The agent-affinity configuration of docs/deployment.md (its `nginx` block), exactly as
+/// documented but for the ports: the replicas `127.0.0.1:8001` / `:8002` and the listener
+/// `127.0.0.1:8080` become `replicas` and `listen`.
+pub fn documented_nginx_config(replicas: [&str; 2], listen: u16) -> String {
+    let doc = include_str!("../../docs/deployment.md");
+    let block = doc
+        .split("```nginx\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/deployment.md has an nginx block");
+    for needle in ["127.0.0.1:8001", "127.0.0.1:8002", "listen 127.0.0.1:8080;"] {
+        assert!(
+            block.contains(needle),
+            "the documented config lost {needle}"
+        );
+    }
+    block
+        .replace("127.0.0.1:8001", replicas[0])
+        .replace("127.0.0.1:8002", replicas[1])
+        .replace(
+            "listen 127.0.0.1:8080;",
+            &format!("listen 127.0.0.1:{listen};"),
+        )
+}
+
+/// nginx running `http_block` (in the foreground, everything under `dir`); stopped on drop.
+pub struct Nginx {
+    child: Option<Child>,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// Starts `bin` with a configuration made of `http_block` and the file paths of `dir`,
+    /// and waits until `port` accepts connections.
+    pub fn start(bin: &Path, dir: &Path, http_block: &str, port: u16) -> Self {
+        std::fs::create_dir_all(dir.join("tmp")).expect("nginx dir");
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log info;\nevents {{ worker_connections 256; }}\nhttp {{\n\
+             access_log {d}/access.log;\nclient_body_temp_path {d}/tmp/body;\n\
+             proxy_temp_path {d}/tmp/proxy;\nfastcgi_temp_path {d}/tmp/fastcgi;\n\
+             uwsgi_temp_path {d}/tmp/uwsgi;\nscgi_temp_path {d}/tmp/scgi;\n{http_block}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let mut nginx = Self {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_path_buf(),
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(Ok(Some(status))) = nginx.child.as_mut().map(Child::try_wait) {
+                panic!("nginx exited ({status}):\n{}", nginx.error_log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nginx did not listen:\n{}",
+                nginx.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nginx
+    }
+
+    /// nginx's error log so far (upstream failures and failovers are logged there).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    free_port()
 }
 
 /// The value of `series` in a Prometheus text exposition.

@@ -23,7 +23,8 @@ pub use error::ServiceError;
 pub use kv::{AgentManifest, BlockMeta, KvBlock, KvEncoding, KvPayload, KvTensor, TensorDtype};
 pub use ports::{
     BlockingRunner, CacheStore, ChatFormatter, Clock, EngineError, FormatError, InferenceEngine,
-    InlineRunner, ModelDescriptor, SequenceId, StepRequest, StoreError, StoreStats, SystemClock,
+    InlineRunner, ModelDescriptor, RemoteTierStats, SequenceId, StepRequest, StoreError,
+    StoreStats, SystemClock,
 };
 pub use sampling::SamplingParams;
 pub use service::{

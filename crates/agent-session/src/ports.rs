@@ -164,6 +164,39 @@ pub struct StoreStats {
     /// Block writes that failed in the background since start (each logged with the block
     /// and the cause; the block stayed RAM-only).
     pub write_errors: u64,
+    /// The shared tier behind the local store (an object store), when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteTierStats>,
+}
+
+/// State and counters of a shared remote tier (an object store behind the local disk).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RemoteTierStats {
+    /// Whether the last request to the remote store succeeded (false: serving from RAM and
+    /// local disk only, uploads waiting).
+    pub up: bool,
+    /// Times the remote store became unreachable since start.
+    pub outages: u64,
+    /// Remote requests that failed or timed out since start.
+    pub errors: u64,
+    /// Blocks and manifests waiting to be uploaded.
+    pub upload_queue: u64,
+    /// Blocks uploaded since start.
+    pub blocks_uploaded: u64,
+    /// Bytes of blocks uploaded since start.
+    pub bytes_uploaded: u64,
+    /// Blocks downloaded (and verified) since start.
+    pub blocks_downloaded: u64,
+    /// Bytes of blocks downloaded since start.
+    pub bytes_downloaded: u64,
+    /// Manifests uploaded since start.
+    pub manifests_uploaded: u64,
+    /// Manifest uploads refused because the remote one had a newer generation.
+    pub stale_manifests: u64,
+    /// Downloaded blocks that failed verification (quarantined, deleted remotely).
+    pub quarantined: u64,
+    /// The last failure (request and cause), if any since start.
+    pub last_error: Option<String>,
 }
 
 /// The cache store port: content-addressed KV blocks and per-agent manifests.

@@ -329,8 +329,9 @@ struct Inner {
 
 /// Work for the background writer, processed in order.
 enum Job {
-    /// Write one block file.
-    Write(Arc<KvBlock>),
+    /// Write one block file: encoded from the block, or these exact bytes (a verified file
+    /// that came from another tier).
+    Write(Arc<KvBlock>, Option<Vec<u8>>),
     /// Delete block files no manifest needs any more (unless re-added since).
     Delete(Vec<BlockHash>),
     /// Acknowledge once everything before is durable.
@@ -371,12 +372,12 @@ impl Inner {
     /// Writer thread: takes jobs until every sender is gone and the queue is drained.
     fn run_writer(&self, rx: Receiver<Job>, batch_max: usize) {
         while let Ok(first) = rx.recv() {
-            let mut group: Vec<Arc<KvBlock>> = Vec::new();
+            let mut group: Vec<(Arc<KvBlock>, Option<Vec<u8>>)> = Vec::new();
             let mut next = Some(first);
             let mut taken = 1usize;
             while let Some(job) = next.take() {
                 match job {
-                    Job::Write(block) => group.push(block),
+                    Job::Write(block, bytes) => group.push((block, bytes)),
                     Job::Delete(hashes) => {
                         self.commit_writes(std::mem::take(&mut group));
                         self.delete_unneeded(hashes);
@@ -403,18 +404,22 @@ impl Inner {
     /// Writes a group of blocks: each to a temp file (fsynced), then renames them all into
     /// place in order and fsyncs the directory once. Failures are logged and the block is
     /// dropped (the server goes on without persisting it).
-    fn commit_writes(&self, group: Vec<Arc<KvBlock>>) {
+    fn commit_writes(&self, group: Vec<(Arc<KvBlock>, Option<Vec<u8>>)>) {
         if group.is_empty() {
             return;
         }
         let dir = &self.layout.blocks;
         let mut failed = Vec::new();
         let mut staged = Vec::with_capacity(group.len());
-        for block in &group {
+        for (block, bytes) in group {
             let hash = block.meta.hash;
             let name = block_file_name(&hash);
             let tmp = fsutil::temp_path(dir, &name);
-            let written = format::encode_block(block).and_then(|bytes| {
+            let encoded = match bytes {
+                Some(bytes) => Ok(bytes),
+                None => format::encode_block(&block),
+            };
+            let written = encoded.and_then(|bytes| {
                 fsutil::write_temp(&tmp, &bytes)?;
                 Ok(bytes.len() as u64)
             });
@@ -1043,7 +1048,7 @@ impl DiskCacheStore {
         let mut jobs = new.into_iter();
         while let Some(block) = jobs.next() {
             let hash = block.meta.hash;
-            if let Err(e) = self.send(Job::Write(block)) {
+            if let Err(e) = self.send(Job::Write(block, None)) {
                 let mut st = self.inner.lock();
                 st.pending.remove(&hash);
                 for rest in jobs {
@@ -1219,7 +1224,69 @@ impl DiskCacheStore {
             quarantined: c.quarantined.load(Ordering::Relaxed),
             evicted: c.evicted.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
+            remote: None,
         }
+    }
+
+    /// The exact bytes of a block's file, or `None` when the store has no such block (a
+    /// block still waiting for the writer is written first: this waits for a flush, since
+    /// two encodings of a block may order the header differently). Not verified: the
+    /// object-store tier uploads these bytes, and every reader verifies what it reads.
+    pub fn block_file_bytes_blocking(
+        &self,
+        hash: &BlockHash,
+    ) -> Result<Option<Vec<u8>>, DiskStoreError> {
+        if self.inner.lock().pending.contains_key(hash) {
+            self.flush_blocking()?;
+        }
+        let path = self.inner.layout.block_path(hash);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DiskStoreError::io(path, e)),
+        }
+    }
+
+    /// Stores a block whose file bytes came from elsewhere (the object-store tier's
+    /// download), byte for byte: `bytes` must be a file that [`crate::decode_block`]
+    /// accepted as `block` (every later read verifies it again). Written by the background
+    /// writer like any block and readable at once. Returns false when the block was
+    /// already stored or queued.
+    pub fn adopt_block_file_blocking(
+        &self,
+        block: Arc<KvBlock>,
+        bytes: Vec<u8>,
+    ) -> Result<bool, DiskStoreError> {
+        let hash = block.meta.hash;
+        {
+            let mut st = self.inner.lock();
+            if st.pending.contains_key(&hash) || st.index.contains_key(&hash) {
+                return Ok(false);
+            }
+            st.pending.insert(hash, Arc::clone(&block));
+        }
+        if let Err(e) = self.send(Job::Write(block, Some(bytes))) {
+            self.inner.lock().pending.remove(&hash);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Keeps the bytes of a bad block that came from elsewhere (a download that failed
+    /// verification) in `quarantine/`, like a local bad file, and counts it as quarantined.
+    pub fn quarantine_bytes_blocking(&self, hash: &BlockHash, bytes: &[u8]) {
+        let q = &self.inner.layout.quarantine;
+        let name = format!("{}-{}.{BLOCK_EXTENSION}", hash, now_nanos());
+        match fsutil::ensure_private_dir(q, true)
+            .and_then(|()| fsutil::write_atomic(q, &name, bytes))
+        {
+            Ok(()) => {
+                warn!(block = %hash, to = %q.join(&name).display(), "downloaded block quarantined")
+            }
+            Err(e) => warn!(block = %hash, error = %e, "could not keep a bad downloaded block"),
+        }
+        bump(&self.inner.counters.quarantined, 1);
+        self.inner.trim_quarantine();
     }
 
     /// Queues a flush marker; the receiver completes once everything queued before is

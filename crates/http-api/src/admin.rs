@@ -255,9 +255,20 @@ pub(crate) async fn stats(State(ctx): State<Shared>, headers: HeaderMap) -> Resp
     )
 }
 
-/// `GET /health`.
-pub(crate) async fn health() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+/// `GET /health`: `ok` while the process serves; with a shared object-store tier, its state
+/// too (`down`: turns are served from RAM and the local disk while uploads wait).
+pub(crate) async fn health(State(ctx): State<Shared>) -> Response {
+    let stats = ctx.service.stats().await;
+    let mut body = json!({"status": "ok"});
+    if let Some(r) = &stats.store.remote {
+        body["object_store"] = json!({
+            "status": if r.up { "up" } else { "down" },
+            "upload_queue": r.upload_queue,
+            "outages": r.outages,
+            "last_error": r.last_error,
+        });
+    }
+    Json(body).into_response()
 }
 
 /// `GET /health/live`.

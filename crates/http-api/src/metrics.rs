@@ -57,6 +57,15 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("semantic_store_quarantined_total", 'c', None, "Corrupt or foreign store entries quarantined."),
     ("semantic_store_evicted_blocks_total", 'c', None, "Blocks deleted by the store's disk budget."),
     ("semantic_store_write_errors_total", 'c', None, "Block writes that failed in the store's background writer (logged with the block and the cause)."),
+    ("semantic_object_store_up", 'g', None, "1 while the shared object-store tier answers, 0 while it is down (turns are then served from RAM and the local disk). Absent without a shared tier."),
+    ("semantic_object_store_upload_queue", 'g', None, "Blocks and manifests waiting to be uploaded to the object store."),
+    ("semantic_object_store_outages_total", 'c', None, "Times the object store became unreachable or too slow."),
+    ("semantic_object_store_errors_total", 'c', None, "Object-store requests that failed or timed out."),
+    ("semantic_object_store_uploaded_blocks_total", 'c', None, "Blocks uploaded to the object store."),
+    ("semantic_object_store_uploaded_bytes_total", 'c', Some(Unit::Bytes), "Bytes of blocks uploaded to the object store."),
+    ("semantic_object_store_downloaded_blocks_total", 'c', None, "Blocks downloaded (and verified) from the object store."),
+    ("semantic_object_store_downloaded_bytes_total", 'c', Some(Unit::Bytes), "Bytes of blocks downloaded from the object store."),
+    ("semantic_object_store_stale_manifests_total", 'c', None, "Manifest uploads refused because the object store had a newer turn of the agent."),
     ("semantic_persist_failures_total", 'c', None, "Turns whose cache (blocks or agent manifest) could not be persisted (logged with the agent and the cause)."),
     ("semantic_connections_open", 'g', None, "Open client connections."),
     ("semantic_connections_limited_total", 'c', None, "Times the connection limit was reached (new connections then wait in the listen backlog)."),
@@ -202,6 +211,38 @@ impl Metrics {
         ];
         for (name, v) in gauges {
             self.gauge(name, &[]).set(v);
+        }
+        if let Some(r) = &stats.store.remote {
+            self.gauge("semantic_object_store_up", &[])
+                .set(if r.up { 1.0 } else { 0.0 });
+            self.gauge("semantic_object_store_upload_queue", &[])
+                .set(r.upload_queue as f64);
+            for (name, v) in [
+                ("semantic_object_store_outages_total", r.outages),
+                ("semantic_object_store_errors_total", r.errors),
+                (
+                    "semantic_object_store_uploaded_blocks_total",
+                    r.blocks_uploaded,
+                ),
+                (
+                    "semantic_object_store_uploaded_bytes_total",
+                    r.bytes_uploaded,
+                ),
+                (
+                    "semantic_object_store_downloaded_blocks_total",
+                    r.blocks_downloaded,
+                ),
+                (
+                    "semantic_object_store_downloaded_bytes_total",
+                    r.bytes_downloaded,
+                ),
+                (
+                    "semantic_object_store_stale_manifests_total",
+                    r.stale_manifests,
+                ),
+            ] {
+                self.counter(name, &[]).absolute(v);
+            }
         }
         self.handle.render()
     }

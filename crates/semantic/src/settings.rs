@@ -106,6 +106,11 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { var: "SEMANTIC_AGENT_CACHE_DIR", default: "", help: "Where KV blocks and agent manifests persist. Unset: $SEMANTIC_HOME/caches or ~/.semantic/caches." },
     SettingDef { var: "SEMANTIC_AGENT_DISK_BUDGET_MB", default: "0", help: "Disk budget for KV blocks in MiB; least recently used unpinned blocks go first. 0: unlimited." },
     SettingDef { var: "SEMANTIC_AGENT_VALIDATE_MODEL_TAG", default: "true", help: "true: cached KV is bound to the exact model weights (fingerprint includes the model file). false: bound only to the cache spec and tokenizer, so caches survive swapping between builds of the same model (outputs may then differ from a cold run)." },
+    SettingDef { var: "SEMANTIC_OBJECT_STORE_BUCKET", default: "", help: "Bucket of an S3-compatible object store shared by replicas as a warm tier behind the local disk (reads: RAM, disk, bucket; writes: disk, then uploaded in the background). Unset: no shared tier. Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and the other usual AWS variables)." },
+    SettingDef { var: "SEMANTIC_OBJECT_STORE_ENDPOINT", default: "", help: "Endpoint URL of the object store (http://127.0.0.1:3900 for a local Garage, https://… for others; path-style requests). Unset: AWS S3 (or AWS_ENDPOINT_URL)." },
+    SettingDef { var: "SEMANTIC_OBJECT_STORE_PREFIX", default: "semantic", help: "Key prefix inside the bucket; replicas that share a warm tier use the same bucket and prefix." },
+    SettingDef { var: "SEMANTIC_OBJECT_STORE_REGION", default: "", help: "Region of the bucket. Unset: AWS_REGION, else us-east-1." },
+    SettingDef { var: "SEMANTIC_OBJECT_STORE_TIMEOUT_MS", default: "2000", help: "Longest wait (50-60000 ms) for one object-store read on a turn's path; a slower or unreachable store is marked down (one warning, /health and /metrics say so), skipped by reads and probed until it answers, when queued uploads catch up." },
     SettingDef { var: "SEMANTIC_SERVER_HOST", default: "127.0.0.1", help: "Address to listen on." },
     SettingDef { var: "SEMANTIC_SERVER_PORT", default: "8000", help: "Port to listen on (0 picks a free one)." },
     SettingDef { var: "SEMANTIC_API_KEYS", default: "", help: "Comma-separated API keys; unset disables auth. Each key is its own cache namespace." },
@@ -164,6 +169,16 @@ pub struct Settings {
     pub disk_budget_bytes: Option<u64>,
     /// Bind KV to the exact weights.
     pub validate_model_tag: bool,
+    /// Bucket of the shared object-store tier (`None`: no shared tier).
+    pub object_bucket: Option<String>,
+    /// Endpoint URL of the object store (`None`: AWS).
+    pub object_endpoint: Option<String>,
+    /// Key prefix inside the bucket.
+    pub object_prefix: String,
+    /// Region of the bucket (`None`: from the environment or us-east-1).
+    pub object_region: Option<String>,
+    /// Longest wait for one object-store read, in milliseconds.
+    pub object_timeout_ms: u64,
     /// Listen address.
     pub host: String,
     /// Listen port.
@@ -512,6 +527,16 @@ impl Settings {
                 "SEMANTIC_AGENT_VALIDATE_MODEL_TAG",
                 &get("SEMANTIC_AGENT_VALIDATE_MODEL_TAG"),
             )?,
+            object_bucket: opt("SEMANTIC_OBJECT_STORE_BUCKET"),
+            object_endpoint: opt("SEMANTIC_OBJECT_STORE_ENDPOINT"),
+            object_prefix: get("SEMANTIC_OBJECT_STORE_PREFIX"),
+            object_region: opt("SEMANTIC_OBJECT_STORE_REGION"),
+            object_timeout_ms: parse_range(
+                "SEMANTIC_OBJECT_STORE_TIMEOUT_MS",
+                &get("SEMANTIC_OBJECT_STORE_TIMEOUT_MS"),
+                50,
+                60_000,
+            )?,
             host: get("SEMANTIC_SERVER_HOST"),
             port: parse_range(
                 "SEMANTIC_SERVER_PORT",
@@ -675,6 +700,7 @@ mod tests {
                 "true or false",
             ),
             ("SEMANTIC_MLX_DEFAULT_TEMPERATURE", "9", "0 to 2"),
+            ("SEMANTIC_OBJECT_STORE_TIMEOUT_MS", "10", "50 to 60000"),
         ] {
             let err = Settings::load_with_env(&Layers::default(), &env(&[(var, value)]))
                 .expect_err("invalid");
@@ -707,6 +733,25 @@ mod max_tokens_cap_tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::load_with_env(&Layers::default(), &env)
+    }
+
+    #[test]
+    fn the_object_store_tier_is_off_unless_a_bucket_is_set() {
+        let s = load(&[]).expect("defaults");
+        assert_eq!(s.object_bucket, None);
+        assert_eq!(
+            (s.object_prefix.as_str(), s.object_timeout_ms),
+            ("semantic", 2000)
+        );
+        let s = load(&[
+            ("SEMANTIC_OBJECT_STORE_BUCKET", "semantic-kv"),
+            ("SEMANTIC_OBJECT_STORE_ENDPOINT", "http://127.0.0.1:3900"),
+            ("SEMANTIC_OBJECT_STORE_PREFIX", "prod"),
+        ])
+        .expect("valid");
+        assert_eq!(s.object_bucket.as_deref(), Some("semantic-kv"));
+        assert_eq!(s.object_endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(s.object_prefix, "prod");
     }
 
     #[test]

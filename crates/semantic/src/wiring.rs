@@ -122,6 +122,40 @@ fn open_store(settings: &Settings) -> Result<DiskCacheStore, AppError> {
     })
 }
 
+/// The store of `semantic serve`: the disk store, with the shared object-store tier behind
+/// it when `SEMANTIC_OBJECT_STORE_BUCKET` is set.
+fn open_serving_store(settings: &Settings) -> Result<Arc<dyn CacheStore>, AppError> {
+    let disk = open_store(settings)?;
+    let Some(bucket) = &settings.object_bucket else {
+        return Ok(Arc::new(disk));
+    };
+    let fail = |reason: String| AppError::Store {
+        dir: format!("object store bucket {bucket}"),
+        reason,
+    };
+    let cfg = cache_store_object::ObjectTierConfig {
+        prefix: settings.object_prefix.clone(),
+        read_timeout: Duration::from_millis(settings.object_timeout_ms),
+        ..cache_store_object::ObjectTierConfig::default()
+    };
+    let s3 = cache_store_object::S3Settings {
+        endpoint: settings.object_endpoint.clone(),
+        bucket: bucket.clone(),
+        region: settings.object_region.clone(),
+        ..cache_store_object::S3Settings::default()
+    };
+    let remote = cache_store_object::build_s3(&s3, &cfg).map_err(|e| fail(e.to_string()))?;
+    tracing::info!(
+        bucket = %bucket,
+        endpoint = settings.object_endpoint.as_deref().unwrap_or("AWS"),
+        prefix = %settings.object_prefix,
+        "shared object-store tier behind the disk store"
+    );
+    let tier = cache_store_object::ObjectTierStore::open(disk, remote, cfg)
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Arc::new(tier))
+}
+
 fn service_config(settings: &Settings, engine: &dyn InferenceEngine) -> ServiceConfig {
     let spec = &engine.model().spec;
     let mut c = ServiceConfig::for_block_tokens(spec.block_tokens() as usize);
@@ -185,7 +219,7 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
     init_logging(&settings);
     let max_connections = connection_cap(settings.max_connections, raise_fd_limit());
     // Validate the cheap things before the expensive model load.
-    let store = open_store(&settings)?;
+    let store = open_serving_store(&settings)?;
     let (engine, formatter) = load_engine(&settings)?;
     let model = engine.model().clone();
     tracing::info!(
@@ -197,7 +231,6 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
         "model loaded"
     );
     let config = service_config(&settings, engine.as_ref());
-    let store: Arc<dyn CacheStore> = Arc::new(store);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

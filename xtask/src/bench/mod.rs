@@ -14,6 +14,7 @@ pub mod client;
 pub mod engine;
 pub mod peers;
 pub mod prompts;
+pub mod replicas;
 pub mod report;
 pub mod server;
 pub mod sse;
@@ -43,6 +44,9 @@ pub enum Scenario {
     Agents,
     /// Aggregate decode tokens/s at 1, 2, 4, 8 concurrent requests; TTFT under a prefill.
     Batch,
+    /// Four agents over two replicas behind nginx sharing an S3 bucket; one replica killed
+    /// after turn 3: the moved agents' TTFT vs a cold prefill, restore MB/s vs plain GETs.
+    Replicas,
     /// Every scenario above, in that order.
     All,
 }
@@ -57,6 +61,7 @@ impl Scenario {
                 Scenario::Ttft,
                 Scenario::Agents,
                 Scenario::Batch,
+                Scenario::Replicas,
             ],
             one => vec![one],
         }
@@ -70,6 +75,7 @@ impl Scenario {
             Scenario::Ttft => "ttft",
             Scenario::Agents => "agents",
             Scenario::Batch => "batch",
+            Scenario::Replicas => "replicas",
             Scenario::All => "all",
         }
     }
@@ -258,6 +264,7 @@ pub fn run(ctx: &Ctx, scenarios: &[Scenario]) -> Result<()> {
                 Scenario::Ttft => ttft::run(ctx),
                 Scenario::Agents => agents::run(ctx),
                 Scenario::Batch => batch::run(ctx),
+                Scenario::Replicas => replicas::run(ctx),
                 Scenario::All => Ok(()),
             },
         );

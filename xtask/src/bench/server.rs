@@ -184,6 +184,19 @@ impl Server {
         Ok(())
     }
 
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.spec.port
+    }
+
+    /// SIGKILL at once (no drain, no flush), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM, wait up to 60 s for a clean exit (ours flushes its block writes), then SIGKILL.
     pub fn stop(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {

@@ -34,6 +34,15 @@ pub fn run(args: &Args) -> Result<()> {
         let path = model.ensure(&util::build_dir())?;
         prepared.real_models.push((model.test_var, path));
     }
+    // The object-store tier's and the replica tests' tools: a real S3 server and nginx.
+    let s3 = setup::replicas::ensure_s3_server(&util::build_dir())?;
+    prepared
+        .real_models
+        .push((setup::replicas::S3_SERVER_VAR, s3));
+    let nginx = setup::replicas::ensure_nginx()?;
+    prepared
+        .real_models
+        .push((setup::replicas::NGINX_VAR, nginx));
     if args.claude_code {
         let qwen = setup::real_models::QWEN_CODER_05B.path()?;
         prepared.real_models.push((CLAUDE_CODE_TEST_VAR, qwen));

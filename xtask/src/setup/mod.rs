@@ -21,6 +21,7 @@ mod mlx_linux;
 pub mod model;
 mod packages;
 pub mod real_models;
+pub mod replicas;
 
 use std::ffi::OsString;
 use std::fs::{self, File, TryLockError};
