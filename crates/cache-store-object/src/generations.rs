@@ -101,9 +101,13 @@ impl Generations {
     /// higher remote generation also becomes the current one.
     pub fn seen_remote(&mut self, agent: &str, generation: u64) {
         let g = self.agents.entry(agent.to_owned()).or_default();
+        let before = *g;
         g.uploaded = g.uploaded.max(generation);
         g.current = g.current.max(generation);
-        self.save();
+        // Read on every turn (the manifest GET): the file is written only when it changes.
+        if *g != before {
+            self.save();
+        }
     }
 
     /// Forgets an agent (deleted).

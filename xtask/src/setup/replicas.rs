@@ -3,7 +3,8 @@
 //!
 //! * **s3s-fs** (crates.io, an S3 server over a directory): `cargo install --locked` into
 //!   `.semantic-build/tools`, once; later runs find the binary and its version stamp and
-//!   start in milliseconds. Measured build on the 2-core machine: about 2.5 minutes.
+//!   start in milliseconds. Measured build on the 2-core machine: 145 s (idle) to 205 s (load
+//!   average 3-4), once.
 //! * **nginx** (Debian's package, installed with apt-get like the MLX build's packages): the
 //!   agent-affinity router of docs/deployment.md.
 
