@@ -35,10 +35,6 @@ pub fn run(args: &Args) -> Result<()> {
         prepared.real_models.push((model.test_var, path));
     }
     // The object-store tier's and the replica tests' tools: a real S3 server and nginx.
-    let s3 = setup::replicas::ensure_s3_server(&util::build_dir())?;
-    prepared
-        .real_models
-        .push((setup::replicas::S3_SERVER_VAR, s3));
     let nginx = setup::replicas::ensure_nginx()?;
     prepared
         .real_models
@@ -48,19 +44,33 @@ pub fn run(args: &Args) -> Result<()> {
         prepared.real_models.push((CLAUDE_CODE_TEST_VAR, qwen));
     }
     // The end-to-end tests start the `semantic` binary of this build; `cargo test` builds
-    // other packages' binaries only as test harnesses, so build it first.
-    step(
-        "test",
-        "cargo build -p semantic",
-        "the compile errors are above",
-        || {
-            let mut cmd = util::cargo_command();
-            cmd.args(["build", "-p", "semantic"])
-                .args(prepared.cargo_config_args());
-            prepared.apply_env(&mut cmd, true);
-            util::run(&mut cmd)
-        },
-    )?;
+    // other packages' binaries only as test harnesses, so build it first. s3s-fs (built
+    // once, minutes on a fresh machine) compiles meanwhile: the workspace build leaves
+    // cores idle in its long single-crate and link phases.
+    let build_dir = util::build_dir();
+    let s3 = std::thread::scope(|scope| -> Result<std::path::PathBuf> {
+        let s3 = scope.spawn(|| setup::replicas::ensure_s3_server(&build_dir));
+        let built = step(
+            "test",
+            "cargo build -p semantic",
+            "the compile errors are above",
+            || {
+                let mut cmd = util::cargo_command();
+                cmd.args(["build", "-p", "semantic"])
+                    .args(prepared.cargo_config_args());
+                prepared.apply_env(&mut cmd, true);
+                util::run(&mut cmd)
+            },
+        );
+        let s3 = s3
+            .join()
+            .map_err(|_| anyhow::anyhow!("the s3s-fs install thread panicked"))?;
+        built?;
+        s3
+    })?;
+    prepared
+        .real_models
+        .push((setup::replicas::S3_SERVER_VAR, s3));
     let selection = default_selection(&args.cargo_args);
     let name = ["cargo test"]
         .into_iter()
