@@ -1297,10 +1297,21 @@ mod tests {
     /// A float block whose values encode (seed, layer, kind, index); with `extremes`, a few
     /// negative zeros, subnormals and huge values are mixed in (bit patterns must survive).
     fn float_block_with(seed: u32, extremes: bool) -> KvPayload {
-        let n = LAYOUT.kv_heads * LAYOUT.block_tokens * LAYOUT.head_dim;
+        block_of_layout(&LAYOUT, seed, extremes)
+    }
+
+    /// A float block of `layout` (only `l{i}.k` when its values are its keys), values as
+    /// [`float_block_with`] makes them.
+    fn block_of_layout(layout: &KvLayout, seed: u32, extremes: bool) -> KvPayload {
+        let n = layout.kv_heads * layout.block_tokens * layout.head_dim;
+        let kinds: &[&str] = if layout.values_are_keys {
+            &["k"]
+        } else {
+            &["k", "v"]
+        };
         let mut tensors = Vec::new();
-        for i in 0..LAYOUT.num_layers {
-            for (k, kind) in ["k", "v"].into_iter().enumerate() {
+        for i in 0..layout.num_layers {
+            for (k, kind) in kinds.iter().enumerate() {
                 let values: Vec<f32> = (0..n)
                     .map(|j| match (extremes, j % 97) {
                         (true, 0) => -0.0,
@@ -1317,7 +1328,7 @@ mod tests {
                 tensors.push(KvTensor {
                     name: format!("l{i}.{kind}"),
                     dtype: TensorDtype::F32,
-                    shape: vec![LAYOUT.kv_heads, LAYOUT.block_tokens, LAYOUT.head_dim],
+                    shape: vec![layout.kv_heads, layout.block_tokens, layout.head_dim],
                     data: data.into(),
                 });
             }
@@ -1402,37 +1413,9 @@ mod tests {
         assert!(cut.export_blocks(0, 5, None).expect("export") == blocks);
     }
 
-    /// A float block of `layout` (only `l{i}.k` when its values are its keys) whose values
-    /// encode (seed, layer, kind, index).
+    /// A plain (no extreme values) float block of `layout`.
     fn block_of(layout: &KvLayout, seed: u32) -> KvPayload {
-        let n = layout.kv_heads * layout.block_tokens * layout.head_dim;
-        let kinds: &[&str] = if layout.values_are_keys {
-            &["k"]
-        } else {
-            &["k", "v"]
-        };
-        let mut tensors = Vec::new();
-        for i in 0..layout.num_layers {
-            for (k, kind) in kinds.iter().enumerate() {
-                let values: Vec<f32> = (0..n)
-                    .map(|j| seed as f32 * 100.0 + (i * 2 + k) as f32 + j as f32 * 1e-3)
-                    .collect();
-                let mut data = vec![0u8; n * 4];
-                encode_f32(&mut data, &values);
-                tensors.push(KvTensor {
-                    name: format!("l{i}.{kind}"),
-                    dtype: TensorDtype::F32,
-                    shape: vec![layout.kv_heads, layout.block_tokens, layout.head_dim],
-                    data: data.into(),
-                });
-            }
-        }
-        KvPayload {
-            encoding: KvEncoding::Float {
-                dtype: TensorDtype::F32,
-            },
-            tensors,
-        }
+        block_of_layout(layout, seed, false)
     }
 
     /// Two layers, the first sliding over 100 tokens, blocks of 64.
